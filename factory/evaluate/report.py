@@ -1,0 +1,257 @@
+"""Evaluation report: Markdown and self-contained HTML, plus PNG plots.
+
+The `result` dict `write_report` renders (JSON-safe, built by the eval driver):
+
+    {
+      "task": str,                      # task name
+      "kind": str,                      # classification | tool_call | json_extraction | free_text
+      "dataset_version": str,
+      "n_test": int,
+      "columns": {                      # one table column per system, in this order;
+        "base": {metric: float, ...},   # each is a `task_metrics` dict ("score" first)
+        "specialist": {...},
+        "teacher": {...},
+      },
+      "calibration": {                  # `dataclasses.asdict(Calibration)`
+        "threshold": float | None,      # None: the specialist never answers
+        "coverage": float,
+        "quality": float | None,
+        "target": float,
+        "curve": [[threshold, coverage, quality], ...],
+      },
+      "confusion": {"labels": [...], "matrix": [[int, ...], ...]} | None,
+                                        # from `metrics.confusion_matrix`: rows are
+                                        # reference labels, columns labels + "<invalid>"
+      "worst": [                        # lowest-scoring test examples
+        {"id": str, "prompt": str | list, "reference": dict | str,
+         "prediction": dict | str, "score": float, "confidence": float | None},
+      ],
+    }
+
+Non-string prompt/reference/prediction values are shown as indented JSON, and
+each is cut to MAX_CHARS so a long prompt cannot bloat the report. Every
+string from the result is escaped (HTML entities, and Markdown punctuation in
+Markdown text), so log content cannot inject markup or script.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import html
+import io
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from matplotlib.figure import Figure
+
+from factory.evaluate.metrics import INVALID
+
+CURVE_PNG = "coverage_quality.png"
+CONFUSION_PNG = "confusion.png"
+MAX_CHARS = 4000
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]|])")
+
+
+def write_report(out_dir: Path, result: dict[str, Any]) -> dict[str, Path]:
+    """Write report.md, report.html and the PNG plots into out_dir (created if needed).
+
+    Plots are drawn with matplotlib's object API (no pyplot, so no global
+    backend switch and no figure leaks; PNG output uses Agg). The
+    coverage-quality curve is always drawn; the confusion matrix only when
+    result["confusion"] is set (classification). Markdown links the PNG files;
+    HTML embeds the same bytes as base64 so it is one portable file. Each file
+    is written to a temporary sibling and moved into place with os.replace,
+    so a reader never sees a half-written file.
+
+    Returns {"markdown", "html", "curve", ["confusion"]} -> written paths.
+    Raises KeyError when a required key of `result` is missing.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    images = {CURVE_PNG: _curve_png(result["calibration"])}
+    if result.get("confusion"):
+        images[CONFUSION_PNG] = _confusion_png(result["confusion"])
+    paths = {"markdown": out_dir / "report.md", "html": out_dir / "report.html", "curve": out_dir / CURVE_PNG}
+    if CONFUSION_PNG in images:
+        paths["confusion"] = out_dir / CONFUSION_PNG
+    for name, data in images.items():
+        _write_atomic(out_dir / name, data)
+    _write_atomic(paths["markdown"], _markdown(result, list(images)).encode())
+    _write_atomic(paths["html"], _html(result, images).encode())
+    return paths
+
+
+def _markdown(result: dict[str, Any], images: list[str]) -> str:
+    lines = [f"# Evaluation report: {_md(result['task'])}", ""]
+    lines += [f"- {_md(k)}: {_md(_fmt(v))}" for k, v in _facts(result)]
+    names, rows = _table(result["columns"])
+    lines += ["", "## Metrics", "", "| metric | " + " | ".join(_md(n) for n in names) + " |"]
+    lines.append("|---" * (len(names) + 1) + "|")
+    lines += ["| " + " | ".join(_md(cell) for cell in row) + " |" for row in rows]
+    lines += ["", "## Routing calibration", "", "The specialist answers when its confidence >= threshold.", ""]
+    lines += [f"- {_md(k)}: {_md(v)}" for k, v in _calibration_facts(result["calibration"])]
+    lines += ["", f"![coverage-quality curve]({CURVE_PNG})"]
+    if CONFUSION_PNG in images:
+        lines += ["", "## Confusion matrix", "", f"![confusion matrix]({CONFUSION_PNG})"]
+    lines += ["", "## Worst examples"]
+    for i, ex in enumerate(result.get("worst") or [], 1):
+        lines += ["", f"### {i}. {_md(_fmt(ex.get('id')))}", "", _md(_score_line(ex))]
+        for field in ("prompt", "reference", "prediction"):
+            lines += ["", f"**{field}**", "", _fence(_as_text(ex.get(field)))]
+    return "\n".join(lines) + "\n"
+
+
+def _html(result: dict[str, Any], images: dict[str, bytes]) -> str:
+    esc = html.escape
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>Evaluation report: {esc(str(result['task']))}</title>",
+        "<style>body{font-family:sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem}"
+        "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.3rem .6rem;text-align:right}"
+        "td:first-child,th:first-child{text-align:left}pre{background:#f6f6f6;padding:.5rem;"
+        "white-space:pre-wrap;word-break:break-word}img{max-width:100%}</style></head><body>",
+        f"<h1>Evaluation report: {esc(str(result['task']))}</h1>",
+        "<ul>" + "".join(f"<li>{esc(k)}: {esc(_fmt(v))}</li>" for k, v in _facts(result)) + "</ul>",
+    ]
+    names, rows = _table(result["columns"])
+    parts.append("<h2>Metrics</h2><table><tr><th>metric</th>" + "".join(f"<th>{esc(n)}</th>" for n in names) + "</tr>")
+    parts += ["<tr>" + "".join(f"<td>{esc(cell)}</td>" for cell in row) + "</tr>" for row in rows]
+    parts.append("</table><h2>Routing calibration</h2>")
+    parts.append("<p>The specialist answers when its confidence &gt;= threshold.</p>")
+    facts = _calibration_facts(result["calibration"])
+    parts.append("<ul>" + "".join(f"<li>{esc(k)}: {esc(v)}</li>" for k, v in facts) + "</ul>")
+    parts.append(_img(images[CURVE_PNG], "coverage-quality curve"))
+    if CONFUSION_PNG in images:
+        parts += ["<h2>Confusion matrix</h2>", _img(images[CONFUSION_PNG], "confusion matrix")]
+    parts.append("<h2>Worst examples</h2>")
+    for i, ex in enumerate(result.get("worst") or [], 1):
+        parts.append(f"<h3>{i}. {esc(_fmt(ex.get('id')))}</h3>")
+        parts.append(f"<p>{esc(_score_line(ex))}</p>")
+        for field in ("prompt", "reference", "prediction"):
+            parts.append(f"<p><strong>{field}</strong></p><pre>{esc(_as_text(ex.get(field)))}</pre>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def _facts(result: dict[str, Any]) -> list[tuple[str, Any]]:
+    return [
+        ("kind", result["kind"]),
+        ("dataset version", result["dataset_version"]),
+        ("test examples", result["n_test"]),
+    ]
+
+
+def _score_line(example: dict[str, Any]) -> str:
+    return f"score {_fmt(example.get('score'))}, confidence {_fmt(example.get('confidence'))}"
+
+
+def _calibration_facts(cal: dict[str, Any]) -> list[tuple[str, str]]:
+    threshold = "none (every request goes to the teacher)" if cal["threshold"] is None else _fmt(cal["threshold"])
+    return [
+        ("target quality", _fmt(cal["target"])),
+        ("threshold", threshold),
+        ("coverage", _fmt(cal["coverage"])),
+        ("quality of kept answers", _fmt(cal["quality"])),
+    ]
+
+
+def _table(columns: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Column names and rows [metric, value per column]; "score" first, then extras in first-seen order."""
+    metrics = ["score"]
+    for values in columns.values():
+        metrics += [m for m in values if m not in metrics]
+    rows = [[m] + [_fmt(values.get(m)) for values in columns.values()] for m in metrics]
+    return list(columns), rows
+
+
+def _curve_png(cal: dict[str, Any]) -> bytes:
+    fig = Figure(figsize=(6.4, 4.2), dpi=100)
+    ax = fig.add_subplot()
+    curve = cal.get("curve") or []
+    if curve:
+        ax.plot([p[1] for p in curve], [p[2] for p in curve], marker=".", label="kept answers")
+    ax.axhline(cal["target"], color="tab:red", linestyle="--", label=f"target (teacher) {cal['target']:.3f}")
+    if cal["threshold"] is not None:
+        ax.axvline(cal["coverage"], color="tab:green", linestyle=":")
+        ax.plot([cal["coverage"]], [cal["quality"]], "o", color="tab:green", markersize=9,
+                label=f"threshold {cal['threshold']:.3f}: coverage {cal['coverage']:.2f}")
+    ax.set(xlabel="coverage (share answered by the specialist)", ylabel="quality of kept answers",
+           xlim=(0, 1.02), title="Coverage vs quality")
+    ax.legend(loc="lower left")
+    return _png(fig)
+
+
+def _confusion_png(confusion: dict[str, Any]) -> bytes:
+    rows = [str(label) for label in confusion["labels"]]
+    cols = rows + [INVALID]
+    matrix = confusion["matrix"]
+    size = min(4 + 0.5 * len(cols), 16)
+    fig = Figure(figsize=(size, size * 0.85), dpi=100)
+    ax = fig.add_subplot()
+    image = ax.imshow(matrix, cmap="Blues")
+    fig.colorbar(image, ax=ax)
+    # parse_math=False: a label with "$" signs must not be read as TeX (or fail to parse).
+    ax.set_xticks(range(len(cols)), labels=cols, rotation=45, ha="right", parse_math=False)
+    ax.set_yticks(range(len(rows)), labels=rows, parse_math=False)
+    ax.set(xlabel="predicted", ylabel="reference", title="Confusion matrix")
+    if len(cols) <= 20:
+        peak = max((max(r) for r in matrix), default=0)
+        for i, row in enumerate(matrix):
+            for j, count in enumerate(row):
+                ax.text(j, i, str(count), ha="center", va="center", color="white" if count > peak / 2 else "black")
+    return _png(fig)
+
+
+def _png(fig: Figure) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", bbox_inches="tight")
+    return buffer.getvalue()
+
+
+def _img(data: bytes, alt: str) -> str:
+    return f'<img alt="{alt}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def _as_text(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, indent=2, ensure_ascii=False)
+    if len(text) > MAX_CHARS:
+        text = f"{text[:MAX_CHARS]}\n... ({len(text) - MAX_CHARS} more characters)"
+    return text
+
+
+def _md(text: str) -> str:
+    """Markdown-safe inline text: HTML escaped, Markdown punctuation backslashed, one line."""
+    return _MD_SPECIAL.sub(r"\\\1", html.escape(str(text), quote=False)).replace("\r", " ").replace("\n", " ")
+
+
+def _fence(text: str) -> str:
+    """A fenced code block longer than any backtick run inside, so the text cannot close it."""
+    ticks = "`" * max(3, 1 + max((len(run) for run in re.findall(r"`+", text)), default=0))
+    return f"{ticks}text\n{text}\n{ticks}"
