@@ -1,0 +1,470 @@
+"""Curate stage: turn ingested records into training-safe ones.
+
+Every record read is first scrubbed of PII and secrets (Presidio), then dropped
+if it failed, was rated negatively, is too long, or duplicates (exactly or
+nearly, MinHash LSH) a record already kept. Removed records are returned,
+scrubbed, so the caller can quarantine them without storing raw PII.
+
+Records stream through in small chunks (their strings are analysed in one
+batch); memory holds the kept list, the LSH index with one MinHash per kept
+record (~1 KB each), and a bounded cache of analysis results for repeated
+strings (system prompts recur in every record).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from itertools import islice
+from typing import Any, Literal
+
+import regex
+import spacy
+import tldextract
+from datasketch import LeanMinHash, MinHash, MinHashLSH
+from presidio_analyzer import (
+    AnalyzerEngine,
+    BatchAnalyzerEngine,
+    Pattern,
+    PatternRecognizer,
+    RecognizerRegistry,
+    RecognizerResult,
+)
+from presidio_analyzer.nlp_engine import SpacyNlpEngine
+from presidio_analyzer.predefined_recognizers import (
+    CreditCardRecognizer,
+    EmailRecognizer,
+    IbanRecognizer,
+    IpRecognizer,
+    PhoneRecognizer,
+    SpacyRecognizer,
+    UsSsnRecognizer,
+)
+from pydantic import BaseModel, ConfigDict, Field
+from spacy.language import Language
+
+from factory.records import Record, content_id
+
+REASONS = ("failed", "negative_feedback", "too_long", "duplicate", "near_duplicate")
+
+# Presidio entity type -> placeholder label: <EMAIL_1>, <API_KEY_2>, ...
+LABELS = {
+    "EMAIL_ADDRESS": "EMAIL",
+    "PHONE_NUMBER": "PHONE",
+    "CREDIT_CARD": "CREDIT_CARD",
+    "IBAN_CODE": "IBAN",
+    "IP_ADDRESS": "IP_ADDRESS",
+    "US_SSN": "SSN",
+    "PERSON": "PERSON",
+    "API_KEY": "API_KEY",
+    "AUTH_TOKEN": "AUTH_TOKEN",
+    "PRIVATE_KEY": "PRIVATE_KEY",
+}
+# Values of these types are compared on their letters and digits only, so
+# "4111 1111 1111 1111" and "4111-1111-1111-1111" share one placeholder.
+_CANONICAL_DIGITS = {"PHONE_NUMBER", "CREDIT_CARD", "IBAN_CODE", "US_SSN"}
+
+# Preferred first: lg has the more accurate NER, sm is the faster fallback.
+NER_MODELS = ("en_core_web_lg", "en_core_web_sm")
+
+# Keys whose values are structure, not content: never scanned for PII.
+_STRUCTURAL_KEYS = frozenset({"role", "type", "id", "tool_call_id"})
+
+# Unlike Presidio's default flags, no IGNORECASE: key prefixes are case-sensitive.
+_SECRET_FLAGS = regex.DOTALL | regex.MULTILINE
+_SECRETS = {
+    "API_KEY": [
+        Pattern("openai_key", r"(?<![A-Za-z0-9_-])sk-(?=[A-Za-z0-9_-]*[0-9])[A-Za-z0-9_-]{20,}", 0.95),
+        Pattern("aws_access_key", r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b", 0.95),
+        Pattern("github_token", r"\b(?:gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{40,})\b", 0.95),
+        Pattern("slack_token", r"\bxox[abposr]-[A-Za-z0-9-]{10,}", 0.95),
+    ],
+    "AUTH_TOKEN": [
+        Pattern("jwt", r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}", 0.95),
+        Pattern("bearer", r"(?<=\b(?i:bearer)\s{1,5})[A-Za-z0-9._~+/-]{16,}=*", 0.9),
+    ],
+    "PRIVATE_KEY": [
+        # A block cut off by log truncation is scrubbed to the end of the string.
+        Pattern(
+            "pem_private_key",
+            r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY-----(?:.*?-----END (?:[A-Z0-9]+ )*PRIVATE KEY-----|.*)",
+            1.0,
+        ),
+    ],
+}
+
+
+class CurateConfig(BaseModel):
+    """Curate settings; invalid values raise pydantic.ValidationError (a ValueError).
+
+    score_threshold: minimum Presidio confidence to scrub. 0.4 keeps phone
+    numbers (PhoneRecognizer scores 0.4) and dashed SSNs (0.5) while dropping
+    Presidio's "very weak" SSN patterns (0.05: any 9-digit number or ddddd-dddd),
+    which would otherwise eat order ids and ZIP+4 codes; a context word
+    ("ssn", "social security") within a few words lifts those to 0.4.
+    near_dup_shingle: "word" (3-word shingles, the default: faster, and edits
+    to short texts like a changed order id fall well under 0.9) or "char"
+    (5-char shingles: also catches typo-level edits in short texts, and also
+    flags template-generated requests that differ only in an id).
+    analysis_cache_size: distinct strings whose analysis is kept (LRU), so the
+    system prompt sent with every call is analysed once.
+    scrub_chunk: records whose new strings are analysed in one batch.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    drop_failed: bool = True
+    drop_negative_feedback: bool = True
+    near_dup_threshold: float = Field(0.9, gt=0, le=1)
+    near_dup_shingle: Literal["word", "char"] = "word"
+    num_perm: int = Field(128, ge=16)
+    max_tokens: int | None = Field(None, gt=0)
+    score_threshold: float = Field(0.4, ge=0, le=1)
+    analysis_cache_size: int = Field(16384, ge=1)
+    scrub_chunk: int = Field(64, ge=1)
+
+
+@dataclass
+class CurateResult:
+    kept: list[Record] = field(default_factory=list)
+    removed: list[tuple[Record, str]] = field(default_factory=list)
+    report: dict[str, Any] = field(default_factory=dict)
+
+
+# --- analyzer -----------------------------------------------------------------
+
+
+@Language.component("slm_factory_lower_lemma")
+def _lower_lemma(doc):
+    """Lower-cased text as lemma, so Presidio's context words work on a blank pipeline."""
+    for token in doc:
+        token.lemma_ = token.lower_
+    return doc
+
+
+class _LoadedSpacyNlpEngine(SpacyNlpEngine):
+    """SpacyNlpEngine over an already built pipeline (Presidio only loads by name)."""
+
+    def __init__(self, nlp: Language):
+        super().__init__(models=[{"lang_code": "en", "model_name": nlp.meta.get("name", "blank")}])
+        self.nlp = {"en": nlp}
+
+
+class _OfflineEmailRecognizer(EmailRecognizer):
+    """EmailRecognizer whose TLD check uses tldextract's bundled suffix list.
+
+    The stock recognizer fetches the public suffix list over the network on
+    first use (and hangs where outbound traffic is dropped) and writes a cache
+    under ~/.cache; the bundled snapshot is enough to validate a domain.
+    """
+
+    _tld = tldextract.TLDExtract(suffix_list_urls=(), cache_dir=None)
+
+    def validate_result(self, pattern_text: str) -> bool:
+        return self._tld(pattern_text).fqdn != ""
+
+
+def ner_model() -> str | None:
+    """Name of the installed spaCy English NER model, or None when there is none."""
+    return next((name for name in NER_MODELS if importlib.util.find_spec(name)), None)
+
+
+@lru_cache(maxsize=1)
+def build_analyzer() -> AnalyzerEngine:
+    """The Presidio analyzer, built once per process.
+
+    Building takes ~0.2-0.4 s on the blank pipeline (plus the spaCy model
+    load when one is installed); importing presidio itself takes ~6 s.
+
+    Pattern recognizers for emails, phones, cards, IBANs, IPs, US SSNs and
+    secrets always run; PERSON is detected only when `ner_model()` finds a
+    spaCy NER model, otherwise a blank English pipeline supplies tokens.
+    """
+    model = ner_model()
+    nlp = spacy.load(model) if model else spacy.blank("en")
+    if not model:
+        nlp.add_pipe("slm_factory_lower_lemma")
+    registry = RecognizerRegistry(supported_languages=["en"])
+    for recognizer in (
+        _OfflineEmailRecognizer(),
+        PhoneRecognizer(),
+        CreditCardRecognizer(),
+        IbanRecognizer(),
+        IpRecognizer(),
+        UsSsnRecognizer(),
+    ):
+        registry.add_recognizer(recognizer)
+    for entity, patterns in _SECRETS.items():
+        registry.add_recognizer(
+            PatternRecognizer(supported_entity=entity, patterns=patterns, global_regex_flags=_SECRET_FLAGS)
+        )
+    if model:
+        registry.add_recognizer(SpacyRecognizer(supported_entities=["PERSON"]))
+    return AnalyzerEngine(registry=registry, nlp_engine=_LoadedSpacyNlpEngine(nlp), supported_languages=["en"])
+
+
+Span = tuple[int, int, str]  # (start, end, Presidio entity type)
+
+
+def _select(results: list[RecognizerResult]) -> tuple[Span, ...]:
+    """Non-overlapping spans sorted by start.
+
+    Overlaps across entity types (a phone-like run inside a PEM block, a
+    number read as both SSN and phone) keep the longer span, then the higher score.
+    """
+    chosen: list[Span] = []
+    for r in sorted(results, key=lambda r: (r.start - r.end, -r.score, r.start)):
+        if all(r.end <= s or r.start >= e for s, e, _ in chosen):
+            chosen.append((r.start, r.end, r.entity_type))
+    return tuple(sorted(chosen))
+
+
+class _SpanFinder:
+    """text -> PII spans, analysed in batches and cached per distinct string.
+
+    `prefetch` runs new strings through BatchAnalyzerEngine (spaCy's pipe;
+    ~30% more texts/s than one `analyze` call per text on short texts). The
+    cache is a bounded LRU: a system prompt sent with every call is analysed once.
+    """
+
+    def __init__(self, threshold: float, cache_size: int):
+        self.batch = BatchAnalyzerEngine(build_analyzer())
+        self.threshold = threshold
+        self.cache_size = cache_size
+        self.cache: OrderedDict[str, tuple[Span, ...]] = OrderedDict()
+
+    def prefetch(self, texts: Iterable[str]) -> None:
+        new = list(dict.fromkeys(t for t in texts if t not in self.cache))
+        results = self.batch.analyze_iterator(new, language="en", batch_size=64, score_threshold=self.threshold)
+        for text, found in zip(new, results):
+            self.cache[text] = _select(found)
+            if len(self.cache) > self.cache_size:
+                self.cache.popitem(last=False)
+
+    def __call__(self, text: str) -> tuple[Span, ...]:
+        if text not in self.cache:
+            self.prefetch([text])
+        self.cache.move_to_end(text)
+        return self.cache[text]
+
+
+# --- scrubbing ----------------------------------------------------------------
+
+
+class _Placeholders:
+    """Per-record value -> placeholder map, numbered per label in order of first use."""
+
+    def __init__(self) -> None:
+        self.by_value: dict[tuple[str, str], str] = {}
+        self.per_label: Counter[str] = Counter()
+
+    def get(self, entity: str, value: str) -> str:
+        label = LABELS[entity]
+        if entity in _CANONICAL_DIGITS:
+            value = "".join(ch for ch in value.lower() if ch.isalnum())
+        elif entity == "EMAIL_ADDRESS":
+            value = value.lower()
+        key = (label, value)
+        if key not in self.by_value:
+            self.per_label[label] += 1
+            self.by_value[key] = f"<{label}_{self.per_label[label]}>"
+        return self.by_value[key]
+
+
+def _map_strings(obj: Any, fn: Callable[[str], str]) -> Any:
+    """Copy of a JSON-like value with `fn` applied to every string value.
+
+    Dict keys and the values of structural keys (role, type, ids) are left as is.
+    """
+    if isinstance(obj, str):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: v if k in _STRUCTURAL_KEYS else _map_strings(v, fn) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_map_strings(v, fn) for v in obj]
+    return obj
+
+
+def _content_parts(record: Record) -> list[Any]:
+    """The scanned parts, in placeholder-numbering order: messages, output text,
+    tool-call arguments, metadata. Tool schemas and identifier fields
+    (session_id, source_id, ...) are not scanned."""
+    return [record.messages, record.output_text, [c.get("arguments") for c in record.output_tool_calls], record.metadata]
+
+
+def _record_strings(record: Record) -> list[str]:
+    found: list[str] = []
+
+    def collect(text: str) -> str:
+        found.append(text)
+        return text
+
+    _map_strings(_content_parts(record), collect)
+    return found
+
+
+def _scrub_record(record: Record, find: _SpanFinder, counts: Counter[str]) -> Record:
+    """Record with every PII span replaced by its placeholder and the id recomputed."""
+    placeholders = _Placeholders()
+
+    def scrub(text: str) -> str:
+        parts, last = [], 0
+        for start, end, entity in find(text):
+            parts += [text[last:start], placeholders.get(entity, text[start:end])]
+            last = end
+        return "".join(parts) + text[last:]
+
+    messages, output_text, arguments, metadata = _map_strings(_content_parts(record), scrub)
+    tool_calls = [{**call, "arguments": args} for call, args in zip(record.output_tool_calls, arguments)]
+    counts.update(placeholders.per_label)
+    return replace(
+        record,
+        id=content_id(messages, record.tools, output_text, tool_calls),
+        messages=messages,
+        output_text=output_text,
+        output_tool_calls=tool_calls,
+        metadata=metadata,
+    )
+
+
+# --- filters ------------------------------------------------------------------
+
+
+def _message_text(message: dict[str, Any]) -> str:
+    content = message.get("content")
+    if isinstance(content, list):
+        content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+    text = content if isinstance(content, str) else ""
+    if message.get("tool_calls"):
+        text += " " + json.dumps(message["tool_calls"], sort_keys=True, ensure_ascii=False)
+    return text
+
+
+def _output_text(record: Record) -> str:
+    calls = json.dumps(record.output_tool_calls, sort_keys=True, ensure_ascii=False) if record.output_tool_calls else ""
+    return f"{record.output_text or ''} {calls}"
+
+
+def _dedup_text(record: Record) -> str:
+    """Normalised non-system request text + output, for near-duplicate detection.
+
+    System messages are left out: one agent step sends the same (often long)
+    system prompt with every call, which would make all its records look alike.
+    """
+    parts = [f"{m.get('role')}: {_message_text(m)}" for m in record.messages if m.get("role") != "system"]
+    parts.append(f"output: {_output_text(record)}")
+    return " ".join(" ".join(parts).lower().split())
+
+
+def _shingles(text: str, kind: str) -> set[bytes]:
+    if kind == "word":
+        words = text.split()
+        grams = {" ".join(words[i : i + 3]) for i in range(max(1, len(words) - 2))}
+    else:
+        grams = {text[i : i + 5] for i in range(max(1, len(text) - 4))}
+    return {g.encode() for g in grams}
+
+
+def _token_text(record: Record) -> str:
+    """Text whose token count approximates the training example's length.
+
+    Chat-template tokens (role markers, separators) are not counted, so keep
+    `max_tokens` a little under the real context limit.
+    """
+    parts = [_message_text(m) for m in record.messages]
+    if record.tools:
+        parts.append(json.dumps(record.tools, ensure_ascii=False))
+    parts.append(_output_text(record))
+    return "\n".join(parts)
+
+
+class _NearDuplicates:
+    """MinHash LSH index of kept records; candidates are confirmed on estimated Jaccard."""
+
+    def __init__(self, config: CurateConfig):
+        self.threshold = config.near_dup_threshold
+        self.num_perm = config.num_perm
+        self.shingle = config.near_dup_shingle
+        self.lsh = MinHashLSH(threshold=self.threshold, num_perm=self.num_perm)
+        self.signatures: dict[int, LeanMinHash] = {}
+
+    def check_and_add(self, record: Record) -> bool:
+        """True if `record` nearly duplicates an indexed one; otherwise index it."""
+        minhash = MinHash(num_perm=self.num_perm)
+        minhash.update_batch(_shingles(_dedup_text(record), self.shingle))
+        if any(minhash.jaccard(self.signatures[key]) >= self.threshold for key in self.lsh.query(minhash)):
+            return True
+        key = len(self.signatures)
+        self.signatures[key] = LeanMinHash(minhash)
+        self.lsh.insert(key, self.signatures[key])
+        return False
+
+
+# --- stage --------------------------------------------------------------------
+
+
+def _scrubbed(records: Iterable[Record], find: _SpanFinder, chunk: int, pii: Counter[str]) -> Iterator[Record]:
+    """Scrubbed records, in order; strings are analysed `chunk` records at a time."""
+    records = iter(records)
+    while batch := list(islice(records, chunk)):
+        find.prefetch(text for record in batch for text in _record_strings(record))
+        for record in batch:
+            yield _scrub_record(record, find, pii)
+
+
+def _decisions(
+    records: Iterable[Record], config: CurateConfig, count_tokens: Callable[[str], int] | None, pii: Counter[str]
+) -> Iterator[tuple[Record, str | None]]:
+    find = _SpanFinder(config.score_threshold, config.analysis_cache_size)
+    seen_ids: set[str] = set()
+    near = _NearDuplicates(config)
+    for record in _scrubbed(records, find, config.scrub_chunk, pii):
+        if config.drop_failed and record.outcome == "error":
+            reason = "failed"
+        elif config.drop_negative_feedback and record.feedback is not None and record.feedback < 0:
+            reason = "negative_feedback"
+        elif config.max_tokens is not None and count_tokens(_token_text(record)) > config.max_tokens:
+            reason = "too_long"
+        elif record.id in seen_ids:
+            reason = "duplicate"
+        elif near.check_and_add(record):
+            reason = "near_duplicate"
+        else:
+            seen_ids.add(record.id)
+            reason = None
+        yield record, reason
+
+
+def curate(
+    records: Iterable[Record], config: CurateConfig | None = None, count_tokens: Callable[[str], int] | None = None
+) -> CurateResult:
+    """Scrub, filter and deduplicate `records`, keeping the first of any duplicates.
+
+    Checks run in order failed, negative_feedback, too_long, duplicate,
+    near_duplicate; a record removed for an earlier reason never enters the
+    duplicate indexes, so a later good copy of it is kept.
+
+    Raises ValueError when `config.max_tokens` is set without `count_tokens`.
+    """
+    config = config or CurateConfig()
+    if config.max_tokens is not None and count_tokens is None:
+        raise ValueError("max_tokens needs a count_tokens function")
+    pii: Counter[str] = Counter()
+    result = CurateResult()
+    for record, reason in _decisions(records, config, count_tokens, pii):
+        if reason is None:
+            result.kept.append(record)
+        else:
+            result.removed.append((record, reason))
+    removed = Counter(reason for _, reason in result.removed)
+    result.report = {
+        "read": len(result.kept) + len(result.removed),
+        "kept": len(result.kept),
+        "removed": {reason: removed[reason] for reason in REASONS},
+        "pii_placeholders": dict(sorted(pii.items())),
+    }
+    return result

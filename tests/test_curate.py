@@ -1,0 +1,275 @@
+"""Curate stage: PII scrubbing (real Presidio), filters, duplicates, report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from factory.curate import CurateConfig, curate
+from factory.records import Record, content_id
+
+PEM = (
+    "-----BEGIN RSA PRIVATE KEY-----\n"
+    "MIIEowIBAAKCAQEAx4UbaDzY5xjW9x2fqL0ZNb7q\n"
+    "Zx1yQk3Fv9W0tT8RfZ2bC5hJ7dE6nL4mK1pS3uV0\n"
+    "-----END RSA PRIVATE KEY-----"
+)
+# planted value -> fragments that must not survive anywhere in a serialized row
+CANARIES = {
+    "jane.doe@example.com": ["jane.doe@example.com", "jane.doe"],
+    "4111 1111 1111 1111": ["4111 1111", "1111 1111 1111"],
+    "4111-1111-1111-1111": ["4111-1111", "1111-1111-1111", "4111111111111111"],
+    "(212) 555-0147": ["555-0147"],
+    "212-555-0198": ["555-0198"],
+    "+1 415 555 0132": ["555 0132"],
+    "sk-proj-Ab3dEf6hIj9kLm2nOp5qRs8tUv": ["Ab3dEf6hIj9kLm2nOp5qRs8tUv"],
+    "AKIAIOSFODNN7EXAMPLE": ["AKIAIOSFODNN7EXAMPLE"],
+    PEM: ["MIIEowIBAAKCAQEAx4UbaDzY", "Zx1yQk3Fv9W0tT8RfZ2bC5hJ", "PRIVATE KEY"],
+    "GB82 WEST 1234 5698 7654 32": ["WEST 1234", "5698 7654"],
+    "203.0.113.42": ["203.0.113.42"],
+    "536-22-8479": ["536-22-8479"],
+    "ghp_16C7e42F292c6912E7710c838347Ae178B4a": ["16C7e42F292c6912E7710c838347Ae178B4a"],
+    "xoxb-2048-4096-AbCdEfGhIjKl": ["AbCdEfGhIjKl"],
+    "Bearer abc.def-1234567890XYZabc": ["1234567890XYZabc"],
+}
+BENIGN = "Order A12345 costs $49.99 and ships on 2026-11-03 (invoice INV-2026-0042, 3 items, order 482913756)."
+
+
+def make(messages, output_text=None, tool_calls=(), location="test.jsonl:1", **kwargs) -> Record:
+    tool_calls = list(tool_calls)
+    return Record(
+        id=content_id(messages, [], output_text, tool_calls),
+        source="openai",
+        messages=messages,
+        output_text=output_text,
+        output_tool_calls=tool_calls,
+        location=location,
+        **kwargs,
+    )
+
+
+def chat(user: str, output: str = "Done.", system: str = "You are a helpful shop assistant.", **kwargs) -> Record:
+    return make([{"role": "system", "content": system}, {"role": "user", "content": user}], output, **kwargs)
+
+
+def row_text(record: Record) -> str:
+    return json.dumps(record.to_row(), ensure_ascii=False)
+
+
+def canary_record(**kwargs) -> Record:
+    """Every canary planted in each place a record carries content."""
+    values = list(CANARIES)
+    text = " | ".join(values)
+    messages = [
+        {"role": "system", "content": f"Internal contacts: {text}"},
+        {"role": "user", "content": [{"type": "text", "text": f"My details: {text}"}]},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "lookup", "arguments": json.dumps({"query": text})},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": f"found: {text}"},
+    ]
+    calls = [{"name": "send", "arguments": {"to": values, "nested": {"body": text}, "count": 3}}]
+    return make(messages, f"Sure, noted: {text}", calls, metadata={"user": values[0]}, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def canary_result():
+    return curate([canary_record(), canary_record(outcome="error")])
+
+
+def test_canaries_never_survive_in_kept_or_removed(canary_result):
+    assert len(canary_result.kept) == 1
+    assert [reason for _, reason in canary_result.removed] == ["failed"]
+    for record in [*canary_result.kept, *(r for r, _ in canary_result.removed)]:
+        text = row_text(record)
+        leaked = [frag for frags in CANARIES.values() for frag in frags if frag in text]
+        assert leaked == []
+
+
+def test_canaries_become_typed_placeholders(canary_result):
+    record = canary_result.kept[0]
+    output = record.output_text
+    for placeholder in (
+        "<EMAIL_1>",
+        "<CREDIT_CARD_1>",
+        "<PHONE_1>",
+        "<PHONE_3>",
+        "<API_KEY_1>",
+        "<API_KEY_4>",
+        "<PRIVATE_KEY_1>",
+        "<IBAN_1>",
+        "<IP_ADDRESS_1>",
+        "<SSN_1>",
+        "<AUTH_TOKEN_1>",
+    ):
+        assert placeholder in output
+    # the two spellings of one card number are one value
+    assert "<CREDIT_CARD_2>" not in row_text(record)
+    assert record.output_tool_calls[0]["arguments"]["count"] == 3
+    assert record.output_tool_calls[0]["arguments"]["to"][0] == "<EMAIL_1>"
+    assert record.messages[2]["tool_calls"][0]["id"] == "call_1"
+    assert record.metadata == {"user": "<EMAIL_1>"}
+    # per record: each value once, but the PEM block twice, as the JSON-escaped
+    # copy in the assistant's tool-call arguments string is a different value
+    assert canary_result.report["pii_placeholders"] == {
+        "API_KEY": 8,
+        "AUTH_TOKEN": 2,
+        "CREDIT_CARD": 2,
+        "EMAIL": 2,
+        "IBAN": 2,
+        "IP_ADDRESS": 2,
+        "PHONE": 6,
+        "PRIVATE_KEY": 4,
+        "SSN": 2,
+    }
+
+
+def test_id_is_recomputed_on_scrubbed_content(canary_result):
+    record = canary_result.kept[0]
+    assert record.id == content_id(record.messages, record.tools, record.output_text, record.output_tool_calls)
+    assert record.id != canary_record().id
+
+
+def test_placeholders_are_consistent_within_a_record():
+    record = chat(
+        "Write to ann@example.com, cc bob@example.org, then ann@example.com again.",
+        output="Sent to ANN@example.com and bob@example.org.",
+        system="Escalations go to bob@example.org.",
+    )
+    kept = curate([record]).kept[0]
+    assert kept.messages[0]["content"] == "Escalations go to <EMAIL_1>."
+    assert kept.messages[1]["content"] == "Write to <EMAIL_2>, cc <EMAIL_1>, then <EMAIL_2> again."
+    assert kept.output_text == "Sent to <EMAIL_2> and <EMAIL_1>."
+
+
+def test_numbering_restarts_per_record():
+    result = curate([chat("mail a@example.com"), chat("mail b@example.com please")])
+    assert [r.messages[1]["content"] for r in result.kept] == ["mail <EMAIL_1>", "mail <EMAIL_1> please"]
+
+
+def test_ordinary_numbers_survive():
+    result = curate([chat(BENIGN, output=f"Confirmed: {BENIGN}")])
+    assert result.kept[0].messages[1]["content"] == BENIGN
+    assert result.kept[0].output_text == f"Confirmed: {BENIGN}"
+    assert result.report["pii_placeholders"] == {}
+
+
+def test_bare_nine_digits_are_an_ssn_only_next_to_a_context_word():
+    kept = curate([chat("My SSN is 536228479.", output="Order 536228479 is late.")]).kept[0]
+    assert kept.messages[1]["content"] == "My SSN is <SSN_1>."
+    assert kept.output_text == "Order 536228479 is late."
+
+
+def test_failed_and_negative_feedback_are_removed_with_reasons():
+    records = [
+        chat("one", outcome="error"),
+        chat("two", feedback=-0.5),
+        chat("three", feedback=0.0),
+        chat("four", feedback=None),
+    ]
+    result = curate(records)
+    assert [(r.messages[1]["content"], why) for r, why in result.removed] == [
+        ("one", "failed"),
+        ("two", "negative_feedback"),
+    ]
+    assert [r.messages[1]["content"] for r in result.kept] == ["three", "four"]
+
+
+def test_failed_and_negative_feedback_can_be_kept():
+    config = CurateConfig(drop_failed=False, drop_negative_feedback=False)
+    result = curate([chat("one", outcome="error"), chat("two", feedback=-1.0)], config)
+    assert len(result.kept) == 2
+
+
+def test_exact_duplicates_keep_the_first_seen():
+    first = chat("Where is my order A12345?", location="a.jsonl:1")
+    again = chat("Where is my order A12345?", location="b.jsonl:9")
+    result = curate([first, again])
+    assert [r.location for r in result.kept] == ["a.jsonl:1"]
+    assert [(r.location, why) for r, why in result.removed] == [("b.jsonl:9", "duplicate")]
+
+
+def test_records_differing_only_in_pii_are_duplicates_after_scrubbing():
+    result = curate([chat("Reset the password for ann@example.com"), chat("Reset the password for bob@example.org")])
+    assert [why for _, why in result.removed] == ["duplicate"]
+
+
+def test_whitespace_and_case_variants_are_near_duplicates():
+    user = "Where is my order A12345? It was due yesterday and the tracking page shows nothing at all."
+    variant = "  WHERE is my order   a12345?\nIt was due yesterday and the tracking page shows NOTHING at all. "
+    result = curate([chat(user, output="Let me check."), chat(variant, output="let me  check.")])
+    assert [why for _, why in result.removed] == ["near_duplicate"]
+
+
+def test_different_requests_sharing_a_long_system_prompt_are_kept():
+    system = " ".join(f"Rule {i}: be polite, concise and accurate when you answer customers." for i in range(40))
+    records = [
+        chat("Where is my order A12345? It was due yesterday.", output="It ships today.", system=system),
+        chat("Can I return a kettle I bought last month?", output="Yes, within 60 days.", system=system),
+        chat("Do you ship to Canada, and how long does it take?", output="Yes, 5-7 days.", system=system),
+    ]
+    result = curate(records)
+    assert len(result.kept) == 3
+
+
+def test_typos_are_near_duplicates_with_char_shingles_or_a_lower_threshold():
+    user = "Hi, I would like to cancel my order A12345 for the blue kettle because it arrived with a cracked lid."
+    output = "I am sorry to hear that. I have cancelled order A12345 and refunded the full amount to your card."
+    records = [chat(user, output=output), chat(user.replace("cracked", "craked"), output=output)]
+    assert len(curate(records).kept) == 2  # word 3-shingles: Jaccard ~0.87
+    assert len(curate(records, CurateConfig(near_dup_shingle="char")).kept) == 1  # ~0.96
+    assert len(curate(records, CurateConfig(near_dup_threshold=0.8)).kept) == 1
+
+
+def test_too_long_records_are_removed():
+    def count_words(text: str) -> int:
+        return len(text.split())
+
+    records = [chat("short"), chat(" ".join(["word"] * 50))]
+    result = curate(records, CurateConfig(max_tokens=30), count_tokens=count_words)
+    assert [why for _, why in result.removed] == ["too_long"]
+    assert result.kept[0].messages[1]["content"] == "short"
+
+
+def test_max_tokens_needs_a_counter():
+    with pytest.raises(ValueError, match="count_tokens"):
+        curate([chat("hi")], CurateConfig(max_tokens=10))
+
+
+def test_unknown_config_values_raise():
+    with pytest.raises(ValueError):
+        CurateConfig(near_dup_shingle="sentence")
+    with pytest.raises(ValueError):
+        CurateConfig(drop_errors=True)
+
+
+def test_report_counts_add_up_and_input_may_be_a_generator():
+    def records():
+        yield chat("alpha question about shipping times to Canada")
+        yield chat("alpha question about shipping times to Canada")
+        yield chat("ALPHA question about shipping   times to canada")
+        yield chat("beta", outcome="error")
+        yield chat("gamma", feedback=-1.0)
+        yield chat("delta: call me at 212-555-0147")
+
+    report = curate(records()).report
+    assert report["read"] == 6
+    assert report["kept"] == 2
+    assert report["removed"] == {
+        "failed": 1,
+        "negative_feedback": 1,
+        "too_long": 0,
+        "duplicate": 1,
+        "near_duplicate": 1,
+    }
+    assert report["kept"] + sum(report["removed"].values()) == report["read"]
+    assert report["pii_placeholders"] == {"PHONE": 1}
