@@ -1,0 +1,128 @@
+"""Evaluate one specialist: base zero-shot vs specialist vs teacher on the held-out test split.
+
+All three columns are scored against the same references: the ground truth where a
+truth file gives one for a call (`{"id": <log call id>, "output": {...}}` per line),
+otherwise the teacher's logged output (then the teacher scores 1.0 by definition).
+The base and the specialist share one model in memory: the adapter is disabled for
+the base column.
+
+The specialist's confidence is zeroed for answers that cannot be used (a label
+outside the label set, no parsable tool call, JSON that is invalid or breaks the
+inferred schema), then the escalation threshold is calibrated so the answers it
+keeps reach `target_quality` x the teacher's score with the largest coverage.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import mlflow
+
+from factory.base_model import resolve_base
+from factory.evaluate.calibrate import calibrate
+from factory.evaluate.generate import Generation, generate
+from factory.evaluate.metrics import confusion_matrix, example_score, task_metrics
+from factory.evaluate.report import write_report
+from factory.mine import load_split, write_atomic
+from factory.recipe import Recipe
+from factory.train import TrainResult, load_specialist, parse_output, render_output, render_prompt
+
+
+def load_truth(path: Path | None) -> dict[str, dict[str, Any]]:
+    """Map log call id -> correct output from a JSONL truth file (none when `path` is None)."""
+    if path is None:
+        return {}
+    truth = {}
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if line.strip():
+            row = json.loads(line)
+            if "id" not in row or "output" not in row:
+                raise ValueError(f"{path}:{number}: a truth line needs 'id' and 'output'")
+            truth[row["id"]] = {"content": row["output"].get("content"),
+                                "tool_calls": row["output"].get("tool_calls") or []}
+    return truth
+
+
+def usable(kind: str, output: dict[str, Any], schema: dict[str, Any]) -> bool:
+    """Whether an answer can be acted on at all; unusable answers get confidence 0."""
+    if kind == "classification":
+        return (output.get("content") or "").strip() in schema.get("labels", [])
+    if kind == "tool_call":
+        names = {t.get("function", t).get("name") for t in schema.get("tools", [])}
+        calls = output.get("tool_calls") or []
+        return bool(calls) and all(c["name"] in names and isinstance(c["arguments"], dict) for c in calls)
+    if kind == "json_extraction":
+        try:
+            value = json.loads(output.get("content") or "")
+            jsonschema.validate(value, schema.get("json_schema", {"type": "object"}))
+        except (json.JSONDecodeError, jsonschema.ValidationError):
+            return False
+        return True
+    return bool((output.get("content") or "").strip())
+
+
+def max_new_tokens(rows: list[dict], tokenizer, cap: int) -> int:
+    """Room for the longest training output plus a margin, at most `cap`: base models that
+    ramble stop early, and short-answer tasks generate few tokens."""
+    longest = max((len(tokenizer(render_output(r["output"]))["input_ids"]) for r in rows), default=cap)
+    return min(cap, int(longest * 1.5) + 8)
+
+
+def evaluate(task: str, entry: dict[str, Any], trained: TrainResult, recipe: Recipe, data_dir: Path,
+             report_dir: Path, truth: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Score the three columns, calibrate the threshold, write the report; returns the result dict."""
+    kind, schema = entry["kind"], entry["output_schema"]
+    rows = load_split(data_dir, task, trained.dataset_version, "test")[: recipe.max_eval_samples]
+    if not rows:
+        raise ValueError(f"task {task!r}: the test split of {trained.dataset_version} is empty")
+    model, tokenizer = load_specialist(resolve_base(recipe.base_model), trained.adapter_dir)
+    prompts = [render_prompt(tokenizer, r["messages"], r.get("tools") or []) for r in rows]
+    budget = max_new_tokens(load_split(data_dir, task, trained.dataset_version, "train"), tokenizer,
+                            recipe.max_new_tokens)
+    specialist = generate(model, tokenizer, prompts, budget, recipe.eval_batch_size)
+    with model.disable_adapter():
+        base = generate(model, tokenizer, prompts, budget, recipe.eval_batch_size)
+
+    refs = [truth.get(r["source_id"], r["output"]) for r in rows]
+    teacher = [r["output"] for r in rows]
+    outputs = {"base": [parse_output(g.text) for g in base],
+               "specialist": [parse_output(g.text) for g in specialist], "teacher": teacher}
+    columns = {name: task_metrics(kind, preds, refs, schema) for name, preds in outputs.items()}
+    scores = [example_score(kind, p, r, schema) for p, r in zip(outputs["specialist"], refs)]
+    confidences = [g.confidence if usable(kind, p, schema) else 0.0
+                   for g, p in zip(specialist, outputs["specialist"])]
+    target = recipe.target_quality * columns["teacher"]["score"]
+    cal = calibrate(confidences, scores, target)
+    result = {
+        "task": task, "kind": kind, "dataset_version": trained.dataset_version, "run_id": trained.run_id,
+        "n_test": len(rows), "columns": columns,
+        "calibration": {"threshold": cal.threshold, "coverage": cal.coverage, "quality": cal.quality,
+                        "target": target, "curve": [list(p) for p in cal.curve]},
+        "confusion": None,
+        "worst": _worst(rows, refs, outputs["specialist"], specialist, scores),
+    }
+    if kind == "classification":
+        labels, matrix = confusion_matrix(outputs["specialist"], refs, schema["labels"])
+        result["confusion"] = {"labels": list(labels), "matrix": [list(map(int, r)) for r in matrix]}
+    paths = write_report(report_dir, result)
+    write_atomic(report_dir / "eval.json", json.dumps(result, indent=2, ensure_ascii=False))
+    with mlflow.start_run(run_id=trained.run_id):
+        mlflow.log_metrics({f"{col}_{k}": v for col, m in columns.items() for k, v in m.items()})
+        mlflow.log_metrics({"threshold": _finite(cal.threshold), "coverage": cal.coverage})
+        for path in paths.values():
+            mlflow.log_artifact(str(path), "eval")
+    return result
+
+
+def _finite(value: float | None) -> float:
+    return 1.0 if value is None or value == float("inf") else float(value)
+
+
+def _worst(rows, refs, preds, gens: list[Generation], scores: list[float], n: int = 8) -> list[dict[str, Any]]:
+    order = sorted(range(len(rows)), key=lambda i: (scores[i], -gens[i].confidence))[:n]
+    return [{"id": rows[i]["id"], "prompt": str(rows[i]["messages"][-1].get("content"))[:500],
+             "reference": render_output(refs[i]), "prediction": render_output(preds[i]),
+             "score": scores[i], "confidence": gens[i].confidence} for i in order]

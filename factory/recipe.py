@@ -1,0 +1,159 @@
+"""Recipes: one pydantic schema for every training run, loaded in three layers.
+
+    recipes/base/<recipe>.yaml   the recipe chosen (`RECIPE=`; default "cpu-lora")
+  < recipes/tasks/<task>.yaml    per-task overrides, when the file exists
+  < key=value overrides          from the command line (dotted keys: lora.r=8)
+
+Nested sections merge key by key. Everything is validated before any model is
+loaded; an unknown key, a wrong type or a missing base model raises `RecipeError`
+naming the file (or "command line") and the dotted field.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+RECIPES_DIR = Path("recipes")
+DEFAULT_RECIPE = "cpu-lora"
+
+
+EVAL_FIELDS = {"max_eval_samples", "max_new_tokens", "eval_batch_size", "target_quality"}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Lora(_Strict):
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+
+
+class Quantization(_Strict):
+    """4-bit NF4 for QLoRA (bitsandbytes, GPU only)."""
+
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+
+
+class Recipe(_Strict):
+    base_model: str = Field(min_length=1)
+    method: Literal["lora", "qlora", "dora", "full"] = "lora"
+    lora: Lora = Lora()
+    quantization: Quantization | None = None
+    max_seq_length: int = Field(512, gt=8)
+    packing: bool = False
+    completion_only_loss: bool = True
+    optimizer: str = "adamw_torch"
+    lr_scheduler: str = "linear"
+    learning_rate: float = Field(2e-4, gt=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = -1
+    batch_size: int = Field(8, gt=0)
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    max_train_samples: int | None = Field(None, gt=0)
+    eval_steps: int | None = Field(None, gt=0)
+    save_steps: int = Field(50, gt=0)
+    logging_steps: int = Field(10, gt=0)
+    torch_threads: int | None = Field(None, gt=0)
+    distributed: Literal["none", "ddp", "deepspeed_zero2", "deepspeed_zero3"] = "none"
+    # evaluation settings travel with the recipe so a run is reproducible from it alone
+    max_eval_samples: int | None = Field(None, gt=0)
+    max_new_tokens: int = Field(96, gt=0)
+    eval_batch_size: int = Field(16, gt=0)
+    target_quality: float = Field(0.95, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _qlora_needs_quantization(self) -> Recipe:
+        if self.method == "qlora" and self.quantization is None:
+            self.quantization = Quantization()
+        return self
+
+    def digest(self) -> str:
+        """Hash of the fields that shape the trained weights (evaluation settings excluded)."""
+        fields = self.model_dump(exclude=EVAL_FIELDS)
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
+
+
+class RecipeError(ValueError):
+    """A recipe that does not validate; the message names the file and the field."""
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: invalid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: expected a mapping of recipe fields")
+    return data
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise RecipeError(f"command line: override {text!r} must look like key=value")
+    key, raw = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw else None
+
+
+def _merge(into: dict[str, Any], layer: dict[str, Any], source: str, origin: dict[str, str], prefix: str = "") -> None:
+    for key, value in layer.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value, source, origin, f"{dotted}.")
+        else:
+            into[key] = value
+        origin[dotted] = source
+
+
+def load_recipe(task: str | None = None, recipe: str | None = None, overrides: list[str] = (),
+                recipes_dir: Path = RECIPES_DIR) -> tuple[Recipe, dict[str, Any]]:
+    """Return the validated recipe and the merged raw layers (for logging to MLflow).
+
+    `recipe` is a name under recipes/base/ or a path to a YAML file. Raises RecipeError.
+    """
+    base_path = Path(recipe) if recipe and recipe.endswith((".yaml", ".yml")) else \
+        recipes_dir / "base" / f"{recipe or DEFAULT_RECIPE}.yaml"
+    if not base_path.exists():
+        known = sorted(p.stem for p in (recipes_dir / "base").glob("*.yaml"))
+        raise RecipeError(f"{base_path}: no such recipe; known: {', '.join(known)}")
+    merged: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    _merge(merged, _read(base_path), str(base_path), origin)
+    task_path = recipes_dir / "tasks" / f"{task}.yaml"
+    if task and task_path.exists():
+        _merge(merged, _read(task_path), str(task_path), origin)
+    for text in overrides:
+        keys, value = _parse_override(text)
+        layer: dict[str, Any] = {keys[-1]: value}
+        for key in reversed(keys[:-1]):
+            layer = {key: layer}
+        _merge(merged, layer, "command line", origin)
+    try:
+        return Recipe.model_validate(merged), merged
+    except ValidationError as err:
+        problems = []
+        for e in err.errors():
+            field = ".".join(str(p) for p in e["loc"]) or "(recipe)"
+            source = next((origin[k] for k in _prefixes(field) if k in origin), str(base_path))
+            problems.append(f"{source}: {field}: {e['msg']}")
+        raise RecipeError("\n".join(problems)) from None
+
+
+def _prefixes(field: str) -> list[str]:
+    parts = field.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
