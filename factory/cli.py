@@ -144,10 +144,17 @@ def _train(task: str, recipe_name: str | None, overrides: list[str]):
 
 
 def _eval(task: str, entry, recipe, trained, truth: Path | None) -> dict:
-    from factory.evaluate.run import evaluate, load_truth
+    """Evaluate, or reuse the stored evaluation of the same training run with the same settings."""
+    from factory.evaluate.run import eval_settings, evaluate, load_truth
 
+    report_dir = Path("reports") / task
+    stored = report_dir / "eval.json"
+    if stored.exists():
+        previous = json.loads(stored.read_text())
+        if previous.get("run_id") == trained.run_id and previous.get("settings") == eval_settings(recipe):
+            return previous
     console.rule(f"evaluate {task}")
-    return evaluate(task, entry, trained, recipe, data_dir(), Path("reports") / task, load_truth(truth))
+    return evaluate(task, entry, trained, recipe, data_dir(), report_dir, load_truth(truth))
 
 
 def _register(entry, trained, evaluation, recipe) -> None:
@@ -192,10 +199,7 @@ def finetune(task: str, recipe: RecipeOpt = None, set_: SetOpt = None, truth: Tr
 def register(task: str, recipe: RecipeOpt = None, set_: SetOpt = None, truth: TruthOpt = None) -> None:
     """Register a task's evaluated specialist (one version per training run)."""
     entry, rec, trained = _train(task, recipe, set_ or [])
-    report = Path("reports") / task / "eval.json"
-    evaluation = json.loads(report.read_text()) if report.exists() else {}
-    if evaluation.get("run_id") != trained.run_id:
-        evaluation = _eval(task, entry, rec, trained, truth)
+    evaluation = _eval(task, entry, rec, trained, truth)
     _register(entry, trained, evaluation, rec)
 
 

@@ -30,7 +30,7 @@ from mlflow.types import ColSpec, Schema
 
 from factory.mine import write_atomic
 from factory.recipe import Recipe
-from factory.train import TrainResult
+from factory.train import TrainResult, resume_run
 
 TASK_TAG = "factory.task"
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -107,7 +107,7 @@ def register(entry: dict[str, Any], trained: TrainResult, evaluation: dict[str, 
         return existing[0], False
     routing = routing_metadata(entry, trained, evaluation, recipe, escalation_target)
     columns = evaluation["columns"]
-    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=trained.run_id):
+    with tempfile.TemporaryDirectory() as tmp, resume_run(trained.run_id):
         routing_path = Path(tmp) / "routing.json"
         routing_path.write_text(json.dumps(routing, indent=2))
         info = mlflow.pyfunc.log_model(

@@ -205,6 +205,12 @@ def _experiment(task: str) -> None:
     mlflow.set_experiment(name)
 
 
+def resume_run(run_id: str):
+    """Re-open a finished training run (in its own experiment) to log evaluation or a model to it."""
+    mlflow.set_experiment(experiment_id=mlflow.get_run(run_id).info.experiment_id)
+    return mlflow.start_run(run_id=run_id)
+
+
 def _latest_checkpoint(out_dir: Path) -> str | None:
     checkpoints = sorted(out_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     return str(checkpoints[-1]) if checkpoints else None

@@ -27,8 +27,8 @@ from factory.evaluate.generate import Generation, generate
 from factory.evaluate.metrics import confusion_matrix, example_score, task_metrics
 from factory.evaluate.report import write_report
 from factory.mine import load_split, write_atomic
-from factory.recipe import Recipe
-from factory.train import TrainResult, load_specialist, parse_output, render_output, render_prompt
+from factory.recipe import EVAL_FIELDS, Recipe
+from factory.train import TrainResult, load_specialist, parse_output, render_output, render_prompt, resume_run
 
 
 def load_truth(path: Path | None) -> dict[str, dict[str, Any]]:
@@ -64,6 +64,11 @@ def usable(kind: str, output: dict[str, Any], schema: dict[str, Any]) -> bool:
     return bool((output.get("content") or "").strip())
 
 
+def eval_settings(recipe: Recipe) -> dict[str, Any]:
+    """The recipe fields an evaluation depends on; a stored result is reused only when they match."""
+    return recipe.model_dump(include=EVAL_FIELDS)
+
+
 def max_new_tokens(rows: list[dict], tokenizer, cap: int) -> int:
     """Room for the longest training output plus a margin, at most `cap`: base models that
     ramble stop early, and short-answer tasks generate few tokens."""
@@ -97,6 +102,7 @@ def evaluate(task: str, entry: dict[str, Any], trained: TrainResult, recipe: Rec
     target = recipe.target_quality * columns["teacher"]["score"]
     cal = calibrate(confidences, scores, target)
     result = {
+        "settings": eval_settings(recipe),
         "task": task, "kind": kind, "dataset_version": trained.dataset_version, "run_id": trained.run_id,
         "n_test": len(rows), "columns": columns,
         "calibration": {"threshold": cal.threshold, "coverage": cal.coverage, "quality": cal.quality,
@@ -109,7 +115,7 @@ def evaluate(task: str, entry: dict[str, Any], trained: TrainResult, recipe: Rec
         result["confusion"] = {"labels": list(labels), "matrix": [list(map(int, r)) for r in matrix]}
     paths = write_report(report_dir, result)
     write_atomic(report_dir / "eval.json", json.dumps(result, indent=2, ensure_ascii=False))
-    with mlflow.start_run(run_id=trained.run_id):
+    with resume_run(trained.run_id):
         mlflow.log_metrics({f"{col}_{k}": v for col, m in columns.items() for k, v in m.items()})
         mlflow.log_metrics({"threshold": _finite(cal.threshold), "coverage": cal.coverage})
         for path in paths.values():

