@@ -226,9 +226,11 @@ def _select(results: list[RecognizerResult]) -> tuple[Span, ...]:
 class _SpanFinder:
     """text -> PII spans, analysed in batches and cached per distinct string.
 
-    `prefetch` runs new strings through BatchAnalyzerEngine (spaCy's pipe;
-    ~30% more texts/s than one `analyze` call per text on short texts). The
-    cache is a bounded LRU: a system prompt sent with every call is analysed once.
+    `prefetch` runs new strings through BatchAnalyzerEngine, which feeds
+    spaCy's `pipe`: on the blank pipeline it measures the same as one
+    `analyze` per text (tokenising is cheap), with an NER model batching is
+    what spaCy recommends. The cache is a bounded LRU: a system prompt sent
+    with every call is analysed once (2.4x the records/s on short chats).
     """
 
     def __init__(self, threshold: float, cache_size: int):

@@ -1,0 +1,1 @@
+"""Benchmarks: `make bench` runs every stage's `run()` and writes bench/results/latest.json."""
