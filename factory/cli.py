@@ -144,17 +144,11 @@ def _train(task: str, recipe_name: str | None, overrides: list[str]):
 
 
 def _eval(task: str, entry, recipe, trained, truth: Path | None) -> dict:
-    """Evaluate, or reuse the stored evaluation of the same training run with the same settings."""
-    from factory.evaluate.run import eval_settings, evaluate, load_truth
+    from factory.evaluate.run import evaluate, load_truth
 
-    report_dir = Path("reports") / task
-    stored = report_dir / "eval.json"
-    if stored.exists():
-        previous = json.loads(stored.read_text())
-        if previous.get("run_id") == trained.run_id and previous.get("settings") == eval_settings(recipe):
-            return previous
     console.rule(f"evaluate {task}")
-    return evaluate(task, entry, trained, recipe, data_dir(), report_dir, load_truth(truth))
+    return evaluate(task, entry, recipe, trained.adapter_dir, trained.dataset_version, data_dir(),
+                    Path("reports") / task, load_truth(truth), run_id=trained.run_id)
 
 
 def _register(entry, trained, evaluation, recipe) -> None:
@@ -185,12 +179,29 @@ def eval_(task: str, recipe: RecipeOpt = None, set_: SetOpt = None, truth: Truth
     print_results([_eval(task, entry, rec, trained, truth)])
 
 
+def _finetune(task: str, entry: dict, recipe: str | None, overrides: list[str], truth: Path | None) -> dict:
+    """Train (or reuse), evaluate (or reuse) and register one task; returns the evaluation."""
+    from factory.nightly import NightlyConfig, Paths, finetune as finetune_task
+    from factory.recipe import RecipeError
+
+    _tracking()
+    console.rule(f"finetune {task}")
+    config = NightlyConfig(recipe=recipe, overrides=tuple(overrides), truth=truth)
+    try:
+        trained, evaluation, version, promoted = finetune_task(
+            task, entry, Paths(data_dir(), registry_dir(), Path("reports")), config)
+    except (RecipeError, ValueError) as err:
+        raise _fail(str(err)) from None
+    aliases = ", ".join(version.aliases) or "none"
+    console.print(f"{task}: trained in {trained.seconds:.0f} s ({trained.tokens_per_s:.0f} tokens/s); "
+                  f"registered v{version.version} (aliases: {aliases}){' - promoted' if promoted else ''}")
+    return evaluation
+
+
 @app.command()
 def finetune(task: str, recipe: RecipeOpt = None, set_: SetOpt = None, truth: TruthOpt = None) -> None:
     """Train, evaluate and register one task, then refresh routes.json."""
-    entry, rec, trained = _train(task, recipe, set_ or [])
-    evaluation = _eval(task, entry, rec, trained, truth)
-    _register(entry, trained, evaluation, rec)
+    evaluation = _finetune(task, _entry(task), recipe, set_ or [], truth)
     routes()
     print_results([evaluation])
 
@@ -242,12 +253,71 @@ def demo(logs: Path = Path("datasets/samples/logs"), truth: TruthOpt = Path("dat
         if entry["status"] != "ready":
             console.print(f"skip {task}: {entry['status']}")
             continue
-        entry, rec, trained = _train(task, recipe, set_ or [])
-        evaluation = _eval(task, entry, rec, trained, truth)
-        _register(entry, trained, evaluation, rec)
-        results.append(evaluation)
+        results.append(_finetune(task, entry, recipe, set_ or [], truth))
     routes()
     print_results(results)
+
+
+@app.command()
+def nightly(logs: Annotated[list[Path], typer.Argument(help="log files or folders to pick new logs from")],
+            recipe: RecipeOpt = None, set_: SetOpt = None, truth: TruthOpt = None,
+            min_growth: float = 0.2, drift_margin: float = 0.05, max_tasks: int = 10,
+            time_budget_h: float = 6.0) -> None:
+    """Ingest new logs, re-mine, retrain what grew or drifted, promote through the gates, refresh routes."""
+    from factory.nightly import NightlyConfig, NightlyLocked, Paths, nightly as run_nightly, render_summary
+
+    _tracking()
+    config = NightlyConfig(min_growth=min_growth, drift_margin=drift_margin, max_tasks=max_tasks,
+                           time_budget_s=time_budget_h * 3600, recipe=recipe, overrides=tuple(set_ or []),
+                           truth=truth)
+    try:
+        summary = run_nightly(logs, Paths(data_dir(), registry_dir(), Path("reports")), config)
+    except NightlyLocked as err:
+        raise _fail(str(err)) from None
+    console.print(render_summary(summary))
+
+
+schedule_app = typer.Typer(help="Schedule the nightly run (crontab, or a systemd user timer).",
+                           no_args_is_help=True)
+app.add_typer(schedule_app, name="schedule")
+
+
+@schedule_app.command("install")
+def schedule_install(logs: Annotated[list[Path], typer.Argument(help="log folders the nightly reads")],
+                     at: str = "02:00", systemd: bool = False) -> None:
+    """Run `factory nightly LOGS...` every day at --at (HH:MM, local time)."""
+    from factory import schedule
+
+    project, logs = Path.cwd(), [p.resolve() for p in logs]
+    try:
+        done = schedule.install_systemd(project, logs, at) if systemd else schedule.install_cron(project, logs, at)
+    except (ValueError, RuntimeError) as err:
+        raise _fail(str(err)) from None
+    console.print(f"scheduled: {done}")
+
+
+@schedule_app.command("show")
+def schedule_show() -> None:
+    """Print this project's crontab entry."""
+    from factory import schedule
+
+    try:
+        entry = schedule.show_cron(Path.cwd())
+    except RuntimeError as err:
+        raise _fail(str(err)) from None
+    console.print(entry or "no nightly scheduled for this project")
+
+
+@schedule_app.command("remove")
+def schedule_remove() -> None:
+    """Remove this project's crontab entry."""
+    from factory import schedule
+
+    try:
+        removed = schedule.remove_cron(Path.cwd())
+    except RuntimeError as err:
+        raise _fail(str(err)) from None
+    console.print("removed" if removed else "no nightly scheduled for this project")
 
 
 def print_results(results: list[dict]) -> None:

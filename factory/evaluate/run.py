@@ -28,7 +28,7 @@ from factory.evaluate.metrics import confusion_matrix, example_score, task_metri
 from factory.evaluate.report import write_report
 from factory.mine import load_split, write_atomic
 from factory.recipe import EVAL_FIELDS, Recipe
-from factory.train import TrainResult, load_specialist, parse_output, render_output, render_prompt, resume_run
+from factory.train import load_specialist, parse_output, render_output, render_prompt, resume_run
 
 
 def load_truth(path: Path | None) -> dict[str, dict[str, Any]]:
@@ -76,17 +76,27 @@ def max_new_tokens(rows: list[dict], tokenizer, cap: int) -> int:
     return min(cap, int(longest * 1.5) + 8)
 
 
-def evaluate(task: str, entry: dict[str, Any], trained: TrainResult, recipe: Recipe, data_dir: Path,
-             report_dir: Path, truth: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Score the three columns, calibrate the threshold, write the report; returns the result dict."""
+def evaluate(task: str, entry: dict[str, Any], recipe: Recipe, adapter_dir: str, dataset_version: str,
+             data_dir: Path, report_dir: Path, truth: dict[str, dict[str, Any]],
+             run_id: str | None = None) -> dict[str, Any]:
+    """Score the three columns, calibrate the threshold, write the report; returns the result dict.
+
+    A stored result for the same adapter, dataset version and evaluation settings is
+    returned as is. With `run_id`, metrics and report files are logged to that MLflow run.
+    """
+    key = {"adapter": str(adapter_dir), "dataset_version": dataset_version, "settings": eval_settings(recipe)}
+    stored = report_dir / "eval.json"
+    if stored.exists():
+        previous = json.loads(stored.read_text())
+        if previous.get("key") == key:
+            return previous
     kind, schema = entry["kind"], entry["output_schema"]
-    rows = load_split(data_dir, task, trained.dataset_version, "test")[: recipe.max_eval_samples]
+    rows = load_split(data_dir, task, dataset_version, "test")[: recipe.max_eval_samples]
     if not rows:
-        raise ValueError(f"task {task!r}: the test split of {trained.dataset_version} is empty")
-    model, tokenizer = load_specialist(resolve_base(recipe.base_model), trained.adapter_dir)
+        raise ValueError(f"task {task!r}: the test split of {dataset_version} is empty")
+    model, tokenizer = load_specialist(resolve_base(recipe.base_model), adapter_dir)
     prompts = [render_prompt(tokenizer, r["messages"], r.get("tools") or []) for r in rows]
-    budget = max_new_tokens(load_split(data_dir, task, trained.dataset_version, "train"), tokenizer,
-                            recipe.max_new_tokens)
+    budget = max_new_tokens(load_split(data_dir, task, dataset_version, "train"), tokenizer, recipe.max_new_tokens)
     specialist = generate(model, tokenizer, prompts, budget, recipe.eval_batch_size)
     with model.disable_adapter():
         base = generate(model, tokenizer, prompts, budget, recipe.eval_batch_size)
@@ -102,8 +112,7 @@ def evaluate(task: str, entry: dict[str, Any], trained: TrainResult, recipe: Rec
     target = recipe.target_quality * columns["teacher"]["score"]
     cal = calibrate(confidences, scores, target)
     result = {
-        "settings": eval_settings(recipe),
-        "task": task, "kind": kind, "dataset_version": trained.dataset_version, "run_id": trained.run_id,
+        "key": key, "task": task, "kind": kind, "dataset_version": dataset_version, "run_id": run_id,
         "n_test": len(rows), "columns": columns,
         "calibration": {"threshold": cal.threshold, "coverage": cal.coverage, "quality": cal.quality,
                         "target": target, "curve": [list(p) for p in cal.curve]},
@@ -114,12 +123,13 @@ def evaluate(task: str, entry: dict[str, Any], trained: TrainResult, recipe: Rec
         labels, matrix = confusion_matrix(outputs["specialist"], refs, schema["labels"])
         result["confusion"] = {"labels": list(labels), "matrix": [list(map(int, r)) for r in matrix]}
     paths = write_report(report_dir, result)
-    write_atomic(report_dir / "eval.json", json.dumps(result, indent=2, ensure_ascii=False))
-    with resume_run(trained.run_id):
-        mlflow.log_metrics({f"{col}_{k}": v for col, m in columns.items() for k, v in m.items()})
-        mlflow.log_metrics({"threshold": _finite(cal.threshold), "coverage": cal.coverage})
-        for path in paths.values():
-            mlflow.log_artifact(str(path), "eval")
+    write_atomic(stored, json.dumps(result, indent=2, ensure_ascii=False))
+    if run_id:
+        with resume_run(run_id):
+            mlflow.log_metrics({f"{col}_{k}": v for col, m in columns.items() for k, v in m.items()})
+            mlflow.log_metrics({"threshold": _finite(cal.threshold), "coverage": cal.coverage})
+            for path in paths.values():
+                mlflow.log_artifact(str(path), "eval")
     return result
 
 

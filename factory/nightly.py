@@ -1,0 +1,238 @@
+"""Nightly: ingest what is new, re-mine, retrain the tasks that need it, promote through the gates.
+
+    lock -> ingest -> curate -> mine -> per task: decide -> train -> evaluate -> register
+         -> routes -> summary (Markdown + an MLflow run)
+
+Every step is idempotent, which is what makes the whole run resumable: ingest skips
+files it has read, dataset versions are content hashes, training resumes from its
+checkpoints or returns the finished adapter, evaluation reuses the stored result of
+the same run, and registration makes one version per training run. A run killed
+after training and before registration therefore completes the registration next
+time without retraining.
+
+A task is retrained when it has no champion, when its data grew by at least
+`min_growth` since the champion's dataset, or when the champion's score on the new
+test split dropped by at least `drift_margin` (drift). The drift check costs one
+evaluation of the champion, so it only runs when the dataset changed but grew too
+little to retrain anyway. `max_tasks` and `time_budget_s` bound a night; tasks left
+over are reported as skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import filelock
+import mlflow
+from mlflow import MlflowClient
+
+from factory import ingest as ingest_stage
+from factory.curate import CurateConfig, curate
+from factory.evaluate.run import evaluate, load_truth
+from factory.mine import MineConfig, load_split, mine, write_atomic
+from factory.records import to_table
+from factory.recipe import load_recipe
+from factory.registry import Gates, register, write_routes
+from factory.train import TrainResult, train
+
+
+@dataclass(frozen=True)
+class Paths:
+    data: Path
+    registry: Path
+    reports: Path
+
+
+@dataclass(frozen=True)
+class NightlyConfig:
+    min_growth: float = 0.2
+    drift_margin: float = 0.05
+    max_tasks: int = 10
+    time_budget_s: float = 6 * 3600
+    recipe: str | None = None
+    overrides: tuple[str, ...] = ()
+    truth: Path | None = None
+    gates: Gates = Gates()
+
+
+@dataclass
+class TaskOutcome:
+    task: str
+    action: str  # "trained", "skipped", "failed"
+    reason: str
+    version: str | None = None
+    promoted: bool = False
+    score: float | None = None
+
+
+@dataclass
+class Summary:
+    started: str
+    seconds: float = 0.0
+    ingested: int = 0
+    curated: int = 0
+    tasks: list[TaskOutcome] = field(default_factory=list)
+
+    @property
+    def trained(self) -> list[str]:
+        return [t.task for t in self.tasks if t.action == "trained"]
+
+
+class NightlyLocked(RuntimeError):
+    """Another nightly holds the lock."""
+
+
+def prepare(logs: list[Path], paths: Paths) -> tuple[int, int, dict[str, dict[str, Any]]]:
+    """Ingest, curate and mine; returns (records accepted now, curated total, catalog)."""
+    stats = ingest_stage.ingest(logs, paths.data / "records" / "raw", paths.data / "quarantine" / "ingest")
+    records = ingest_stage.read_records(paths.data / "records" / "raw")
+    result = curate(sorted(records, key=lambda r: (r.timestamp, r.id)), CurateConfig())
+    curated = paths.data / "records" / "curated.parquet"
+    import pyarrow.parquet as pq
+
+    tmp = curated.with_suffix(".tmp")
+    pq.write_table(to_table(result.kept), tmp)
+    tmp.replace(curated)
+    write_atomic(paths.data / "quarantine" / "curate.jsonl", "".join(
+        json.dumps({"reason": reason, **record.to_row()}, ensure_ascii=False) + "\n"
+        for record, reason in result.removed))
+    write_atomic(paths.data / "curate-report.json", json.dumps(result.report, indent=2))
+    return stats.accepted, len(result.kept), mine(result.kept, paths.data, MineConfig())
+
+
+def finetune(task: str, entry: dict[str, Any], paths: Paths, config: NightlyConfig) -> tuple[TrainResult, dict, Any, bool]:
+    """Train (or reuse), evaluate (or reuse) and register one task; returns (trained, evaluation, version, promoted)."""
+    recipe, raw = load_recipe(task, config.recipe, list(config.overrides))
+    trained = train(task, entry, recipe, raw, paths.data, paths.registry)
+    evaluation = evaluate(task, entry, recipe, trained.adapter_dir, trained.dataset_version, paths.data,
+                          paths.reports / task, load_truth(config.truth), run_id=trained.run_id)
+    version, promoted = register(entry, trained, evaluation, recipe, config.gates)
+    return trained, evaluation, version, promoted
+
+
+def _alias(client: MlflowClient, task: str, alias: str):
+    try:
+        return client.get_model_version_by_alias(task, alias)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def _dataset_size(paths: Paths, task: str, version: str) -> int:
+    if not (paths.data / task / version).exists():
+        return 0
+    return sum(len(load_split(paths.data, task, version, s)) for s in ("train", "validation", "test"))
+
+
+def decide(task: str, entry: dict[str, Any], paths: Paths, config: NightlyConfig) -> tuple[bool, str]:
+    """Whether `task` needs a new specialist tonight, and why.
+
+    The newest registered version (the challenger, else the champion) says what data
+    was last trained on; drift is measured on the champion, the version that serves.
+    """
+    if entry.get("status") != "ready":
+        return False, f"not trained: {entry.get('status')}"
+    client = MlflowClient()
+    champion = _alias(client, task, "champion")
+    latest = _alias(client, task, "challenger") or champion
+    if latest is None:
+        return True, "no specialist yet"
+    if latest.tags.get("dataset_version") == entry["dataset_version"]:
+        return False, f"up to date: v{latest.version} was trained on this data"
+    old_size = _dataset_size(paths, task, latest.tags.get("dataset_version", ""))
+    total = sum(len(load_split(paths.data, task, entry["dataset_version"], s)) for s in ("train", "validation", "test"))
+    growth = (total - old_size) / max(old_size, 1)
+    if growth >= config.min_growth:
+        return True, f"data grew {growth:.0%} (>= {config.min_growth:.0%})"
+    if champion is None:
+        return False, f"data grew {growth:.0%} (< {config.min_growth:.0%}); no champion to check for drift"
+    drift = _champion_drift(task, entry, champion, paths, config)
+    if drift >= config.drift_margin:
+        return True, f"champion dropped {drift:.3f} on fresh held-out data (drift)"
+    return False, f"data grew {growth:.0%} and the champion holds (drift {drift:.3f})"
+
+
+def _champion_drift(task, entry, champion, paths: Paths, config: NightlyConfig) -> float:
+    """Score drop of the champion's adapter on the new test split, against its registered score."""
+    recipe, _ = load_recipe(task, config.recipe, list(config.overrides))
+    adapter = mlflow.artifacts.download_artifacts(run_id=champion.run_id, artifact_path="adapter")
+    fresh = evaluate(task, entry, recipe, adapter, entry["dataset_version"], paths.data,
+                     paths.reports / task / "drift", load_truth(config.truth))
+    return float(champion.tags["score"]) - fresh["columns"]["specialist"]["score"]
+
+
+def nightly(logs: list[Path], paths: Paths, config: NightlyConfig = NightlyConfig()) -> Summary:
+    """One night's run. Raises NightlyLocked at once when another nightly is running."""
+    paths.registry.mkdir(parents=True, exist_ok=True)
+    lock = filelock.FileLock(str(paths.registry / "nightly.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        raise NightlyLocked(f"another nightly is running (lock held on {lock.lock_file})") from None
+    try:
+        return _run(logs, paths, config)
+    finally:
+        lock.release()
+
+
+def _run(logs: list[Path], paths: Paths, config: NightlyConfig) -> Summary:
+    start = time.monotonic()
+    summary = Summary(started=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    summary.ingested, summary.curated, catalog = prepare(logs, paths)
+    budget_left = config.max_tasks
+    reused = _finished_runs(paths)
+    for task, entry in catalog.items():
+        needed, reason = decide(task, entry, paths, config)
+        if not needed:
+            summary.tasks.append(TaskOutcome(task, "skipped", reason))
+            continue
+        if budget_left <= 0 or time.monotonic() - start > config.time_budget_s:
+            summary.tasks.append(TaskOutcome(task, "skipped", f"over tonight's budget ({reason})"))
+            continue
+        budget_left -= 1
+        try:
+            trained, evaluation, version, promoted = finetune(task, entry, paths, config)
+        except (ValueError, RuntimeError) as err:
+            summary.tasks.append(TaskOutcome(task, "failed", f"{reason}; {err}"))
+            continue
+        action = "trained" if trained.run_id not in reused else "registered (training reused)"
+        summary.tasks.append(TaskOutcome(task, action, reason, version.version, promoted,
+                                         evaluation["columns"]["specialist"]["score"]))
+    write_routes(paths.registry / "routes.json")
+    summary.seconds = time.monotonic() - start
+    _report(summary, paths)
+    return summary
+
+
+def _finished_runs(paths: Paths) -> set[str]:
+    """Run ids of trainings already finished on disk (a resumed night reuses them)."""
+    return {json.loads(p.read_text())["run_id"] for p in (paths.registry / "training").glob("*/*/train.json")}
+
+
+def render_summary(summary: Summary) -> str:
+    lines = [f"# Nightly run {summary.started}", "",
+             f"{summary.ingested} new records ingested, {summary.curated} curated, "
+             f"{len(summary.trained)} task(s) retrained in {summary.seconds:.0f} s.", "",
+             "| task | action | version | promoted | score | why |", "|---|---|---|---|---|---|"]
+    for t in summary.tasks:
+        score = "-" if t.score is None else f"{t.score:.3f}"
+        lines.append(f"| {t.task} | {t.action} | {t.version or '-'} | {'yes' if t.promoted else 'no'} | {score} | {t.reason} |")
+    return "\n".join(lines) + "\n"
+
+
+def _report(summary: Summary, paths: Paths) -> None:
+    text = render_summary(summary)
+    folder = paths.registry / "nightly"
+    write_atomic(folder / f"{summary.started.replace(':', '-')}.md", text)
+    write_atomic(folder / "latest.md", text)
+    mlflow.set_experiment("nightly")
+    with mlflow.start_run(run_name=f"nightly-{summary.started}"):
+        mlflow.log_metrics({"ingested": summary.ingested, "curated": summary.curated,
+                            "tasks_trained": len(summary.trained),
+                            "tasks_promoted": sum(t.promoted for t in summary.tasks)})
+        mlflow.log_text(text, "summary.md")
+        mlflow.log_dict({"tasks": [asdict(t) for t in summary.tasks]}, "summary.json")
