@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from itertools import islice
+from pathlib import Path
 from typing import Any, Literal
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import regex
 import spacy
 import tldextract
@@ -47,7 +51,7 @@ from presidio_analyzer.predefined_recognizers import (
 from pydantic import BaseModel, ConfigDict, Field
 from spacy.language import Language
 
-from factory.records import Record, content_id
+from factory.records import SCHEMA, Record, content_id, from_table, to_table
 
 REASONS = ("failed", "negative_feedback", "too_long", "duplicate", "near_duplicate")
 
@@ -73,6 +77,15 @@ NER_MODELS = ("en_core_web_lg", "en_core_web_sm")
 
 # Keys whose values are structure, not content: never scanned for PII.
 _STRUCTURAL_KEYS = frozenset({"role", "type", "id", "tool_call_id"})
+
+# PhoneRecognizer (python-phonenumbers) reports only numbers valid in their
+# region, so a formatted number with an unassigned area code ("call me at
+# 371.483.2287", "+1-611-279-2215") would survive; these catch the formats.
+# Separators are required, so bare digit runs (order ids) and dates are not matched.
+_FORMATTED_PHONES = [
+    Pattern("nanp", r"(?<![\w+-])(?:\+?1[-. ]?)?(?:\(\d{3}\) ?|\d{3}[-. ])\d{3}[-. ]\d{4}(?![\w-])", 0.4),
+    Pattern("international", r"(?<![\w+])\+(?=(?:[-. ()]*\d){8})\d{1,3}(?:[-. ]\(?\d{1,4}\)?){2,5}(?![\w-])", 0.4),
+]
 
 # Unlike Presidio's default flags, no IGNORECASE: key prefixes are case-sensitive.
 _SECRET_FLAGS = regex.DOTALL | regex.MULTILINE
@@ -180,9 +193,10 @@ def build_analyzer() -> AnalyzerEngine:
     Building takes ~0.2-0.4 s on the blank pipeline (plus the spaCy model
     load when one is installed); importing presidio itself takes ~6 s.
 
-    Pattern recognizers for emails, phones, cards, IBANs, IPs, US SSNs and
-    secrets always run; PERSON is detected only when `ner_model()` finds a
-    spaCy NER model, otherwise a blank English pipeline supplies tokens.
+    Recognizers for emails, phones (python-phonenumbers plus formatted-number
+    patterns), cards, IBANs, IPs, US SSNs and secrets always run. PERSON is
+    detected only when `ner_model()` finds a spaCy NER model; otherwise a blank
+    English pipeline supplies tokens (and lower-cased lemmas for context words).
     """
     model = ner_model()
     nlp = spacy.load(model) if model else spacy.blank("en")
@@ -198,6 +212,14 @@ def build_analyzer() -> AnalyzerEngine:
         UsSsnRecognizer(),
     ):
         registry.add_recognizer(recognizer)
+    registry.add_recognizer(
+        PatternRecognizer(
+            supported_entity="PHONE_NUMBER",
+            name="FormattedPhoneRecognizer",
+            patterns=_FORMATTED_PHONES,
+            context=PhoneRecognizer.CONTEXT,
+        )
+    )
     for entity, patterns in _SECRETS.items():
         registry.add_recognizer(
             PatternRecognizer(supported_entity=entity, patterns=patterns, global_regex_flags=_SECRET_FLAGS)
@@ -295,7 +317,8 @@ def _content_parts(record: Record) -> list[Any]:
     """The scanned parts, in placeholder-numbering order: messages, output text,
     tool-call arguments, metadata. Tool schemas and identifier fields
     (session_id, source_id, ...) are not scanned."""
-    return [record.messages, record.output_text, [c.get("arguments") for c in record.output_tool_calls], record.metadata]
+    arguments = [call.get("arguments") for call in record.output_tool_calls]
+    return [record.messages, record.output_text, arguments, record.metadata]
 
 
 def _record_strings(record: Record) -> list[str]:
@@ -470,3 +493,90 @@ def curate(
         "pii_placeholders": dict(sorted(pii.items())),
     }
     return result
+
+
+def token_counter(base_model: str | None = None) -> Callable[[str], int]:
+    """Count tokens with the tokenizer of `base_model` (a recipe's base_model name;
+    None: the default recipe's, or the embedded model where no recipes folder is found).
+
+    Resolved with `factory.base_model.resolve_base` and loaded with transformers'
+    AutoTokenizer, locally only (the embedded model is converted on first use).
+    Special tokens are not counted. Raises ValueError / FileNotFoundError for a
+    bad name and OSError when no tokenizer can be loaded from it.
+    """
+    from transformers import AutoTokenizer
+
+    from factory.base_model import EMBEDDED_NAME, resolve_base
+    from factory.recipe import RecipeError, load_recipe
+
+    if base_model is None:
+        try:
+            base_model = load_recipe()[0].base_model
+        except RecipeError:
+            base_model = EMBEDDED_NAME
+    tokenizer = AutoTokenizer.from_pretrained(resolve_base(base_model))
+
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    return count
+
+
+def curate_store(
+    raw_dir: Path,
+    out: Path,
+    quarantine: Path,
+    report_path: Path,
+    config: CurateConfig | None = None,
+    count_tokens: Callable[[str], int] | None = None,
+    batch_size: int = 2_000,
+) -> dict[str, Any]:
+    """Curate every record of the Parquet folder `raw_dir`, oldest first (ties by id);
+    write the kept ones to `out` (Parquet), the removed ones, scrubbed, with their reason
+    to `quarantine` (JSONL), and the report to `report_path`; return the report.
+
+    Memory holds the raw records as one Arrow table (columnar, far smaller than
+    Python objects; sorting needs them all), `batch_size` records as Python objects,
+    and the duplicate indexes; kept records go out in row groups. Every file is
+    written to a temporary name and renamed. Raises ValueError as `curate` does.
+    """
+    config = config or CurateConfig()
+    if config.max_tokens is not None and count_tokens is None:
+        raise ValueError("max_tokens needs a count_tokens function")
+    parts = sorted(raw_dir.glob("*.parquet"))
+    table = pa.concat_tables([pq.read_table(p, schema=SCHEMA) for p in parts]) if parts else SCHEMA.empty_table()
+    table = table.sort_by([("timestamp", "ascending"), ("id", "ascending")])
+
+    def records() -> Iterator[Record]:
+        for batch in table.to_batches(max_chunksize=batch_size):
+            yield from from_table(pa.Table.from_batches([batch], schema=SCHEMA))
+
+    pii: Counter[str] = Counter()
+    removed: Counter[str] = Counter()
+    kept: list[Record] = []
+    out_tmp, quarantine_tmp = out.with_name(f".{out.name}.tmp"), quarantine.with_name(f".{quarantine.name}.tmp")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    quarantine.parent.mkdir(parents=True, exist_ok=True)
+    with pq.ParquetWriter(out_tmp, SCHEMA) as writer, open(quarantine_tmp, "w", encoding="utf-8") as rejects:
+        for record, reason in _decisions(records(), config, count_tokens, pii):
+            if reason is None:
+                kept.append(record)
+                if len(kept) >= batch_size:
+                    writer.write_table(to_table(kept))
+                    kept = []
+            else:
+                removed[reason] += 1
+                rejects.write(json.dumps({"reason": reason, **record.to_row()}, ensure_ascii=False) + "\n")
+        writer.write_table(to_table(kept))
+    report = {
+        "read": table.num_rows,
+        "kept": table.num_rows - sum(removed.values()),
+        "removed": {reason: removed[reason] for reason in REASONS},
+        "pii_placeholders": dict(sorted(pii.items())),
+    }
+    report_tmp = report_path.with_name(f".{report_path.name}.tmp")
+    report_tmp.write_text(json.dumps(report, indent=2))
+    os.replace(out_tmp, out)
+    os.replace(quarantine_tmp, quarantine)
+    os.replace(report_tmp, report_path)
+    return report

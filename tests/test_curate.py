@@ -23,6 +23,8 @@ CANARIES = {
     "(212) 555-0147": ["555-0147"],
     "212-555-0198": ["555-0198"],
     "+1 415 555 0132": ["555 0132"],
+    "+1-611-279-2215": ["279-2215"],  # unassigned area codes: phonenumbers
+    "371.483.2287": ["483.2287"],  # rejects these, the format patterns do not
     "sk-proj-Ab3dEf6hIj9kLm2nOp5qRs8tUv": ["Ab3dEf6hIj9kLm2nOp5qRs8tUv"],
     "AKIAIOSFODNN7EXAMPLE": ["AKIAIOSFODNN7EXAMPLE"],
     PEM: ["MIIEowIBAAKCAQEAx4UbaDzY", "Zx1yQk3Fv9W0tT8RfZ2bC5hJ", "PRIVATE KEY"],
@@ -102,7 +104,7 @@ def test_canaries_become_typed_placeholders(canary_result):
         "<EMAIL_1>",
         "<CREDIT_CARD_1>",
         "<PHONE_1>",
-        "<PHONE_3>",
+        "<PHONE_5>",
         "<API_KEY_1>",
         "<API_KEY_4>",
         "<PRIVATE_KEY_1>",
@@ -127,7 +129,7 @@ def test_canaries_become_typed_placeholders(canary_result):
         "EMAIL": 2,
         "IBAN": 2,
         "IP_ADDRESS": 2,
-        "PHONE": 6,
+        "PHONE": 10,
         "PRIVATE_KEY": 4,
         "SSN": 2,
     }
@@ -273,3 +275,71 @@ def test_report_counts_add_up_and_input_may_be_a_generator():
     }
     assert report["kept"] + sum(report["removed"].values()) == report["read"]
     assert report["pii_placeholders"] == {"PHONE": 1}
+
+
+# --- the stored stage: Parquet in, curated Parquet + quarantine + report out -----
+
+
+def test_curate_store_sorts_by_time_streams_out_and_scrubs_the_quarantine(tmp_path):
+    import pyarrow.parquet as pq
+
+    from factory.curate import curate_store
+    from factory.records import to_table
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    late = chat("Where is order A12345? Mail me at ann@example.com", timestamp="2026-11-03T10:00:00.000000Z")
+    early = chat("Where is order A12345? Mail me at bob@example.org", timestamp="2026-11-03T09:00:00.000000Z")
+    failed = chat("card 4111 1111 1111 1111 declined", outcome="error", timestamp="2026-11-03T08:00:00.000000Z")
+    pq.write_table(to_table([late]), raw / "b.parquet")
+    pq.write_table(to_table([early, failed]), raw / "a.parquet")
+    report = curate_store(raw, tmp_path / "curated.parquet", tmp_path / "curate.jsonl", tmp_path / "report.json",
+                          batch_size=1)
+    kept = pq.read_table(tmp_path / "curated.parquet").to_pylist()
+    assert [row["timestamp"] for row in kept] == ["2026-11-03T09:00:00.000000Z"]  # the earlier duplicate wins
+    removed = [json.loads(x) for x in (tmp_path / "curate.jsonl").read_text().splitlines()]
+    assert [(r["reason"], r["timestamp"][11:13]) for r in removed] == [("failed", "08"), ("duplicate", "10")]
+    assert json.loads((tmp_path / "report.json").read_text()) == report
+    assert report["read"] == 3 and report["kept"] == 1 and report["pii_placeholders"] == {"CREDIT_CARD": 1, "EMAIL": 2}
+    for path in (tmp_path / "curated.parquet", tmp_path / "curate.jsonl"):
+        text = path.read_bytes().decode("utf-8", "replace")
+        assert "example.com" not in text and "example.org" not in text and "4111" not in text
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_max_tokens_counts_with_the_base_tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from factory.curate import token_counter
+
+    count = token_counter(str(tiny_model_dir))
+    text = "Where is my order A12345? It was due yesterday."
+    assert count(text) == len(AutoTokenizer.from_pretrained(tiny_model_dir)(text, add_special_tokens=False).input_ids)
+    records = [chat("short"), chat(" ".join(["order"] * 200))]
+    result = curate(records, CurateConfig(max_tokens=100), count_tokens=count)
+    assert [why for _, why in result.removed] == ["too_long"]
+
+
+def test_cli_curate_loads_the_tokenizer_only_for_max_tokens(tmp_path, monkeypatch, tiny_model_dir):
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    import factory.curate as curate_module
+    from factory.cli import app
+
+    fixtures = Path(__file__).parent / "fixtures" / "formats"
+    monkeypatch.setenv("FACTORY_DATA_DIR", str(tmp_path / "datasets"))
+    loaded = []
+    real = curate_module.token_counter
+    monkeypatch.setattr(curate_module, "token_counter", lambda name=None: loaded.append(name) or real(name))
+    runner = CliRunner()
+    assert runner.invoke(app, ["ingest", str(fixtures / "openai_calls.jsonl")]).exit_code == 0
+    plain = runner.invoke(app, ["curate"])
+    assert plain.exit_code == 0, plain.output
+    assert loaded == [] and "kept 3 of 4" in plain.output
+    limited = runner.invoke(app, ["curate", "--max-tokens", "20", "--base-model", str(tiny_model_dir)])
+    assert limited.exit_code == 0, limited.output
+    assert loaded == [str(tiny_model_dir)]
+    report = json.loads((tmp_path / "datasets" / "curate-report.json").read_text())
+    assert report["removed"]["too_long"] >= 1 and report["kept"] + sum(report["removed"].values()) == 4
