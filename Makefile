@@ -54,6 +54,12 @@ mlflow-ui: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///registry/mlflow.db \
 		--default-artifact-root registry/artifacts --host 127.0.0.1 --port 5000
 
+# A local team server: PostgreSQL (Debian's `postgresql` package) + an S3 store (moto) +
+# `mlflow server` on 127.0.0.1:$(MLFLOW_PORT); Ctrl-C stops it and deletes its data.
+MLFLOW_PORT ?= 5000
+mlflow-server: setup
+	$(BIN)/python -m factory.teamserver --port $(MLFLOW_PORT)
+
 clean:
 	rm -rf datasets/records datasets/quarantine datasets/tasks.yaml datasets/curate-report.json \
 		registry/mlflow.db registry/artifacts registry/training registry/routes.json reports

