@@ -29,13 +29,14 @@ from typing import Any
 
 import filelock
 import mlflow
+import pyarrow.parquet as pq
 from mlflow import MlflowClient
 
 from factory import ingest as ingest_stage
-from factory.curate import CurateConfig, curate
+from factory.curate import CurateConfig, curate_store
 from factory.evaluate.run import evaluate, load_truth
 from factory.mine import MineConfig, load_split, mine, write_atomic
-from factory.records import to_table
+from factory.records import from_table
 from factory.recipe import load_recipe
 from factory.registry import Gates, register, write_routes
 from factory.train import TrainResult, train
@@ -90,19 +91,10 @@ class NightlyLocked(RuntimeError):
 def prepare(logs: list[Path], paths: Paths) -> tuple[int, int, dict[str, dict[str, Any]]]:
     """Ingest, curate and mine; returns (records accepted now, curated total, catalog)."""
     stats = ingest_stage.ingest(logs, paths.data / "records" / "raw", paths.data / "quarantine" / "ingest")
-    records = ingest_stage.read_records(paths.data / "records" / "raw")
-    result = curate(sorted(records, key=lambda r: (r.timestamp, r.id)), CurateConfig())
     curated = paths.data / "records" / "curated.parquet"
-    import pyarrow.parquet as pq
-
-    tmp = curated.with_suffix(".tmp")
-    pq.write_table(to_table(result.kept), tmp)
-    tmp.replace(curated)
-    write_atomic(paths.data / "quarantine" / "curate.jsonl", "".join(
-        json.dumps({"reason": reason, **record.to_row()}, ensure_ascii=False) + "\n"
-        for record, reason in result.removed))
-    write_atomic(paths.data / "curate-report.json", json.dumps(result.report, indent=2))
-    return stats.accepted, len(result.kept), mine(result.kept, paths.data, MineConfig())
+    report = curate_store(paths.data / "records" / "raw", curated, paths.data / "quarantine" / "curate.jsonl",
+                          paths.data / "curate-report.json", CurateConfig())
+    return stats.accepted, report["kept"], mine(from_table(pq.read_table(curated)), paths.data, MineConfig())
 
 
 def finetune(task: str, entry: dict[str, Any], paths: Paths, config: NightlyConfig) -> tuple[TrainResult, dict, Any, bool]:
