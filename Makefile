@@ -42,6 +42,7 @@ finetune: setup datasets/tasks.yaml
 	$(BIN)/factory finetune $(TASK) $(RECIPE_OPT) --truth $(TRUTH)
 
 test: setup
+	.ci/system-deps
 	$(BIN)/python -m pytest -q
 
 test-fast: setup
@@ -62,5 +63,6 @@ mlflow-server: setup
 
 clean:
 	rm -rf datasets/records datasets/quarantine datasets/tasks.yaml datasets/curate-report.json \
-		registry/mlflow.db registry/artifacts registry/training registry/routes.json reports
+		registry/mlflow.db registry/artifacts registry/training registry/routes.json registry/adapters \
+		registry/exports registry/nightly reports
 	find datasets -mindepth 1 -maxdepth 1 -type d ! -name samples -exec rm -rf {} +
