@@ -53,7 +53,7 @@ from spacy.language import Language
 
 from factory.records import SCHEMA, Record, content_id, from_table, to_table
 
-REASONS = ("failed", "negative_feedback", "too_long", "duplicate", "near_duplicate")
+REASONS = ("failed", "negative_feedback", "served_by_specialist", "too_long", "duplicate", "near_duplicate")
 
 # Presidio entity type -> placeholder label: <EMAIL_1>, <API_KEY_2>, ...
 LABELS = {
@@ -126,12 +126,17 @@ class CurateConfig(BaseModel):
     analysis_cache_size: distinct strings whose analysis is kept (LRU), so the
     system prompt sent with every call is analysed once.
     scrub_chunk: records whose new strings are analysed in one batch.
+    drop_specialist_served: drop calls that `factory serve` answered with a
+    specialist (metadata.route == "specialist"): training on them would teach
+    the next specialist its predecessor's mistakes; escalated calls are kept,
+    they carry the teacher's answer.
     """
 
     model_config = ConfigDict(extra="forbid")
 
     drop_failed: bool = True
     drop_negative_feedback: bool = True
+    drop_specialist_served: bool = True
     near_dup_threshold: float = Field(0.9, gt=0, le=1)
     near_dup_shingle: Literal["word", "char"] = "word"
     num_perm: int = Field(128, ge=16)
@@ -452,6 +457,8 @@ def _decisions(
             reason = "failed"
         elif config.drop_negative_feedback and record.feedback is not None and record.feedback < 0:
             reason = "negative_feedback"
+        elif config.drop_specialist_served and record.metadata.get("route") == "specialist":
+            reason = "served_by_specialist"
         elif config.max_tokens is not None and count_tokens(_token_text(record)) > config.max_tokens:
             reason = "too_long"
         elif record.id in seen_ids:

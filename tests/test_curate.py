@@ -192,6 +192,14 @@ def test_failed_and_negative_feedback_can_be_kept():
     assert len(result.kept) == 2
 
 
+def test_calls_a_specialist_answered_are_not_trained_on_but_escalations_are():
+    served = chat("one", metadata={"route": "specialist", "confidence": 0.97})
+    escalated = chat("two", metadata={"route": "upstream", "confidence": 0.2})
+    result = curate([served, escalated])
+    assert [(r.messages[1]["content"], why) for r, why in result.removed] == [("one", "served_by_specialist")]
+    assert [r.messages[1]["content"] for r in result.kept] == ["two"]
+
+
 def test_exact_duplicates_keep_the_first_seen():
     first = chat("Where is my order A12345?", location="a.jsonl:1")
     again = chat("Where is my order A12345?", location="b.jsonl:9")
@@ -269,6 +277,7 @@ def test_report_counts_add_up_and_input_may_be_a_generator():
     assert report["removed"] == {
         "failed": 1,
         "negative_feedback": 1,
+        "served_by_specialist": 0,
         "too_long": 0,
         "duplicate": 1,
         "near_duplicate": 1,
