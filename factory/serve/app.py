@@ -1,0 +1,413 @@
+"""The OpenAI-compatible server: specialists first, the upstream LLM when they should not answer.
+
+Endpoints: POST /v1/chat/completions (JSON or `stream: true` server-sent events),
+GET /v1/models, GET /health (no auth), GET /metrics (Prometheus text format).
+
+Per request: match a task (`router.Router`), let its specialist answer, `router.decide`;
+an escalated request is forwarded byte for byte to `{upstream}/chat/completions` with
+the upstream key (the client's own Authorization header is never forwarded), and its
+answer returned, streamed through when the client streams. A streaming client whose
+request the specialist answers gets the whole answer in one content chunk: the answer
+has to be complete before its confidence is known, so streaming token by token and
+then escalating is not possible. Every response says who served it: headers
+`X-Factory-Route` / `-Task` / `-Reason` / `-Confidence` and a `factory` field in the
+body (in every chunk when streaming). Routing hints: `metadata.agent` / `.step` /
+`.session_id` in the body, or the `X-Agent` / `X-Step` / `X-Session-Id` headers.
+
+Auth: bearer keys (`ServeConfig.api_keys`); `check_bind` refuses an open server on a
+non-loopback address. Limits: request bodies over `max_request_bytes` get 413 (the
+default keeps a logged call under ingest's 1 MiB line limit), upstream calls time out
+after `upstream_timeout` seconds (504). Every served request is logged
+(`requestlog.RequestLog`); invalid and unauthorised requests are not.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from starlette.concurrency import run_in_threadpool
+
+from factory.ingest.common import ROLES
+from factory.serve.requestlog import RequestLog, log_entry
+from factory.serve.router import SPECIALIST, UPSTREAM, Decision, Match, Router, decide
+from factory.serve.specialists import Answer, Specialists
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    log_dir: Path
+    upstream: str | None = None
+    upstream_key: str | None = field(default=None, repr=False)
+    upstream_timeout: float = 60.0
+    api_keys: frozenset[str] = field(default=frozenset(), repr=False)
+    max_request_bytes: int = 512 * 1024
+    log_max_records: int = 1000
+    log_max_seconds: float = 300.0
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.kind = status, message, kind
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, api_keys: frozenset[str]) -> None:
+    """Raise ValueError when serving on `host` without API keys would expose the server."""
+    if not api_keys and not is_loopback(host):
+        raise ValueError(f"refusing to serve on {host} without API keys: set an API key (env var or key file) "
+                         "or bind to 127.0.0.1")
+
+
+def load_api_keys(env_var: str | None = None, path: Path | None = None) -> frozenset[str]:
+    """Keys from a comma-separated env var and/or a file (one per line, '#' comments).
+
+    Raises FileNotFoundError for a missing key file and ValueError for one without keys.
+    """
+    keys = {k.strip() for k in os.environ.get(env_var or "", "").split(",") if k.strip()}
+    if path is not None:
+        lines = [line.split("#", 1)[0].strip() for line in path.read_text().splitlines()]
+        found = {line for line in lines if line}
+        if not found:
+            raise ValueError(f"{path}: no API keys in the key file")
+        keys |= found
+    return frozenset(keys)
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("factory_requests", "Chat requests by who served them", ["route", "task", "reason"],
+                                registry=self.registry)
+        self.seconds = Histogram("factory_request_seconds", "Request latency", ["route"], registry=self.registry)
+        self.routing = Histogram("factory_route_decision_seconds", "Task matching time (no generation)",
+                                 buckets=(1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 1e-2, 5e-2, 0.1), registry=self.registry)
+        self.confidence = Histogram("factory_specialist_confidence", "Specialist confidence", ["task"],
+                                    buckets=[i / 10 for i in range(1, 11)], registry=self.registry)
+        self.upstream_errors = Counter("factory_upstream_errors", "Failed upstream calls", ["kind"],
+                                       registry=self.registry)
+
+
+def _error(status: int, message: str, kind: str = "invalid_request_error") -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "code": status}}
+
+
+async def _read_body(request: Request, limit: int) -> tuple[bytes, dict[str, Any]]:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"request body of {declared} bytes is over the {limit} byte limit")
+    raw = b""
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > limit:
+            raise ApiError(413, f"request body is over the {limit} byte limit")
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ApiError(400, f"request body is not valid JSON: {err}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    return raw, body
+
+
+def _validate(body: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int | None]:
+    """(messages, tools, max tokens) of a chat request; raises ApiError 400 naming the bad field."""
+    messages, tools = body.get("messages"), body.get("tools") or []
+    budget = body.get("max_completion_tokens") or body.get("max_tokens")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+        raise ApiError(400, "max_tokens: expected a positive integer")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "messages: expected a non-empty list")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or message.get("role") not in ROLES:
+            raise ApiError(400, f"messages[{i}].role: expected one of {sorted(ROLES)}")
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise ApiError(400, "tools: expected a list of objects")
+    return messages, tools, budget
+
+
+def _context(body: dict[str, Any], headers) -> tuple[str, str, str]:
+    meta = body.get("metadata") if isinstance(body.get("metadata"), dict) else {}
+    return tuple(str(headers.get(h) or meta.get(k) or "")
+                 for k, h in (("agent", "x-agent"), ("step", "x-step"), ("session_id", "x-session-id")))
+
+
+def _completion(call_id: str, task: str, answer: Answer) -> dict[str, Any]:
+    calls = [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+              "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
+             for c in answer.output["tool_calls"]]
+    message: dict[str, Any] = {"role": "assistant", "content": answer.output["content"]}
+    if calls:
+        message["tool_calls"] = calls
+    return {"id": call_id, "object": "chat.completion", "created": int(time.time()), "model": f"factory/{task}",
+            "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls" if calls else "stop",
+                         "logprobs": None}],
+            "usage": {"prompt_tokens": answer.prompt_tokens, "completion_tokens": answer.completion_tokens,
+                      "total_tokens": answer.prompt_tokens + answer.completion_tokens}}
+
+
+def _chunks(completion: dict[str, Any], include_usage: bool) -> list[dict[str, Any]]:
+    """A whole completion as chat.completion.chunk objects: one delta, the finish reason, usage."""
+    head = {k: completion[k] for k in ("id", "created", "model")} | {"object": "chat.completion.chunk"}
+    choice = completion["choices"][0]
+    delta = dict(choice["message"])
+    if "tool_calls" in delta:
+        delta["tool_calls"] = [{"index": i, **c} for i, c in enumerate(delta["tool_calls"])]
+    chunks = [head | {"choices": [{"index": 0, "delta": delta, "finish_reason": None}]},
+              head | {"choices": [{"index": 0, "delta": {}, "finish_reason": choice["finish_reason"]}]}]
+    if include_usage:
+        chunks.append(head | {"choices": [], "usage": completion["usage"]})
+    return chunks
+
+
+def accumulate(chunks: list[dict[str, Any]]) -> dict[str, Any]:
+    """Fold streamed chat.completion.chunk objects (first choice) into one chat.completion."""
+    content: list[str] = []
+    calls: dict[int, dict[str, Any]] = {}
+    finish, usage = None, None
+    for chunk in chunks:
+        usage = chunk.get("usage") or usage
+        for choice in chunk.get("choices") or []:
+            if choice.get("index", 0) != 0:
+                continue
+            delta = choice.get("delta") or {}
+            content.append(delta.get("content") or "")
+            for call in delta.get("tool_calls") or []:
+                slot = calls.setdefault(call.get("index", 0), {"id": "", "type": "function",
+                                                               "function": {"name": "", "arguments": ""}})
+                slot["id"] = call.get("id") or slot["id"]
+                function = call.get("function") or {}
+                slot["function"]["name"] += function.get("name") or ""
+                slot["function"]["arguments"] += function.get("arguments") or ""
+            finish = choice.get("finish_reason") or finish
+    text = "".join(content)
+    message: dict[str, Any] = {"role": "assistant", "content": text if text or not calls else None}
+    if calls:
+        message["tool_calls"] = [calls[i] for i in sorted(calls)]
+    first = chunks[0] if chunks else {}
+    response = {"id": first.get("id", ""), "object": "chat.completion", "created": first.get("created", 0),
+                "model": first.get("model", ""), "choices": [{"index": 0, "message": message, "finish_reason": finish}]}
+    return response | ({"usage": usage} if usage else {})
+
+
+def create_app(router: Router, specialists: Specialists, config: ServeConfig) -> FastAPI:
+    """The FastAPI app; the upstream client and the request log live for the app's lifespan."""
+    metrics = _Metrics()
+    state: dict[str, Any] = {}
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        state["log"] = RequestLog(config.log_dir, config.log_max_records, config.log_max_seconds)
+        state["client"] = httpx.AsyncClient(timeout=config.upstream_timeout)
+        try:
+            yield
+        finally:
+            await state["client"].aclose()
+            state["log"].close()
+
+    app = FastAPI(title="SLM Factory router", lifespan=lifespan)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_request: Request, err: ApiError):
+        return JSONResponse(_error(err.status, err.message, err.kind), status_code=err.status)
+
+    def authorize(request: Request) -> None:
+        if not config.api_keys:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.encode(), k.encode())
+                                                 for k in config.api_keys):
+            raise ApiError(401, "missing or invalid API key (Authorization: Bearer <key>)", "authentication_error")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "tasks": len(router.routes), "upstream": config.upstream is not None}
+
+    @app.get("/metrics")
+    async def prometheus(request: Request):
+        authorize(request)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models(request: Request):
+        authorize(request)
+        return {"object": "list", "data": [{"id": f"factory/{task}", "object": "model", "created": 0,
+                                            "owned_by": "slm-factory"} for task in sorted(router.routes)]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        authorize(request)
+        start = time.perf_counter()
+        raw, body = await _read_body(request, config.max_request_bytes)
+        messages, tools, budget = _validate(body)
+        agent, step, session_id = _context(body, request.headers)
+        match, answer, decision = await _route(body, messages, tools, budget, agent, step)
+        task = match.route.task if match.route else None
+        info = {"route": decision.served_by, "task": task, "reason": decision.reason, "match": match.method,
+                "confidence": None if answer is None else round(answer.confidence, 6)}
+        headers = {"X-Factory-Route": decision.served_by, "X-Factory-Task": task or "",
+                   "X-Factory-Reason": decision.reason}
+        if answer is not None:
+            headers["X-Factory-Confidence"] = f"{answer.confidence:.6f}"
+
+        def finish(response: dict[str, Any]) -> None:
+            seconds = time.perf_counter() - start
+            metrics.requests.labels(decision.served_by, task or "", decision.reason).inc()
+            metrics.seconds.labels(decision.served_by).observe(seconds)
+            state["log"].write(log_entry(
+                f"req-{uuid.uuid4().hex}", body, response, agent=agent, step=step, session_id=session_id,
+                route=decision.served_by, task=task, confidence=info["confidence"], reason=decision.reason,
+                match=match.method, latency_ms=seconds * 1000))
+
+        stream = bool(body.get("stream"))
+        if decision.served_by == SPECIALIST:
+            completion = _completion(f"chatcmpl-{uuid.uuid4().hex}", task, answer)
+            finish(completion)
+            if not stream:
+                return JSONResponse(completion | {"factory": info}, headers=headers)
+            options = body.get("stream_options")
+            include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
+            events = [f"data: {json.dumps(c | {'factory': info}, ensure_ascii=False)}\n\n"
+                      for c in _chunks(completion, include_usage)] + ["data: [DONE]\n\n"]
+            return StreamingResponse(iter(events), media_type="text/event-stream", headers=headers)
+        if config.upstream is None:
+            error = _error(503, f"escalation needed ({decision.reason}) but no upstream is configured", "server_error")
+            finish(error)
+            return JSONResponse(error, status_code=503, headers=headers)
+        return await _forward(raw, stream, info, headers, finish)
+
+    async def _route(body: dict[str, Any], messages: list[dict[str, Any]], tools: list[dict[str, Any]],
+                     budget: int | None, agent: str, step: str) -> tuple[Match, Answer | None, Decision]:
+        """Match the task, let its specialist answer when it may, decide who serves."""
+        start = time.perf_counter()
+        match = router.match(messages, tools, agent, step)
+        metrics.routing.observe(time.perf_counter() - start)
+        if body.get("n") not in (None, 1):
+            return match, None, Decision(UPSTREAM, "unsupported")
+        if match.route is None or match.route.threshold is None:
+            return match, None, decide(match)
+        try:
+            answer = await run_in_threadpool(specialists.answer, match.route.task, messages, tools, budget)
+        except Exception:  # a failing specialist must not fail the request: the upstream answers
+            logger.exception("specialist %s failed; escalating", match.route.task)
+            return match, None, Decision(UPSTREAM, "specialist_error")
+        metrics.confidence.labels(match.route.task).observe(answer.confidence)
+        return match, answer, decide(match, answer.confidence, answer.usable)
+
+    async def _forward(raw: bytes, stream: bool, info: dict[str, Any], headers: dict[str, str], finish):
+        client: httpx.AsyncClient = state["client"]
+        upstream_headers = {"content-type": "application/json"}
+        if config.upstream_key:
+            upstream_headers["authorization"] = f"Bearer {config.upstream_key}"
+        url = config.upstream.rstrip("/") + "/chat/completions"
+        try:
+            response = await client.send(client.build_request("POST", url, content=raw, headers=upstream_headers),
+                                         stream=stream)
+        except httpx.TimeoutException:
+            metrics.upstream_errors.labels("timeout").inc()
+            error = _error(504, f"upstream timed out after {config.upstream_timeout:g} s", "upstream_error")
+            finish(error)
+            return JSONResponse(error, status_code=504, headers=headers)
+        except httpx.HTTPError as err:
+            metrics.upstream_errors.labels("connection").inc()
+            error = _error(502, f"upstream unreachable: {type(err).__name__}", "upstream_error")
+            finish(error)
+            return JSONResponse(error, status_code=502, headers=headers)
+        if response.status_code != 200 or not stream:
+            data = await _json_or_error(response)
+            if response.status_code != 200 or "error" in data:
+                # the upstream rejecting the server's own key is not the client's fault
+                status = 502 if response.status_code in (200, 401, 403) else response.status_code
+                metrics.upstream_errors.labels(f"http_{response.status_code}").inc()
+                data = data if "error" in data else _error(status, "upstream error", "upstream_error")
+                finish(data)
+                return JSONResponse(data, status_code=status, headers=headers)
+            finish(data)
+            return JSONResponse(data | {"factory": info}, headers=headers)
+
+        async def relay():
+            chunks: list[dict[str, Any]] = []
+            failed = None
+            try:
+                async for line in response.aiter_lines():
+                    payload = line.removeprefix("data:").strip()
+                    if not line.startswith("data:") or payload == "[DONE]":
+                        if line:
+                            yield f"{line}\n\n"
+                        continue
+                    chunk = json.loads(payload)
+                    chunks.append(chunk)
+                    yield f"data: {json.dumps(chunk | {'factory': info}, ensure_ascii=False)}\n\n"
+            except (httpx.HTTPError, ValueError, TypeError) as err:  # a broken connection or a non-JSON chunk
+                metrics.upstream_errors.labels("stream").inc()
+                failed = _error(502, f"upstream stream broke: {type(err).__name__}", "upstream_error")
+            finally:
+                await response.aclose()
+                finish(failed or (accumulate(chunks) if chunks else _error(502, "empty upstream stream",
+                                                                           "upstream_error")))
+
+        return StreamingResponse(relay(), media_type="text/event-stream", headers=headers)
+
+    async def _json_or_error(response: httpx.Response) -> dict[str, Any]:
+        await response.aread()
+        await response.aclose()
+        try:
+            data = response.json()
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
+            return _error(502, f"upstream returned a non-JSON body (HTTP {response.status_code})", "upstream_error")
+        return data
+
+    return app
+
+
+@contextmanager
+def running(app: FastAPI, host: str = "127.0.0.1", port: int = 0, timeout: float = 30.0) -> Iterator[str]:
+    """Serve `app` with uvicorn in a background thread; yields its base URL (`port=0`: a free port).
+
+    Stops the server (running the app's shutdown: the request log is closed) on exit.
+    Raises RuntimeError when the server does not start within `timeout` seconds.
+    """
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            raise RuntimeError(f"the server did not start on {host}:{port}")
+        time.sleep(0.02)
+    bound = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://{host}:{bound}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)

@@ -1,0 +1,170 @@
+"""Routing: which task a chat request belongs to, and whether its specialist may answer it.
+
+Matching, cheapest first:
+
+1. signature: the request's prompt-template fingerprint and tool set (`factory.mine.signature`,
+   the key the tasks were mined by) looked up in a dict: tens of microseconds. When several
+   routes share a signature (two agents reusing one prompt, tasks split by hand in the
+   catalog) the request's agent and step choose among them, else the largest task wins.
+2. embedding (optional): the nearest task centroid (`centroids.Centroids`) among the tasks
+   with the same tool set, accepted at cosine similarity >= its `min_similarity`. It runs
+   only when step 1 finds nothing, so a matched request never pays for an embedding. The
+   trade-off: a prompt edited enough to change its fingerprint is still served, by a
+   specialist trained on the old prompt; the confidence threshold is the guard.
+3. none: the request is escalated.
+
+Decision (`decide`): the specialist answers when its answer is usable (`evaluate.run.usable`:
+a known label, a parsable call to a known tool, schema-valid JSON, non-empty text) and its
+confidence reaches the task's calibrated threshold. A null threshold (calibration found no
+operating point) means the task always escalates.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from factory.mine import signature
+from factory.records import Record
+
+SPECIALIST, UPSTREAM = "specialist", "upstream"
+_REQUIRED = {"task": str, "kind": str, "signature": dict, "output_schema": dict, "base_model": str,
+             "adapter_uri": str, "max_new_tokens": int, "dataset_version": str}
+
+
+@dataclass(frozen=True)
+class Route:
+    """One task's champion, as routes.json describes it."""
+
+    task: str
+    kind: str
+    threshold: float | None
+    template: str
+    tools: tuple[str, ...]
+    output_schema: dict[str, Any]
+    base_model: str
+    adapter_uri: str
+    max_new_tokens: int
+    dataset_version: str
+    version: str = ""
+    agent: str = ""
+    step: str = ""
+    coverage: float = 0.0
+    size: int = 0
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class Match:
+    route: Route | None
+    method: str  # "signature", "embedding" or "none"
+    similarity: float | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    served_by: str  # SPECIALIST or UPSTREAM
+    # "confident", "below_threshold", "no_threshold", "unusable", "no_match"; the server adds
+    # "unsupported" (n > 1) and "specialist_error" (generation raised, e.g. a chat template error)
+    reason: str
+
+
+class Fallback(Protocol):
+    def nearest(self, messages: list[dict[str, Any]], tools: tuple[str, ...]) -> tuple[str, float] | None: ...
+
+
+def _field(path: Path, task: str, entry: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
+    value = entry.get(name)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise ValueError(f"{path}: tasks.{task}.{name}: expected {getattr(kind, '__name__', kind)}, got {value!r}")
+    return value
+
+
+def parse_routes(data: Any, path: Path) -> dict[str, Route]:
+    """Routes from the routes.json document `data`; raises ValueError naming the file and field."""
+    tasks = data.get("tasks") if isinstance(data, dict) else None
+    if not isinstance(tasks, dict):
+        raise ValueError(f"{path}: expected a top-level 'tasks' mapping")
+    routes = {}
+    for task, entry in tasks.items():
+        if not isinstance(entry, dict):
+            raise ValueError(f"{path}: tasks.{task}: expected a mapping")
+        for name, kind in _REQUIRED.items():
+            _field(path, task, entry, name, kind)
+        sig = entry["signature"]
+        if not isinstance(sig.get("template"), str) or not isinstance(sig.get("tools"), list):
+            raise ValueError(f"{path}: tasks.{task}.signature: needs 'template' (string) and 'tools' (list)")
+        threshold = entry.get("threshold")
+        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))):
+            raise ValueError(f"{path}: tasks.{task}.threshold: expected a number or null, got {threshold!r}")
+        known = set(_REQUIRED) | {"threshold", "version", "coverage", "size"}
+        routes[task] = Route(
+            task=entry["task"], kind=entry["kind"], threshold=None if threshold is None else float(threshold),
+            template=sig["template"], tools=tuple(sorted(map(str, sig["tools"]))),
+            output_schema=entry["output_schema"], base_model=entry["base_model"],
+            adapter_uri=entry["adapter_uri"], max_new_tokens=entry["max_new_tokens"],
+            dataset_version=entry["dataset_version"], version=str(entry.get("version", "")),
+            agent=str(sig.get("agent", "")), step=str(sig.get("step", "")),
+            coverage=float(entry.get("coverage") or 0.0), size=int(entry.get("size") or 0),
+            extra={k: v for k, v in entry.items() if k not in known})
+    return routes
+
+
+def load_routes(path: Path) -> dict[str, Route]:
+    """Read routes.json (as `registry.write_routes` writes it).
+
+    Raises FileNotFoundError when it is missing and ValueError naming the file and the
+    field when it is malformed.
+    """
+    if not path.exists():
+        raise FileNotFoundError(f"no routing table at {path}: run `factory routes` first")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: invalid JSON ({err.msg} at line {err.lineno})") from None
+    return parse_routes(data, path)
+
+
+def request_signature(messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> tuple[str, tuple[str, ...]]:
+    """The (template fingerprint, tool names) key of a request, exactly as mining computes it."""
+    return signature(Record(id="", source="serve", location="", messages=messages, tools=tools))
+
+
+class Router:
+    """Signature lookup with an optional embedding fallback; see the module docstring."""
+
+    def __init__(self, routes: dict[str, Route], fallback: Fallback | None = None):
+        self.routes = routes
+        self.fallback = fallback
+        self._index: dict[tuple[str, tuple[str, ...]], list[Route]] = {}
+        for route in sorted(routes.values(), key=lambda r: -r.size):
+            self._index.setdefault((route.template, route.tools), []).append(route)
+
+    def match(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]], agent: str = "",
+              step: str = "") -> Match:
+        key = request_signature(messages, tools)
+        candidates = self._index.get(key)
+        if candidates:
+            chosen = next((r for r in candidates if agent and (r.agent, r.step) == (agent, step)), candidates[0])
+            return Match(chosen, "signature")
+        if self.fallback is not None:
+            nearest = self.fallback.nearest(messages, key[1])
+            if nearest is not None:
+                return Match(self.routes[nearest[0]], "embedding", nearest[1])
+        return Match(None, "none")
+
+
+def decide(match: Match, confidence: float | None = None, usable: bool = False) -> Decision:
+    """Who answers: the specialist only for a matched task with a usable, confident enough answer."""
+    route = match.route
+    if route is None:
+        return Decision(UPSTREAM, "no_match")
+    if route.threshold is None:
+        return Decision(UPSTREAM, "no_threshold")
+    if not usable:
+        return Decision(UPSTREAM, "unusable")
+    if confidence is None or confidence < route.threshold:
+        return Decision(UPSTREAM, "below_threshold")
+    return Decision(SPECIALIST, "confident")

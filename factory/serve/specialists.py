@@ -1,0 +1,104 @@
+"""Specialists in memory: one copy of each base model, every task's LoRA adapter loaded into it.
+
+Adapters are small (a few MB) while a base is hundreds of MB, so all tasks that share a
+base share one `PeftModel`: each adapter is loaded under its task's name
+(`PeftModel.load_adapter`) and `set_adapter` switches to it per request. Switching is a
+pointer change, not a weight copy, but it mutates the model, so generation is serialised
+by a lock: one request generates at a time per process. On a CPU that costs little (one
+generation already uses every core); batching concurrent requests of the same task would
+raise throughput and is left out for simplicity.
+
+Answers go through the same `render_prompt` / `parse_output` as training and evaluation,
+and their confidence is `evaluate.generate`'s (geometric mean token probability).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from factory.base_model import cache_dir, resolve_base
+from factory.evaluate.generate import generate
+from factory.evaluate.run import usable
+from factory.serve.router import Route
+from factory.train import parse_output, render_prompt, setup_tokenizer
+
+
+@dataclass(frozen=True)
+class Answer:
+    output: dict[str, Any]  # {"content": str | None, "tool_calls": [{"name", "arguments"}]}
+    confidence: float
+    usable: bool
+    prompt_tokens: int
+    completion_tokens: int
+    seconds: float
+
+
+def adapter_path(route: Route, cache: Path | None = None) -> Path:
+    """A local folder with the route's adapter: the URI itself when it is a folder, else an MLflow
+    download (`runs:/...`, `models:/...`) cached under the factory cache, keyed by the tracking URI
+    and the artifact URI (both name an immutable artifact: a run's files, a model version's files).
+
+    Raises mlflow's MlflowException when the URI cannot be downloaded.
+    """
+    uri = route.adapter_uri.removeprefix("file://")
+    if Path(uri).is_dir():
+        return Path(uri)
+    import mlflow
+
+    key = f"{mlflow.get_tracking_uri()}\n{route.adapter_uri}"
+    dest = (cache or cache_dir() / "adapters") / hashlib.sha256(key.encode()).hexdigest()[:16]
+    if (dest / "adapter_config.json").exists():
+        return dest
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=route.adapter_uri, dst_path=str(tmp)))
+    os.replace(local, dest)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+class Specialists:
+    """The champions of `routes`, ready to answer; loading takes a few seconds per base model."""
+
+    def __init__(self, routes: dict[str, Route], adapter_cache: Path | None = None):
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        self.routes = routes
+        self._models: dict[str, Any] = {}
+        self._tokenizers: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        for task, route in sorted(routes.items()):
+            path = str(adapter_path(route, adapter_cache))
+            if route.base_model not in self._models:
+                base_path = resolve_base(route.base_model)
+                self._tokenizers[route.base_model] = setup_tokenizer(base_path)
+                base = AutoModelForCausalLM.from_pretrained(base_path)
+                self._models[route.base_model] = PeftModel.from_pretrained(base, path, adapter_name=task).eval()
+            else:
+                self._models[route.base_model].load_adapter(path, adapter_name=task)
+
+    def answer(self, task: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]],
+               max_new_tokens: int | None = None) -> Answer:
+        """Greedy answer of `task`'s specialist with its confidence; raises KeyError for an unknown task."""
+        route = self.routes[task]
+        model, tokenizer = self._models[route.base_model], self._tokenizers[route.base_model]
+        budget = min(route.max_new_tokens, max_new_tokens or route.max_new_tokens)
+        prompt = render_prompt(tokenizer, messages, tools)
+        start = time.perf_counter()
+        with self._lock:  # the adapter switch and the tokenizer's padding side are shared state
+            model.set_adapter(task)
+            gen = generate(model, tokenizer, [prompt], budget, batch_size=1)[0]
+            prompt_tokens = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        seconds = time.perf_counter() - start
+        output = parse_output(gen.text)
+        return Answer(output=output, confidence=gen.confidence, usable=usable(route.kind, output, route.output_schema),
+                      prompt_tokens=prompt_tokens, completion_tokens=gen.new_tokens, seconds=seconds)
