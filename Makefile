@@ -11,7 +11,7 @@ RECIPE ?=
 TASK ?=
 RECIPE_OPT := $(if $(RECIPE),--recipe $(RECIPE),)
 
-.PHONY: setup demo prepare finetune test test-fast bench mlflow-ui mlflow-server clean
+.PHONY: setup demo prepare finetune test test-fast reliability bench mlflow-ui mlflow-server clean
 
 setup: $(STAMP)
 
@@ -47,6 +47,11 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not e2e"
+
+# kill -9 faults, PII/secret canaries, malformed input, path safety, concurrent trainings;
+# prints its counts (faults injected, reruns matched, malformed lines, canaries found)
+reliability: setup
+	$(BIN)/python -m pytest -q -p no:randomly tests/test_reliability.py tests/test_reliability_inputs.py
 
 bench: setup
 	$(BIN)/python -m bench.run

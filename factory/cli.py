@@ -7,7 +7,6 @@ FACTORY_DATA_DIR (datasets/), FACTORY_REGISTRY_DIR (registry/), MLFLOW_TRACKING_
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Annotated, Optional
@@ -18,7 +17,7 @@ from rich.table import Table
 
 from factory import ingest as ingest_stage
 from factory import mine as mine_stage
-from factory.records import from_table, to_table
+from factory.records import from_table
 
 app = typer.Typer(help="SLM Factory: agent logs in, specialist small language models out.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
@@ -34,23 +33,35 @@ def registry_dir() -> Path:
 
 
 def _tracking() -> None:
-    """Point MLflow at the embedded sqlite store unless MLFLOW_TRACKING_URI says otherwise."""
+    """Point MLflow at the embedded sqlite store unless MLFLOW_TRACKING_URI says otherwise.
+
+    A sqlite store is first opened under a file lock: MLflow creates and migrates its
+    schema on first use, and two processes doing that at once corrupt it.
+    """
+    import filelock
     import mlflow
 
     if "MLFLOW_TRACKING_URI" not in os.environ:
         registry_dir().mkdir(parents=True, exist_ok=True)
         os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{(registry_dir() / 'mlflow.db').resolve()}"
         os.environ.setdefault("FACTORY_ARTIFACT_ROOT", str((registry_dir() / "artifacts").resolve()))
-    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    mlflow.set_tracking_uri(uri)
+    if uri.startswith("sqlite:///"):
+        with filelock.FileLock(uri.removeprefix("sqlite:///") + ".lock"):
+            mlflow.MlflowClient().search_experiments(max_results=1)
 
 
 def _fail(message: str) -> typer.Exit:
-    console.print(f"[red]error:[/red] {message}")
+    console.print(f"[red]error:[/red] {message}", soft_wrap=True)
     return typer.Exit(code=1)
 
 
 def _catalog() -> dict:
-    catalog = mine_stage.load_catalog(data_dir() / "tasks.yaml")
+    try:
+        catalog = mine_stage.load_catalog(data_dir() / "tasks.yaml")
+    except ValueError as err:
+        raise _fail(str(err)) from None
     if not catalog:
         raise _fail(f"no task catalog at {data_dir() / 'tasks.yaml'}: run `factory mine` first")
     return catalog
@@ -64,45 +75,64 @@ def _entry(task: str) -> dict:
 
 
 @app.command()
-def ingest(paths: Annotated[list[Path], typer.Argument(help="log files or folders")],
-           fmt: Annotated[Optional[str], typer.Option("--format", help="force a format")] = None) -> None:
-    """Read agent logs into canonical records; bad lines go to the quarantine."""
+def ingest(paths: Annotated[Optional[list[Path]], typer.Argument(help="log files or folders (plain or .gz)")] = None,
+           fmt: Annotated[Optional[str], typer.Option(
+               "--format", help=f"force a format: {', '.join(ingest_stage.FORMATS)}")] = None,
+           from_mlflow: Annotated[Optional[str], typer.Option(
+               "--from-mlflow", help="also read the traces of an MLflow tracking URI")] = None) -> None:
+    """Read agent logs into canonical records; bad records go to the quarantine."""
+    if not paths and not from_mlflow:
+        raise _fail("give log files or folders, or --from-mlflow URI")
+    records, quarantine = data_dir() / "records" / "raw", data_dir() / "quarantine" / "ingest"
+    runs = []
     try:
-        stats = ingest_stage.ingest(paths, data_dir() / "records" / "raw", data_dir() / "quarantine" / "ingest", fmt)
+        if paths:
+            runs.append(("files", ingest_stage.ingest(paths, records, quarantine, fmt)))
     except (FileNotFoundError, KeyError, OSError) as err:
-        raise _fail(str(err)) from None
-    console.print(f"ingest: {stats.files} files ({stats.skipped_files} already ingested), read {stats.read}, "
-                  f"accepted {stats.accepted}, quarantined {stats.quarantined}, duplicates {stats.duplicates}")
-    for reason, count in sorted(stats.reasons.items(), key=lambda kv: -kv[1]):
-        console.print(f"  quarantined {count:>5}  {reason}")
-    if stats.read and not stats.accepted and not stats.duplicates:
-        raise _fail("nothing could be ingested")
+        raise _fail(str(err).strip("'\"")) from None
+    if from_mlflow:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            runs.append((from_mlflow, ingest_stage.ingest_mlflow(from_mlflow, records, quarantine)))
+        except (MlflowException, OSError) as err:
+            raise _fail(f"{from_mlflow}: {err}") from None
+    for source, stats in runs:
+        console.print(f"ingest {source}: {stats.files} source(s) ({stats.skipped_files} unchanged), read {stats.read}, "
+                      f"accepted {stats.accepted}, quarantined {stats.quarantined}, duplicates {stats.duplicates}, "
+                      f"skipped {stats.skipped} (not LLM calls)")
+        for reason, count in stats.reasons.most_common():
+            console.print(f"  quarantined {count:>5}  {reason}")
+    if any(stats.read and not stats.accepted and not stats.duplicates for _, stats in runs):
+        raise _fail(f"nothing could be ingested: see {quarantine}")
 
 
 @app.command()
-def curate(max_tokens: Annotated[Optional[int], typer.Option(help="drop records longer than this")] = None,
-           keep_failed: bool = False) -> None:
-    """Scrub PII and secrets, drop failed calls, remove duplicates."""
-    import pyarrow.parquet as pq
-
+def curate(max_tokens: Annotated[Optional[int], typer.Option(
+               help="drop records longer than this many tokens of the base model's tokenizer")] = None,
+           base_model: Annotated[Optional[str], typer.Option(
+               help="tokenizer for --max-tokens [default: the default recipe's base_model]")] = None,
+           keep_failed: Annotated[bool, typer.Option(help="keep failed calls")] = False,
+           keep_negative: Annotated[bool, typer.Option(help="keep negatively rated calls")] = False) -> None:
+    """Scrub PII and secrets, drop failed or negatively rated calls, remove duplicates."""
     from factory import curate as curate_stage
 
-    records = ingest_stage.read_records(data_dir() / "records" / "raw")
-    if not records:
+    raw = data_dir() / "records" / "raw"
+    if not any(raw.glob("*.parquet")):
         raise _fail("no ingested records: run `factory ingest PATH` first")
-    config = curate_stage.CurateConfig(drop_failed=not keep_failed, max_tokens=max_tokens)
-    result = curate_stage.curate(sorted(records, key=lambda r: (r.timestamp, r.id)), config)
-    out = data_dir() / "records" / "curated.parquet"
-    tmp = out.with_suffix(".tmp")
-    pq.write_table(to_table(result.kept), tmp)
-    os.replace(tmp, out)
-    quarantine = data_dir() / "quarantine" / "curate.jsonl"
-    quarantine.parent.mkdir(parents=True, exist_ok=True)
-    mine_stage.write_atomic(quarantine, "".join(
-        json.dumps({"reason": reason, **record.to_row()}, ensure_ascii=False) + "\n" for record, reason in result.removed))
-    mine_stage.write_atomic(data_dir() / "curate-report.json", json.dumps(result.report, indent=2))
-    removed = ", ".join(f"{k} {v}" for k, v in result.report.get("removed", {}).items())
-    console.print(f"curate: kept {len(result.kept)} of {len(records)}; removed: {removed or 'none'}")
+    count_tokens = None
+    if max_tokens is not None:
+        try:
+            count_tokens = curate_stage.token_counter(base_model)
+        except (ValueError, OSError) as err:
+            raise _fail(f"tokenizer for --max-tokens: {err}") from None
+    config = curate_stage.CurateConfig(drop_failed=not keep_failed, drop_negative_feedback=not keep_negative,
+                                       max_tokens=max_tokens)
+    report = curate_stage.curate_store(raw, data_dir() / "records" / "curated.parquet",
+                                       data_dir() / "quarantine" / "curate.jsonl", data_dir() / "curate-report.json",
+                                       config, count_tokens)
+    removed = ", ".join(f"{k} {v}" for k, v in report["removed"].items())
+    console.print(f"curate: kept {report['kept']} of {report['read']}; removed: {removed}")
 
 
 @app.command()
@@ -113,12 +143,18 @@ def mine(seed: int = 0, min_examples: int = 50) -> None:
     path = data_dir() / "records" / "curated.parquet"
     if not path.exists():
         raise _fail("no curated records: run `factory curate` first")
-    catalog = mine_stage.mine(from_table(pq.read_table(path)), data_dir(),
-                              mine_stage.MineConfig(seed=seed, min_examples=min_examples))
+    try:
+        catalog = mine_stage.mine(from_table(pq.read_table(path)), data_dir(),
+                                  mine_stage.MineConfig(seed=seed, min_examples=min_examples))
+    except ValueError as err:
+        raise _fail(str(err)) from None
     table = Table("task", "kind", "size", "status", "dataset version", title="Mined tasks")
     for name, entry in catalog.items():
-        table.add_row(name, entry["kind"], str(entry["size"]), entry["status"], entry.get("dataset_version") or "-")
+        status = {"not_enough_data": f"not enough data (< {min_examples})",
+                  "merged": f"merged into {entry.get('merged_into')}"}.get(entry["status"], entry["status"])
+        table.add_row(name, entry["kind"], str(entry["size"]), status, entry.get("dataset_version") or "-")
     console.print(table)
+    console.print(f"catalog: {data_dir() / 'tasks.yaml'} (rename tasks or set merged_into there; edits survive)")
 
 
 def _recipe(task: str, recipe: str | None, overrides: list[str]):
@@ -215,30 +251,61 @@ def register(task: str, recipe: RecipeOpt = None, set_: SetOpt = None, truth: Tr
 
 
 @app.command()
-def promote(task: str, force: bool = False, reason: Optional[str] = None) -> None:
+def promote(task: str, force: bool = False,
+            reason: Annotated[Optional[str], typer.Option(help="why (required with --force; recorded as a tag)")] = None,
+            tolerance: Annotated[Optional[float], typer.Option(
+                help="how far below the champion the challenger may score (default 0.01)")] = None,
+            min_teacher_share: Annotated[Optional[float], typer.Option(
+                help="the least share of the teacher's score (default 0.8)")] = None,
+            truth: TruthOpt = None) -> None:
     """Move the `champion` alias to the challenger if it passes the gates."""
+    from factory.evaluate.run import load_truth
+    from factory.registry import Gates
     from factory.registry import promote as promote_task
 
     _tracking()
     try:
-        promoted, problems = promote_task(task, force=force, reason=reason)
+        gates = Gates(**{k: v for k, v in (("tolerance", tolerance), ("min_teacher_share", min_teacher_share))
+                         if v is not None})
+        promoted, problems = promote_task(task, gates, force=force, reason=reason, data_dir=data_dir(),
+                                          truth=load_truth(truth))
     except ValueError as err:
         raise _fail(str(err)) from None
     for problem in problems:
         console.print(f"gate: {problem}")
     if not promoted:
         raise _fail(f"{task}: challenger not promoted")
-    console.print(f"{task}: challenger promoted to champion")
+    console.print(f"{task}: challenger promoted to champion{' (forced)' if force and problems else ''}")
 
 
 @app.command()
-def routes() -> None:
-    """Write registry/routes.json from the champions."""
-    from factory.registry import write_routes
+def rollback(task: str, reason: Annotated[Optional[str], typer.Option(help="why (recorded as a tag)")] = None) -> None:
+    """Move the `champion` alias back to the previous champion."""
+    from factory.registry import rollback as rollback_task
 
+    _tracking()
+    try:
+        old, new = rollback_task(task, reason)
+    except ValueError as err:
+        raise _fail(str(err)) from None
+    console.print(f"{task}: champion rolled back from v{old} to v{new}")
+
+
+@app.command()
+def routes(export: Annotated[Optional[list[str]], typer.Option(
+        help="also write serving configs to registry/exports/: vllm (--lora-modules command line), lorax")] = None) -> None:
+    """Write registry/routes.json from the champions (downloading their adapters to registry/adapters/)."""
+    from factory.registry import EXPORTS, write_routes
+
+    unknown = sorted(set(export or []) - set(EXPORTS))
+    if unknown:
+        raise _fail(f"unknown export {', '.join(unknown)}; known: {', '.join(sorted(EXPORTS))}")
     _tracking()
     table = write_routes(registry_dir() / "routes.json")
     console.print(f"routes: {len(table)} champion(s) -> {registry_dir() / 'routes.json'}")
+    for name in dict.fromkeys(export or []):
+        for path in EXPORTS[name](table, registry_dir() / "exports"):
+            console.print(f"  {name}: {path}")
 
 
 @app.command()
@@ -318,6 +385,87 @@ def schedule_remove() -> None:
     except RuntimeError as err:
         raise _fail(str(err)) from None
     console.print("removed" if removed else "no nightly scheduled for this project")
+
+
+RoutesOpt = Annotated[Optional[Path], typer.Option("--routes", help="routing table (default registry/routes.json)")]
+EmbeddingOpt = Annotated[bool, typer.Option(help="nearest task centroid when no signature matches")]
+
+
+def _router(routes_file: Path | None, embedding: bool, min_similarity: float):
+    """Routes, router and specialists (adapters are fetched from the MLflow store when not local)."""
+    from factory.serve.centroids import build_router
+    from factory.serve.router import load_routes
+    from factory.serve.specialists import Specialists
+
+    try:
+        table = load_routes(routes_file or registry_dir() / "routes.json")
+    except (OSError, ValueError) as err:
+        raise _fail(str(err)) from None
+    _tracking()
+    router, missing = build_router(table, data_dir(), embedding, min_similarity)
+    for task in missing:
+        console.print(f"{task}: no dataset under {data_dir()}, so no embedding centroid (signature matches only)")
+    return router, Specialists(table)
+
+
+@app.command()
+def serve(host: str = "127.0.0.1", port: int = 8000,
+          upstream: Annotated[Optional[str], typer.Option(help="OpenAI-compatible base URL to escalate to")] = None,
+          upstream_key_env: Annotated[str, typer.Option(help="env var holding the upstream key")] = "FACTORY_UPSTREAM_API_KEY",
+          api_keys_env: Annotated[str, typer.Option(help="env var with comma-separated client keys")] = "FACTORY_API_KEYS",
+          api_keys_file: Annotated[Optional[Path], typer.Option(help="file of client keys, one a line")] = None,
+          routes_file: RoutesOpt = None, log_dir: Annotated[Optional[Path], typer.Option(
+              help="request logs for `factory ingest` (default <data dir>/logs/serve)")] = None,
+          upstream_timeout: float = 60.0, max_request_bytes: int = 512 * 1024, embedding: EmbeddingOpt = True,
+          min_similarity: float = 0.8) -> None:
+    """Serve the champions behind an OpenAI-compatible endpoint, escalating to --upstream."""
+    import uvicorn
+
+    from factory.serve.app import ServeConfig, check_bind, create_app, load_api_keys
+
+    try:
+        keys = load_api_keys(api_keys_env, api_keys_file)
+        check_bind(host, keys)
+    except (OSError, ValueError) as err:
+        raise _fail(str(err)) from None
+    router, specialists = _router(routes_file, embedding, min_similarity)
+    config = ServeConfig(log_dir=log_dir or data_dir() / "logs" / "serve", upstream=upstream,
+                         upstream_key=os.environ.get(upstream_key_env) or None, upstream_timeout=upstream_timeout,
+                         api_keys=keys, max_request_bytes=max_request_bytes)
+    if upstream and not config.upstream_key:
+        console.print(f"no key in ${upstream_key_env}: escalations go upstream without Authorization")
+    console.print(f"serving {len(router.routes)} specialist(s) on http://{host}:{port}/v1, logging to {config.log_dir}")
+    uvicorn.run(create_app(router, specialists, config), host=host, port=port)
+
+
+@app.command()
+def simulate(logs: Annotated[Optional[list[Path]], typer.Argument(help="log files to replay (default: test splits)")] = None,
+             routes_file: RoutesOpt = None, truth: TruthOpt = None,
+             limit: Annotated[Optional[int], typer.Option(help="at most this many test calls per task")] = None,
+             price_in: Annotated[float, typer.Option(help="teacher USD per 1M prompt tokens")] = 2.5,
+             price_out: Annotated[float, typer.Option(help="teacher USD per 1M completion tokens")] = 10.0,
+             specialist_price: Annotated[float, typer.Option(help="specialist USD per 1M tokens")] = 0.02,
+             teacher_latency_ms: Annotated[float, typer.Option(help="for calls logged without latency")] = 800.0,
+             out: Path = Path("reports/simulate"), embedding: EmbeddingOpt = True, min_similarity: float = 0.8) -> None:
+    """Replay held-out calls through routes.json: share served, quality vs the teacher, savings."""
+    from factory.evaluate.run import load_truth
+    from factory.serve import simulate as sim
+
+    router, specialists = _router(routes_file, embedding, min_similarity)
+    try:
+        examples = (sim.examples_from_logs(logs) if logs else
+                    sim.examples_from_splits(router, data_dir(), sim.curated_records(data_dir()), limit))
+        prices = sim.Prices(price_in, price_out, specialist_price, teacher_latency_ms)
+        result = sim.simulate(examples, router, specialists, out, prices, load_truth(truth))
+    except (OSError, ValueError) as err:
+        raise _fail(str(err)) from None
+    table = Table("task", "calls", "served", "quality vs teacher", "cost $", "cost saving", "mean ms",
+                  "latency saving", title="Simulated serving")
+    for r in result["rows"]:
+        table.add_row(r["task"], str(r["n"]), f"{r['served']:.0%}", "-" if r["quality"] is None else f"{r['quality']:.3f}",
+                      f"{r['cost']:.4f}", f"{r['cost_saving']:.0%}", f"{r['mean_ms']:.0f}", f"{r['latency_saving']:.0%}")
+    console.print(table)
+    console.print(f"wrote {out / 'simulate.json'} and {out / 'simulate.png'}")
 
 
 def print_results(results: list[dict]) -> None:

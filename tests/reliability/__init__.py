@@ -1,0 +1,1 @@
+"""Helpers of the reliability suite (tests/test_reliability*.py)."""
