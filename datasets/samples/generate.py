@@ -396,7 +396,8 @@ def plant(rng: Random, n: int) -> dict[str, set[int]]:
     """Which call indexes get which dirt (exact counts, disjoint where it matters)."""
     failed = rng.sample(range(n), round(n * RATES["failed"]))
     half = len(failed) // 2
-    ok = [i for i in range(n) if i not in set(failed)]
+    failed_set = set(failed)
+    ok = [i for i in range(n) if i not in failed_set]
     wrong = set(rng.sample(ok, round(len(ok) * RATES["teacher_wrong"])))
     near = rng.sample([i for i in ok if i not in wrong], round(n * RATES["near_dup"]))
     return {"rate_limit": set(failed[:half]), "status_error": set(failed[half:]), "teacher_wrong": wrong,
