@@ -19,6 +19,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from factory.mine import check_task_name
+
 RECIPES_DIR = Path("recipes")
 DEFAULT_RECIPE = "cpu-lora"
 
@@ -95,9 +97,11 @@ class RecipeError(ValueError):
 
 def _read(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         raise RecipeError(f"{path}: invalid YAML: {err}") from None
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {err.start})") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: expected a mapping of recipe fields")
     return data
@@ -107,7 +111,10 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise RecipeError(f"command line: override {text!r} must look like key=value")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw else None
+    try:
+        return key.strip().split("."), yaml.safe_load(raw) if raw else None
+    except yaml.YAMLError as err:
+        raise RecipeError(f"command line: override {text!r}: invalid YAML value: {err}") from None
 
 
 def _merge(into: dict[str, Any], layer: dict[str, Any], source: str, origin: dict[str, str], prefix: str = "") -> None:
@@ -126,6 +133,11 @@ def load_recipe(task: str | None = None, recipe: str | None = None, overrides: l
 
     `recipe` is a name under recipes/base/ or a path to a YAML file. Raises RecipeError.
     """
+    if task is not None:
+        try:
+            check_task_name(task)  # a task name must not lead out of recipes/tasks/
+        except ValueError as err:
+            raise RecipeError(str(err)) from None
     base_path = Path(recipe) if recipe and recipe.endswith((".yaml", ".yml")) else \
         recipes_dir / "base" / f"{recipe or DEFAULT_RECIPE}.yaml"
     if not base_path.exists():

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -265,6 +266,7 @@ def train(task: str, entry: dict[str, Any], recipe: Recipe, raw_recipe: dict[str
         tmp = out_dir / "adapter.tmp"
         trainer.model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        shutil.rmtree(adapter_dir, ignore_errors=True)  # left by a run killed between saving and train.json
         os.replace(tmp, adapter_dir)
         tokens = int(trainer.state.num_input_tokens_seen)
         result = TrainResult(
