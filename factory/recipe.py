@@ -1,12 +1,17 @@
 """Recipes: one pydantic schema for every training run, loaded in three layers.
 
-    recipes/base/<recipe>.yaml   the recipe chosen (`RECIPE=`; default "cpu-lora")
-  < recipes/tasks/<task>.yaml    per-task overrides, when the file exists
+    recipes/base/<recipe>.yaml   the recipe chosen (`RECIPE=`; default "cpu-lora"); a base
+                                 recipe may start from another with `extends: <name>`
+  < recipes/tasks/<task>.yaml    per-task overrides, when the file exists (else the base alone)
   < key=value overrides          from the command line (dotted keys: lora.r=8)
 
 Nested sections merge key by key. Everything is validated before any model is
 loaded; an unknown key, a wrong type or a missing base model raises `RecipeError`
 naming the file (or "command line") and the dotted field.
+
+`distributed` picks one of the accelerate configs shipped in recipes/accelerate/
+(DDP, DeepSpeed ZeRO-2, ZeRO-3 with the JSON configs in recipes/deepspeed/); training
+then runs under `accelerate launch` (see `factory.train.train`).
 """
 
 from __future__ import annotations
@@ -17,15 +22,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from factory.mine import check_task_name
 
 RECIPES_DIR = Path("recipes")
 DEFAULT_RECIPE = "cpu-lora"
 
-
 EVAL_FIELDS = {"max_eval_samples", "max_new_tokens", "eval_batch_size", "target_quality"}
+# fields that change how fast a run goes, not what it learns: left out of the digest
+_SPEED_FIELDS = {"torch_threads"}
 
 
 class _Strict(BaseModel):
@@ -54,6 +60,7 @@ class Recipe(_Strict):
     quantization: Quantization | None = None
     max_seq_length: int = Field(512, gt=8)
     packing: bool = False
+    padding_free: bool = True
     completion_only_loss: bool = True
     optimizer: str = "adamw_torch"
     lr_scheduler: str = "linear"
@@ -68,16 +75,38 @@ class Recipe(_Strict):
     gradient_checkpointing: bool = False
     seed: int = 0
     max_train_samples: int | None = Field(None, gt=0)
+    # training time is about tokens / throughput: a token budget bounds it whatever the example length
+    max_train_tokens: int | None = Field(None, gt=0)
     eval_steps: int | None = Field(None, gt=0)
     save_steps: int = Field(50, gt=0)
     logging_steps: int = Field(10, gt=0)
     torch_threads: int | None = Field(None, gt=0)
     distributed: Literal["none", "ddp", "deepspeed_zero2", "deepspeed_zero3"] = "none"
+    num_processes: int | None = Field(None, gt=0)  # None: one per visible GPU
     # evaluation settings travel with the recipe so a run is reproducible from it alone
     max_eval_samples: int | None = Field(None, gt=0)
     max_new_tokens: int = Field(96, gt=0)
     eval_batch_size: int = Field(16, gt=0)
     target_quality: float = Field(0.95, gt=0, le=1)
+
+    @field_validator("optimizer")
+    @classmethod
+    def _known_optimizer(cls, value: str) -> str:
+        from transformers.training_args import OptimizerNames
+
+        if value not in {o.value for o in OptimizerNames}:
+            raise ValueError(f"unknown optimizer {value!r}; e.g. adamw_torch, adamw_torch_fused, paged_adamw_8bit")
+        return value
+
+    @field_validator("lr_scheduler")
+    @classmethod
+    def _known_scheduler(cls, value: str) -> str:
+        from transformers.trainer_utils import SchedulerType
+
+        known = [s.value for s in SchedulerType]
+        if value not in known:
+            raise ValueError(f"unknown lr_scheduler {value!r}; one of {', '.join(known)}")
+        return value
 
     @model_validator(mode="after")
     def _qlora_needs_quantization(self) -> Recipe:
@@ -86,8 +115,8 @@ class Recipe(_Strict):
         return self
 
     def digest(self) -> str:
-        """Hash of the fields that shape the trained weights (evaluation settings excluded)."""
-        fields = self.model_dump(exclude=EVAL_FIELDS)
+        """Hash of the fields that shape the trained weights (evaluation and speed settings excluded)."""
+        fields = self.model_dump(exclude=EVAL_FIELDS | _SPEED_FIELDS)
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -105,6 +134,14 @@ def _read(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: expected a mapping of recipe fields")
     return data
+
+
+def _base_path(name: str, recipes_dir: Path) -> Path:
+    path = Path(name) if name.endswith((".yaml", ".yml")) else recipes_dir / "base" / f"{name}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in (recipes_dir / "base").glob("*.yaml"))
+        raise RecipeError(f"{path}: no such recipe; known: {', '.join(known)}")
+    return path
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:
@@ -127,6 +164,20 @@ def _merge(into: dict[str, Any], layer: dict[str, Any], source: str, origin: dic
         origin[dotted] = source
 
 
+def _merge_base(merged: dict[str, Any], origin: dict[str, str], path: Path, recipes_dir: Path,
+                seen: tuple[Path, ...] = ()) -> None:
+    """Merge a base recipe after the chain of recipes it `extends`."""
+    if path.resolve() in seen:
+        raise RecipeError(f"{path}: extends: cycle through {', '.join(str(p) for p in seen)}")
+    layer = _read(path)
+    parent = layer.pop("extends", None)
+    if parent is not None:
+        if not isinstance(parent, str):
+            raise RecipeError(f"{path}: extends: expected a recipe name, got {parent!r}")
+        _merge_base(merged, origin, _base_path(parent, recipes_dir), recipes_dir, (*seen, path.resolve()))
+    _merge(merged, layer, str(path), origin)
+
+
 def load_recipe(task: str | None = None, recipe: str | None = None, overrides: list[str] = (),
                 recipes_dir: Path = RECIPES_DIR) -> tuple[Recipe, dict[str, Any]]:
     """Return the validated recipe and the merged raw layers (for logging to MLflow).
@@ -138,14 +189,10 @@ def load_recipe(task: str | None = None, recipe: str | None = None, overrides: l
             check_task_name(task)  # a task name must not lead out of recipes/tasks/
         except ValueError as err:
             raise RecipeError(str(err)) from None
-    base_path = Path(recipe) if recipe and recipe.endswith((".yaml", ".yml")) else \
-        recipes_dir / "base" / f"{recipe or DEFAULT_RECIPE}.yaml"
-    if not base_path.exists():
-        known = sorted(p.stem for p in (recipes_dir / "base").glob("*.yaml"))
-        raise RecipeError(f"{base_path}: no such recipe; known: {', '.join(known)}")
+    base_path = _base_path(recipe or DEFAULT_RECIPE, recipes_dir)
     merged: dict[str, Any] = {}
     origin: dict[str, str] = {}
-    _merge(merged, _read(base_path), str(base_path), origin)
+    _merge_base(merged, origin, base_path, recipes_dir)
     task_path = recipes_dir / "tasks" / f"{task}.yaml"
     if task and task_path.exists():
         _merge(merged, _read(task_path), str(task_path), origin)
@@ -164,6 +211,19 @@ def load_recipe(task: str | None = None, recipe: str | None = None, overrides: l
             source = next((origin[k] for k in _prefixes(field) if k in origin), str(base_path))
             problems.append(f"{source}: {field}: {e['msg']}")
         raise RecipeError("\n".join(problems)) from None
+
+
+def accelerate_config(recipe: Recipe, recipes_dir: Path = RECIPES_DIR) -> Path:
+    """The shipped accelerate config for the recipe's `distributed` backend.
+
+    Raises RecipeError for `distributed: none` or when the file is missing.
+    """
+    if recipe.distributed == "none":
+        raise RecipeError("distributed: 'none' runs in this process, without accelerate launch")
+    path = recipes_dir / "accelerate" / f"{recipe.distributed}.yaml"
+    if not path.exists():
+        raise RecipeError(f"{path}: missing accelerate config for distributed: {recipe.distributed}")
+    return path
 
 
 def _prefixes(field: str) -> list[str]:

@@ -1,0 +1,241 @@
+"""Training on the tiny random model: rendering, the padding-free loss, learning, MLflow, kill and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow import MlflowClient
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+from factory.recipe import Recipe, load_recipe
+from factory.train import (completion_loss, launch_command, parse_output, render_completion, render_output,
+                           render_prompt, setup_data, setup_tokenizer, train)
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
+SYSTEM = "Route the customer's request: answer with the tool to call."
+TOOLS = [{"type": "function", "function": {"name": "get_order_status", "parameters": {
+    "type": "object", "properties": {"order_id": {"type": "string"}}}}}]
+LLAMA_STYLE = (  # a minimal template that renders tool calls itself, as Llama 3.1's does
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{% if m.tool_calls %}{{ '{\"name\": \"' + m.tool_calls[0].function.name + '\", \"parameters\": ' }}"
+    "{{ m.tool_calls[0].function.arguments | tojson }}}"
+    "{% else %}{{ m.content }}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def _rows(n: int) -> list[dict]:
+    rows = []
+    for i in range(n):
+        order = f"A{10000 + i * 7}"
+        rows.append({"messages": [{"role": "system", "content": SYSTEM},
+                                  {"role": "user", "content": f"Where is my order {order}? Thanks."}],
+                     "tools": TOOLS,
+                     "output": {"content": None, "tool_calls": [{"name": "get_order_status",
+                                                                 "arguments": {"order_id": order}}]}})
+    return rows
+
+
+def _task(tmp: Path, n: int = 48) -> tuple[Path, dict]:
+    """A one-task data folder in the layout `factory mine` writes, and its catalog entry."""
+    folder = tmp / "data" / "order-status" / "v1"
+    folder.mkdir(parents=True)
+    rows = _rows(n)
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:4]))
+    return tmp / "data", {"status": "ready", "dataset_version": "v1", "kind": "tool_call"}
+
+
+def _recipe(tiny_model_dir: Path, *overrides: str) -> tuple[Recipe, dict]:
+    return load_recipe(None, "cpu-lora", [f"base_model={tiny_model_dir}", "learning_rate=0.01", "batch_size=4",
+                                          "max_train_samples=null", "warmup_ratio=0", *overrides], RECIPES)
+
+
+@pytest.fixture
+def tracking(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("FACTORY_ARTIFACT_ROOT", str(tmp_path / "artifacts"))
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+# --- rendering ------------------------------------------------------------------------------------
+
+
+def test_fallback_tool_calls_render_as_hermes_text_and_parse_back(tiny_model_dir):
+    tokenizer = setup_tokenizer(str(tiny_model_dir))
+    row = _rows(1)[0]
+    completion = render_completion(tokenizer, row["messages"], row["tools"], row["output"])
+    assert completion == render_output(row["output"]) + tokenizer.eos_token
+    assert "<tool_call>" in completion
+    assert parse_output(completion.removesuffix(tokenizer.eos_token)) == row["output"]
+
+
+def test_template_tool_format_is_used_where_the_template_has_one(tiny_model_dir):
+    tokenizer = setup_tokenizer(str(tiny_model_dir))
+    tokenizer.chat_template = LLAMA_STYLE
+    row = _rows(1)[0]
+    completion = render_completion(tokenizer, row["messages"], row["tools"], row["output"])
+    assert completion.startswith('{"name": "get_order_status", "parameters": {"order_id": "A10000"}}')
+    assert completion.endswith(tokenizer.eos_token) and "<tool_call>" not in completion
+    assert parse_output(completion.removesuffix(tokenizer.eos_token)) == row["output"]
+
+
+def test_parse_output_reads_mistral_calls_and_leaves_json_answers_alone():
+    mistral = '[TOOL_CALLS] [{"name": "cancel_order", "arguments": {"order_id": "A1"}, "id": "call00000"}]'
+    assert parse_output(mistral)["tool_calls"] == [{"name": "cancel_order", "arguments": {"order_id": "A1"}}]
+    extraction = '{"name": "water filter", "issue": "leaks"}'
+    assert parse_output(extraction) == {"content": extraction, "tool_calls": []}
+    assert parse_output("billing") == {"content": "billing", "tool_calls": []}
+    assert parse_output("") == {"content": "", "tool_calls": []}
+
+
+def test_no_default_system_prompt_is_injected(tiny_model_dir):
+    tokenizer = setup_tokenizer(str(tiny_model_dir))
+    user = [{"role": "user", "content": "Where is A1?"}]
+    assert "SmolLM" in tokenizer.apply_chat_template(user, tokenize=False)  # what the template would add
+    prompt = render_prompt(tokenizer, user, [])
+    assert "SmolLM" not in prompt and prompt.endswith("<|im_start|>assistant\n")
+    assert SYSTEM in render_prompt(tokenizer, _rows(1)[0]["messages"], [])
+
+
+def test_setup_data_masks_prompts_and_drops_examples_that_do_not_fit(tiny_model_dir):
+    tokenizer = setup_tokenizer(str(tiny_model_dir))
+    recipe, _ = _recipe(tiny_model_dir)
+    data = setup_data(_rows(3), tokenizer, recipe)
+    example = data[0]
+    completion = [t for t in example["labels"] if t != -100]
+    assert tokenizer.decode(completion).startswith("<tool_call>")
+    assert example["input_ids"][-len(completion):] == completion
+    budget, _ = _recipe(tiny_model_dir, f"max_train_tokens={len(example['input_ids']) * 5 // 2}")
+    assert len(setup_data(_rows(3), tokenizer, budget)) == 2
+    short, _ = _recipe(tiny_model_dir, f"max_seq_length={len(example['input_ids']) - 1}")
+    with pytest.raises(ValueError, match="max_seq_length"):
+        setup_data(_rows(1), tokenizer, short)
+
+
+# --- the loss on padding-free batches ----------------------------------------------------------------
+
+
+def test_padding_free_completion_loss_equals_the_padded_model_loss(tiny_model_dir):
+    """Per-example attention on one concatenated row gives the loss of ordinary padded batches."""
+    tokenizer = setup_tokenizer(str(tiny_model_dir))
+    recipe, _ = _recipe(tiny_model_dir)
+    rows = _rows(4)
+    rows[1]["messages"][1]["content"] += " It has been a very long week of waiting, please help me."
+    examples = [dict(e) for e in setup_data(rows, tokenizer, recipe)]
+    padded = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)(examples)
+    packed = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)(examples)
+    assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed
+    plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa")
+    varlen = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa_varlen")
+    with torch.no_grad():
+        reference = plain(**padded).loss
+        loss, _ = completion_loss(varlen, packed)
+        padded_loss, _ = completion_loss(plain, padded)
+    assert loss.item() == pytest.approx(reference.item(), abs=1e-5)
+    assert padded_loss.item() == pytest.approx(reference.item(), abs=1e-5)
+
+
+# --- training -----------------------------------------------------------------------------------------
+
+
+def test_a_few_steps_lower_the_loss_and_log_the_run_to_mlflow(tmp_path, tiny_model_dir, tracking):
+    data_dir, entry = _task(tmp_path)
+    recipe, raw = _recipe(tiny_model_dir, "max_steps=16", "logging_steps=4", "save_steps=1000",
+                          "lr_scheduler=constant")
+    result = train("order-status", entry, recipe, raw, data_dir, tmp_path / "registry")
+    losses = [m.value for m in sorted(MlflowClient().get_metric_history(result.run_id, "loss"), key=lambda m: m.step)]
+    assert len(losses) == 4 and losses[-1] < losses[0] - 0.3, losses
+    run = MlflowClient().get_run(result.run_id)
+    assert run.data.params["recipe.lora.r"] == str(recipe.lora.r)
+    assert run.data.params["dataset_version"] == "v1" and run.data.tags["dataset_version"] == "v1"
+    assert run.inputs.dataset_inputs[0].dataset.name == "order-status@v1"
+    artifacts = {a.path for a in MlflowClient().list_artifacts(result.run_id)}
+    assert {"recipe.yaml", "adapter"} <= artifacts
+    assert "adapter/adapter_config.json" in {a.path for a in MlflowClient().list_artifacts(result.run_id, "adapter")}
+    assert result.tokens_per_s > 0 and result.train_tokens > 0
+    again = train("order-status", entry, recipe, raw, data_dir, tmp_path / "registry")
+    assert again == result  # the finished run is reused, not retrained
+
+
+_WORKER = """
+import json, sys
+from pathlib import Path
+from factory.recipe import Recipe
+from factory.train import train
+spec = json.loads(sys.argv[1])
+train("order-status", spec["entry"], Recipe.model_validate(spec["raw"]), spec["raw"], Path(spec["data"]),
+      Path(spec["registry"]))
+"""
+
+
+def test_killed_run_resumes_from_its_checkpoint_and_matches_an_uninterrupted_run(tmp_path, tiny_model_dir,
+                                                                                    tracking):
+    data_dir, entry = _task(tmp_path, n=64)
+    recipe, raw = _recipe(tiny_model_dir, "max_steps=16", "save_steps=4", "logging_steps=4", "batch_size=2")
+    reference = train("order-status", entry, recipe, raw, data_dir, tmp_path / "uninterrupted")
+
+    registry = tmp_path / "killed"
+    spec = json.dumps({"entry": entry, "raw": raw, "data": str(data_dir), "registry": str(registry)})
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen([sys.executable, "-c", _WORKER, spec], env=env, cwd=tmp_path,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    out_dir = None
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and process.poll() is None:
+        states = list(registry.glob("training/*/*/checkpoint-*/trainer_state.json"))
+        if states:
+            out_dir = states[0].parents[1]
+            break
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert out_dir is not None, "no checkpoint appeared before the worker ended"
+    assert not (out_dir / "train.json").exists(), "the worker finished before it could be killed"
+    killed_run = json.loads((out_dir / "mlflow_run.json").read_text())["run_id"]
+
+    resumed = train("order-status", entry, recipe, raw, data_dir, registry)
+    assert resumed.run_id == killed_run  # the same MLflow run goes on
+    assert 0 < resumed.train_tokens < reference.train_tokens  # this session trained only what was left
+    ours = load_file(Path(resumed.adapter_dir) / "adapter_model.safetensors")
+    theirs = load_file(Path(reference.adapter_dir) / "adapter_model.safetensors")
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        assert torch.allclose(ours[name], theirs[name], atol=1e-5), name
+
+
+def test_distributed_recipes_launch_through_accelerate(tmp_path, tiny_model_dir):
+    recipe, raw = load_recipe(None, "lora-8b-zero3", ["num_processes=2"], RECIPES)
+    entry = {"status": "ready", "dataset_version": "v1", "kind": "tool_call"}
+    command = launch_command("order-status", entry, raw, recipe, tmp_path / "data", tmp_path / "registry", RECIPES)
+    assert Path(command[0]).name == "accelerate" and command[1] == "launch"
+    assert command[command.index("--config_file") + 1] == str(RECIPES / "accelerate" / "deepspeed_zero3.yaml")
+    assert command[command.index("--num_processes") + 1] == "2"
+    ds_config = Path(command[command.index("--deepspeed_config_file") + 1])
+    assert ds_config.is_absolute() and json.loads(ds_config.read_text())["zero_optimization"]["stage"] == 3
+    assert command[-3:-1] == ["-m", "factory.train"]
+    spec = json.loads(Path(command[-1]).read_text())
+    assert Recipe.model_validate(spec["raw_recipe"]) == recipe and spec["entry"] == entry
+
+
+def test_gpu_recipes_are_refused_without_cuda_before_anything_loads(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    entry = {"status": "ready", "dataset_version": "v1", "kind": "tool_call"}
+    for name in ("qlora-7b", "lora-8b-zero3"):
+        recipe, raw = load_recipe(None, name, [], RECIPES)
+        with pytest.raises(ValueError, match="CUDA"):
+            train("order-status", entry, recipe, raw, tmp_path / "data", tmp_path / "registry")
