@@ -657,11 +657,50 @@ def _describe(task: dict[str, Any], kind: str) -> str:
             f"prompt template: {template}")
 
 
+def records_bytes(records: list[Record]) -> int:
+    """About what the dataset splits of `records` take on disk: their text, plus 300 bytes of
+    JSON keys and ids per record (`resources.check_disk` wants it before mining starts)."""
+    total = 0
+    for r in records:
+        total += 300 + len(r.output_text or "") + sum(len(_text(m.get("content"))) for m in r.messages)
+        if r.tools or r.output_tool_calls:
+            total += len(json.dumps([r.tools, r.output_tool_calls], default=str))
+    return total
+
+
+_STALE_TMP = re.compile(r"^\.[0-9a-f]{12}\.tmp$")
+
+
+def _remove_stale_tmp(data_dir: Path) -> None:
+    """Delete what a killed `mine` left half-written: `.<version>.tmp` folders, `.centroid.npy.tmp`
+    and `.tasks.yaml.tmp`. Only called under the mine lock, so no other mine is writing them."""
+    for path in [*data_dir.glob("*/.*.tmp"), *data_dir.glob("*/*/.centroid.npy.tmp"), data_dir / ".tasks.yaml.tmp"]:
+        if path.is_dir() and _STALE_TMP.match(path.name):
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.is_file() and path.name in {".centroid.npy.tmp", ".tasks.yaml.tmp"}:
+            path.unlink(missing_ok=True)
+
+
 def mine(records: list[Record], data_dir: Path, config: MineConfig = MineConfig()) -> dict[str, dict[str, Any]]:
     """Discover tasks in `records`, write a dataset version per task and the catalog; return the catalog.
 
-    Raises ValueError when the existing catalog is malformed (naming the file and field).
+    One mine at a time per data folder (a file lock, `.mine.lock`); it first deletes the
+    temporary files a killed run left. Raises ValueError when the existing catalog is
+    malformed (naming the file and field), and `resources.ResourceError` (a ValueError)
+    before any work when the disk has no room for the datasets.
     """
+    from filelock import FileLock
+
+    from factory.resources import check_disk
+
+    check_disk(data_dir, records_bytes(records))
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(data_dir / ".mine.lock"):
+        _remove_stale_tmp(data_dir)
+        return _mine(records, data_dir, config)
+
+
+def _mine(records: list[Record], data_dir: Path, config: MineConfig) -> dict[str, dict[str, Any]]:
     catalog_path = data_dir / "tasks.yaml"
     old = load_catalog(catalog_path)
     records = sorted(records, key=lambda r: (r.timestamp, r.id))

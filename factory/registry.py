@@ -68,7 +68,7 @@ from factory.train import TrainResult, resume_run
 
 TASK_TAG = "factory.task"
 HISTORY_TAG = "factory.champion_history"
-REGISTERED_TAG = "factory.registered"  # set last: a version without it was interrupted mid-registration
+REGISTERED_TAG = "factory.registered"  # set last, after promotion: without it, registration was interrupted
 ROUTING_FILE = "routing.json"
 HISTORY_LIMIT = 50
 TAG_VALUE_LIMIT = 100_000  # MLflow's limit on a model registry tag value
@@ -216,7 +216,10 @@ def register(entry: dict[str, Any], trained: TrainResult, evaluation: dict[str, 
     """Register the trained run as a version (once per run), alias it `challenger`, try to promote it.
 
     Returns (model version, promoted). A run registered before returns its version and
-    False; a registration interrupted after the version was created is completed.
+    False; a registration interrupted after the version was created is completed: the
+    version (created with all its tags in one transaction) is made the challenger again
+    and promotion is tried again. `REGISTERED_TAG` is set last, after the promotion was
+    decided, so a kill anywhere before it leaves a registration the rerun finishes.
     Raises ValueError when the evaluation is of another run.
     """
     if evaluation.get("run_id") not in (None, trained.run_id):
@@ -225,14 +228,15 @@ def register(entry: dict[str, Any], trained: TrainResult, evaluation: dict[str, 
     client = MlflowClient()
     name = trained.task
     _ensure_registered_model(client, name, entry.get("description", ""))
-    existing = client.search_model_versions(f"name='{name}' and run_id='{trained.run_id}'")
+    existing = sorted(client.search_model_versions(f"name='{name}' and run_id='{trained.run_id}'"),
+                      key=lambda v: int(v.version))
     if existing and existing[0].tags.get(REGISTERED_TAG):
-        return existing[0], False
+        return client.get_model_version(name, existing[0].version), False  # search results carry no aliases
     version = existing[0] if existing else _create_version(entry, trained, evaluation, recipe, escalation_target,
                                                            data_dir)
     client.set_registered_model_alias(name, "challenger", version.version)
-    client.set_model_version_tag(name, version.version, REGISTERED_TAG, "true")
     promoted, _ = promote(name, gates, data_dir=data_dir, truth=truth)
+    client.set_model_version_tag(name, version.version, REGISTERED_TAG, "true")
     return client.get_model_version(name, version.version), promoted
 
 

@@ -458,6 +458,8 @@ def train(task: str, entry: dict[str, Any], recipe: Recipe, raw_recipe: dict[str
         torch.set_num_threads(recipe.torch_threads)
 
     base_path = resolve_base(recipe.base_model)
+    from factory.resources import preflight_training  # memory and disk, before any weight is loaded
+    preflight_training(base_path, recipe.method, recipe.precision, out_dir)
     try:
         tokenizer = setup_tokenizer(base_path)
     except OSError as err:  # a hub id that is not in the local cache: nothing is downloaded

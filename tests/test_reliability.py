@@ -1,16 +1,21 @@
-"""Reliability: SIGKILL during ingest and training, two trainings at once on one store,
-PII/secret canaries through the whole loop, and a too-small dataset.
+"""Reliability: SIGKILL during ingest, mine, training and registration, two trainings at
+once on one store, PII/secret canaries through the whole loop, and runs that cannot fit
+(too little data, a base model too large for memory, a disk too full).
 
 Everything runs the real `factory` CLI in subprocesses inside a throw-away workspace
 (tests/reliability/workspace.py) on a slice of the sample logs and the tiny random
 model. Kill points are drawn from fixed seeds, so a failure reproduces. The module
-prints its counts (faults injected, reruns matched, canaries planted / found) at the end.
+prints its counts (faults injected, kills landed, kills that left a half-written state,
+reruns matched, canaries planted / found) at the end.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import random
 import shutil
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -19,9 +24,12 @@ import yaml
 from mlflow import MlflowClient
 
 from factory.ingest import ingest, read_records
+from factory.mine import SPLITS, load_catalog
+from factory.registry import HISTORY_TAG, REGISTERED_TAG
+from factory.resources import MIN_FREE_ENV, available_memory_bytes, config_parameters, training_memory_bytes
 from reliability import canaries
-from reliability.workspace import (SAMPLES, integrity, kill_at, leftovers, random_delays, run, start,
-                                   tiny_overrides)
+from reliability.workspace import (SAMPLES, has_row, integrity, kill_at, leftovers, modified, random_delays, run,
+                                   start, tiny_overrides)
 
 COUNTS: Counter[str] = Counter()
 
@@ -30,9 +38,10 @@ COUNTS: Counter[str] = Counter()
 def print_counts(request):
     yield
     writer = request.config.pluginmanager.get_plugin("terminalreporter")
-    line = ("reliability: faults injected {faults}, kills landed {landed}, reruns matched {matched}, "
-            "canaries planted {planted}, canaries found {found}").format(**{k: COUNTS[k] for k in (
-                "faults", "landed", "matched", "planted", "found")})
+    kinds = ", ".join(f"{stage} {COUNTS['faults.' + stage]}" for stage in ("ingest", "mine", "finetune", "register"))
+    line = ("reliability: faults injected {faults} ({kinds}), kills landed {landed}, kills mid-write {partial}, "
+            "reruns matched {matched}, canaries planted {planted}, canaries found {found}").format(
+                kinds=kinds, **{k: COUNTS[k] for k in ("faults", "landed", "partial", "matched", "planted", "found")})
     capture = request.config.pluginmanager.get_plugin("capturemanager")
     if writer and capture:
         with capture.global_and_fixture_disabled():
@@ -98,6 +107,7 @@ def test_kill_during_ingest_then_rerun_matches_a_clean_run(tmp_path, seed):
     (ws / "logs").symlink_to(logs)
     for delay in random_delays(seed, 2, 0.0, 0.6):  # two kills in a row, then a full run
         COUNTS["faults"] += 1
+        COUNTS["faults.ingest"] += 1
         COUNTS["landed"] += kill_at(start(ws, "ingest", "logs"), delay, lambda: (ws / "datasets").exists())
     done = run(ws, "ingest", "logs")
     assert done.returncode == 0, done.stdout + done.stderr
@@ -107,6 +117,83 @@ def test_kill_during_ingest_then_rerun_matches_a_clean_run(tmp_path, seed):
     assert not [p for p in (ws / "datasets" / "records" / "raw").glob("*.parquet") if p.name.startswith(".")]
     again = run(ws, "ingest", "logs")
     assert again.returncode == 0 and _ingest_view(ws / "datasets") == expected
+    COUNTS["matched"] += 1
+
+
+# --- kill -9 during mine --------------------------------------------------------------------
+
+MINE_INPUTS = {"records", "quarantine", "curate-report.json", ".mine.lock"}  # what mine reads, and its lock
+
+
+def _mine_outputs(data: Path) -> dict[str, bytes]:
+    """Every file mine wrote under `data` (the catalog, the dataset versions, any temp file), with its bytes."""
+    return {str(p.relative_to(data)): p.read_bytes() for p in sorted(data.rglob("*"))
+            if p.is_file() and p.relative_to(data).parts[0] not in MINE_INPUTS}
+
+
+def _mine_progress(data: Path) -> tuple[set[str], int]:
+    """What a mine run has published so far (cheap enough to poll every millisecond): the visible version
+    folders, and the catalog's mtime (0 while there is none)."""
+    versions = {f"{p.name}/{q.name}" for p in data.iterdir() if p.is_dir() and p.name not in MINE_INPUTS
+                for q in p.iterdir() if not q.name.startswith(".")}
+    catalog = data / "tasks.yaml"
+    return versions, catalog.stat().st_mtime_ns if catalog.exists() else 0
+
+
+def _published(data: Path, versions: int):
+    """A `ready` predicate: `versions` more dataset versions became visible, or the catalog was (re)written."""
+    before_versions, before_catalog = _mine_progress(data)
+
+    def ready() -> bool:
+        now_versions, now_catalog = _mine_progress(data)
+        return len(now_versions - before_versions) >= versions or now_catalog != before_catalog
+    return ready
+
+
+def _visible_versions_are_whole(data: Path) -> None:
+    """A reader sees no partial dataset: each version folder is complete and named by its splits' hash, and the
+    catalog (if any) is whole and points at existing versions."""
+    for version in data.glob("*/*"):
+        if version.name.startswith(".") or not version.is_dir() or version.parent.name in MINE_INPUTS:
+            continue
+        files = {p.name for p in version.iterdir() if not p.name.startswith(".")}
+        assert files == {f"{s}.jsonl" for s in SPLITS} | {"card.md", "centroid.npy"}, (version, files)
+        blob = b"".join((version / f"{s}.jsonl").read_bytes() for s in SPLITS)
+        assert hashlib.sha256(blob).hexdigest()[:12] == version.name, f"{version} does not hold its content"
+    catalog = load_catalog(data / "tasks.yaml")
+    for name, entry in catalog.items():
+        if entry["status"] == "ready":
+            assert (data / name / entry["dataset_version"] / "card.md").exists(), name
+
+
+def test_kill_during_mine_then_rerun_matches_a_clean_run(prepared, tmp_path):
+    """Three kills in a row, each as a seeded number (1 or 2) of new dataset versions became visible or the
+    catalog was written, plus a seeded 0-2 ms (mine computes for ~20 s, then writes its five versions and the
+    catalog in ~30 ms). After each, no partial version is visible; then the rerun publishes the same catalog
+    and the same dataset versions, byte for byte, as the uninterrupted mine of `prepared`."""
+    expected = _mine_outputs(prepared / "datasets")
+    assert "tasks.yaml" in expected and any(k.endswith("/train.jsonl") for k in expected)
+    ws = _copy(prepared, tmp_path / "ws")
+    data = ws / "datasets"
+    for name in _mine_outputs(data):
+        (data / name).unlink()
+    for folder in [p for p in data.iterdir() if p.is_dir() and p.name not in MINE_INPUTS]:
+        shutil.rmtree(folder)
+    assert _mine_outputs(data) == {}
+
+    for seed in (0, 1, 2):
+        ready = _published(data, random.Random(seed).randint(1, 2))
+        COUNTS["faults"] += 1
+        COUNTS["faults.mine"] += 1
+        COUNTS["landed"] += kill_at(start(ws, "mine", "--min-examples", "20"), random_delays(seed, 1, 0.0, 0.002)[0],
+                                    ready, poll=0.001)
+        _visible_versions_are_whole(data)
+        COUNTS["partial"] += _mine_outputs(data) not in ({}, expected)  # between the first write and the last
+
+    done = run(ws, "mine", "--min-examples", "20")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert _mine_outputs(data) == expected
+    assert leftovers(data) == []
     COUNTS["matched"] += 1
 
 
@@ -133,6 +220,7 @@ def test_kill_during_finetune_then_rerun_registers_one_version(prepared, tmp_pat
     ready = _checkpointed(ws, task) if point == "after-a-checkpoint" else _adapter_published(ws, task)
     delay = random_delays(3, 1, 0.0, 1.0)[0] if point == "after-a-checkpoint" else 0.0
     COUNTS["faults"] += 1
+    COUNTS["faults.finetune"] += 1
     COUNTS["landed"] += kill_at(start(ws, *args), delay, ready)
 
     done = run(ws, *args)
@@ -146,6 +234,68 @@ def test_kill_during_finetune_then_rerun_registers_one_version(prepared, tmp_pat
     assert json.loads((run_dir / "train.json").read_text())["task"] == task
     assert integrity(ws / "mlflow.db") == "ok"
     assert leftovers(ws / "registry") == [] and leftovers(ws / "reports") == []
+    COUNTS["matched"] += 1
+
+
+# --- kill -9 during register ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def evaluated(prepared, tmp_path_factory, tiny_model_dir) -> tuple[Path, list[str]]:
+    """A copy of `prepared` where classify-intent is trained and evaluated, not registered, and the
+    `factory register` arguments for it. The truth file gives every test call a label other than the
+    teacher's, so the teacher scores 0 too and the gates promote the version: registration runs to its end."""
+    ws = _copy(prepared, tmp_path_factory.mktemp("evaluated") / "ws")
+    task = "classify-intent"
+    entry = _ready_tasks(ws)[task]
+    labels = entry["output_schema"]["labels"]
+    rows = [json.loads(line) for line in
+            (ws / "datasets" / task / entry["dataset_version"] / "test.jsonl").read_text().splitlines()]
+    (ws / "truth.jsonl").write_text("".join(json.dumps(
+        {"id": r["source_id"], "output": {"content": next(x for x in labels if x != r["output"]["content"])}}) + "\n"
+        for r in rows))
+    args = [task, *tiny_overrides(tiny_model_dir), "--truth", "truth.jsonl"]
+    done = run(ws, "eval", *args)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return ws, args
+
+
+def test_kill_during_register_then_rerun_leaves_one_promoted_version(evaluated, tmp_path):
+    """Three kills in a row, one per step of `register`: logging the model takes ~2.5 s from the run's first
+    write to the store, then the version, the challenger alias, the promotion and the done tag take ~0.3 s.
+    The first kill falls at a seeded point within 2 s of the first write (while the model is logged), the
+    second within 0.25 s of the version's creation (mid-registration), the third the moment the done tag is
+    written (a done mark written before the work it vouches for shows here). The store stays sound after each,
+    and the rerun ends with one version, challenger and champion, promoted once."""
+    ws, args = evaluated
+    ws = _copy(ws, tmp_path / "ws")
+    task = args[0]
+    client = _client(ws)
+    db = ws / "mlflow.db"
+    version_created = has_row(db, "SELECT count(*) FROM model_versions")
+    done_tag = has_row(db, f"SELECT count(*) FROM model_version_tags WHERE key = '{REGISTERED_TAG}'")
+    points = [(lambda: modified(db), random_delays(0, 1, 0.0, 2.0)[0]),
+              (lambda: version_created, random_delays(1, 1, 0.0, 0.25)[0]),
+              (lambda: done_tag, 0.0)]
+    for ready, delay in points:
+        COUNTS["faults"] += 1
+        COUNTS["faults.register"] += 1
+        COUNTS["landed"] += kill_at(start(ws, "register", *args), delay, ready(), poll=0.005)
+        assert integrity(ws / "mlflow.db") == "ok"
+        versions = client.search_model_versions(f"name='{task}'")
+        assert len(versions) <= 1, [v.version for v in versions]
+        COUNTS["partial"] += bool(versions) and REGISTERED_TAG not in versions[0].tags
+
+    done = run(ws, "register", *args)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (version,) = client.search_model_versions(f"name='{task}'")
+    version = client.get_model_version(task, version.version)
+    assert version.tags.get(REGISTERED_TAG) == "true" and "score" in version.tags and "promoted_at" in version.tags
+    assert sorted(version.aliases) == ["challenger", "champion"]
+    assert json.loads(client.get_registered_model(task).tags[HISTORY_TAG]) == [str(version.version)]
+    assert f"registered {task} v{version.version} (aliases: challenger, champion)" in " ".join(done.stdout.split())
+    assert integrity(ws / "mlflow.db") == "ok"
+    assert leftovers(ws / "registry") == [] and leftovers(ws / "artifacts") == []
     COUNTS["matched"] += 1
 
 
@@ -201,3 +351,49 @@ def test_an_empty_training_split_fails_clearly_before_training(prepared, tmp_pat
     assert "Traceback" not in done.stdout + done.stderr
     assert "classify-intent" in done.stdout and "train" in done.stdout
     assert not list((ws / "registry" / "training").glob("*/*/checkpoint-*"))
+
+
+# Meta-Llama-3-70B's config.json (the sizes; no weights): 70.55B parameters
+LLAMA_70B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256, "hidden_size": 8192,
+             "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
+             "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "hidden_act": "silu",
+             "tie_word_embeddings": False, "torch_dtype": "bfloat16", "bos_token_id": 128000, "eos_token_id": 128001}
+
+
+def test_a_base_model_too_large_for_memory_fails_in_seconds_and_registers_nothing(prepared, tmp_path,
+                                                                                   tiny_model_dir):
+    need = training_memory_bytes(config_parameters(LLAMA_70B), "lora", "fp32")
+    if (available_memory_bytes() or 0) > need:
+        pytest.skip(f"this machine has the {need / 2**30:.0f} GiB a 70B LoRA in fp32 needs")
+    big = tmp_path / "llama-3-70b"
+    big.mkdir()
+    (big / "config.json").write_text(json.dumps(LLAMA_70B))
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):  # a loadable tokenizer
+        shutil.copy(tiny_model_dir / name, big)
+    ws = _copy(prepared, tmp_path / "ws")
+    task = "classify-intent"
+    began = time.monotonic()
+    done = run(ws, "finetune", task, *tiny_overrides(big), env={"CUDA_VISIBLE_DEVICES": ""})
+    seconds = time.monotonic() - began
+    output = " ".join((done.stdout + done.stderr).split())
+    assert done.returncode == 1, output
+    assert "Traceback" not in output
+    assert f"base model '{big}' is too large for this machine's memory" in output, output
+    assert "70.55B parameters" in output and "GiB is available" in output, output
+    assert seconds < 120, f"took {seconds:.0f} s to refuse"
+    assert _client(ws).search_model_versions(f"name='{task}'") == []
+    assert not list((ws / "registry" / "training").glob(f"{task}/*/*")), "the run wrote training files"
+
+
+def test_a_disk_too_full_fails_ingest_before_writing_anything(tmp_path):
+    ws = tmp_path / "ws"
+    (ws / "logs").mkdir(parents=True)
+    shutil.copy(SAMPLES / "support-agent-2026-11-03.jsonl", ws / "logs")
+    free_mb = shutil.disk_usage(tmp_path).free // 2**20
+    done = run(ws, "ingest", "logs", env={MIN_FREE_ENV: str(free_mb + 1024)})
+    output = " ".join((done.stdout + done.stderr).split())
+    assert done.returncode == 1, output
+    assert "Traceback" not in output
+    assert f"disk too full to write {ws / 'datasets' / 'records' / 'raw'}" in output, output
+    assert MIN_FREE_ENV in output and "is free there" in output, output
+    assert not (ws / "datasets").exists(), "ingest wrote files"

@@ -52,6 +52,7 @@ from factory.ingest.common import BadRecord
 from factory.ingest.formats import FORMATS, detect
 from factory.ingest.reader import CONTAINER_KEYS, MAX_RECORD_BYTES, Item, open_log, read_document, read_jsonl, sniff
 from factory.records import SCHEMA, Record, from_table, to_table
+from factory.resources import check_disk
 
 _REPR = reprlib.Repr()  # excerpts of values orjson cannot write: bounded depth and size
 _REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxdict, _REPR.maxlist = 8, 2000, 200, 50, 50
@@ -397,6 +398,19 @@ def _ingest_file(run: _Run, path: Path) -> None:
     })
 
 
+def _unread_bytes(files: list[Path], watermarks: Path) -> int:
+    """Bytes of `files` past their watermark (all of a file never read): what a run may store."""
+    try:
+        marks = json.loads(watermarks.read_text()) if watermarks.exists() else {}
+    except (OSError, ValueError):
+        marks = {}
+    total = 0
+    for path in files:
+        mark = marks.get(os.fsencode(path.resolve()).decode("utf-8", "replace")) or {}
+        total += max(path.stat().st_size - int(mark.get("size") or 0), 0)
+    return total
+
+
 @contextmanager
 def _fewer_gc_passes() -> Iterator[None]:
     """Run the cyclic garbage collector less often (restored after).
@@ -420,8 +434,11 @@ def ingest(paths: Iterable[Path], records_dir: Path, quarantine_dir: Path, fmt: 
     Raises FileNotFoundError for a missing input path, KeyError for an unknown
     `fmt`, and OSError when a file cannot be read (a corrupt gzip stream
     included); sources finished before the error keep their partitions and marks.
+    Before anything is written, `resources.ResourceError` (an OSError) when the disk
+    has no room for the bytes not ingested yet (`_unread_bytes`).
     """
     files = find_log_files(paths)
+    check_disk(records_dir, _unread_bytes(files, watermarks or records_dir.parent / "watermarks.json"))
     run = _Run(records_dir, quarantine_dir, watermarks, fmt)
     with _fewer_gc_passes():
         for path in files:

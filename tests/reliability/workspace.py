@@ -48,24 +48,27 @@ def start(workspace: Path, *args: str) -> subprocess.Popen:
                             stderr=subprocess.STDOUT)
 
 
-def run(workspace: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run `factory ARGS` in `workspace` to completion; returns the completed process (text output)."""
-    return subprocess.run([FACTORY, *args], cwd=workspace, env=env_for(workspace), capture_output=True, text=True,
-                          timeout=timeout)
+def run(workspace: Path, *args: str, timeout: float = 300,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run `factory ARGS` in `workspace` to completion, with `env` added to the workspace's
+    environment; returns the completed process (text output)."""
+    return subprocess.run([FACTORY, *args], cwd=workspace, env={**env_for(workspace), **(env or {})},
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def kill_at(process: subprocess.Popen, delay: float, ready: Callable[[], bool] = lambda: True,
-            deadline: float = 240) -> bool:
-    """SIGKILL `process` `delay` seconds after `ready()` first holds. Returns True when the
-    kill landed (the process was still running), False when it had already exited."""
+            deadline: float = 240, poll: float = 0.05) -> bool:
+    """SIGKILL `process` `delay` seconds after `ready()` first holds (checked every `poll`
+    seconds). Returns True when the kill landed (the process was still running), False
+    when it had already exited."""
     start = time.monotonic()
     while not ready():
         if process.poll() is not None or time.monotonic() - start > deadline:
             break
-        time.sleep(0.05)
+        time.sleep(poll)
     end = time.monotonic() + delay
     while time.monotonic() < end and process.poll() is None:
-        time.sleep(0.02)
+        time.sleep(min(poll, 0.02))
     alive = process.poll() is None
     if alive:
         process.send_signal(signal.SIGKILL)
@@ -87,3 +90,26 @@ def integrity(db: Path) -> str:
 def leftovers(folder: Path) -> list[str]:
     """Temporary files or folders (`*.tmp*`) left anywhere under `folder`."""
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if ".tmp" in p.name)
+
+
+def modified(path: Path) -> Callable[[], bool]:
+    """A `ready` predicate: True once `path`'s mtime differs from now (a first write to an sqlite file)."""
+    before = path.stat().st_mtime_ns
+    return lambda: path.stat().st_mtime_ns != before
+
+
+def has_row(db: Path, query: str) -> Callable[[], bool]:
+    """A `ready` predicate: True once `query` on the sqlite file `db` returns a non-zero first
+    value (read-only, a short lock timeout; any error counts as not yet)."""
+    def ready() -> bool:
+        try:
+            conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=0.01)
+        except sqlite3.Error:
+            return False
+        try:
+            return bool(conn.execute(query).fetchone()[0])
+        except sqlite3.Error:
+            return False
+        finally:
+            conn.close()
+    return ready
