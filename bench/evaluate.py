@@ -15,10 +15,11 @@ import torch
 
 from factory.base_model import ensure_checkpoint
 from factory.evaluate.generate import generate
+from factory.recipe import load_recipe
 from factory.train import render_prompt, setup_tokenizer
 
 SAMPLES = Path(__file__).resolve().parents[1] / "datasets" / "samples" / "logs" / "support-agent-2026-11-03.jsonl"
-N_PROMPTS = 48
+N_PROMPTS = 64
 MAX_NEW_TOKENS = 32
 
 
@@ -50,6 +51,7 @@ def run() -> dict[str, float]:
     prompts = _prompts(tokenizer)
     _tokens_per_s(model, tokenizer, prompts[:4], 4)  # warm-up
     baseline = _tokens_per_s(model, tokenizer, prompts[:12], 1)
-    batched = _tokens_per_s(model, tokenizer, prompts, 16)
+    batch_size = load_recipe(None, None, [], Path(__file__).resolve().parents[1] / "recipes")[0].eval_batch_size
+    batched = _tokens_per_s(model, tokenizer, prompts, batch_size)  # the default recipe's batch
     return {"eval_tokens_per_s": batched, "eval_baseline_tokens_per_s": baseline,
             "eval_speedup": batched / baseline}

@@ -8,6 +8,8 @@ FACTORY_DATA_DIR (datasets/), FACTORY_REGISTRY_DIR (registry/), MLFLOW_TRACKING_
 from __future__ import annotations
 
 import os
+import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -21,7 +23,11 @@ from factory.records import from_table
 
 app = typer.Typer(help="SLM Factory: agent logs in, specialist small language models out.",
                   no_args_is_help=True, pretty_exceptions_enable=False)
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 120)  # logs and pipes get whole tables
+# library notices that say nothing to a factory user, once per training run
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted", category=UserWarning)
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per file when routes download adapters
 
 
 def data_dir() -> Path:
@@ -339,7 +345,7 @@ def nightly(logs: Annotated[list[Path], typer.Argument(help="log files or folder
                            truth=truth)
     try:
         summary = run_nightly(logs, Paths(data_dir(), registry_dir(), Path("reports")), config)
-    except NightlyLocked as err:
+    except (NightlyLocked, ValueError) as err:  # a lock held, a malformed catalog, no room on disk
         raise _fail(str(err)) from None
     console.print(render_summary(summary))
 
@@ -468,13 +474,19 @@ def simulate(logs: Annotated[Optional[list[Path]], typer.Argument(help="log file
     console.print(f"wrote {out / 'simulate.json'} and {out / 'simulate.png'}")
 
 
+SCORE_NAMES = {"classification": "accuracy", "tool_call": "call match", "json_extraction": "field F1",
+               "free_text": "ROUGE-L"}
+
+
 def print_results(results: list[dict]) -> None:
-    table = Table("task", "kind", "metric", "base", "specialist", "teacher", "threshold", "served",
-                  title="Specialists on the held-out test split")
+    table = Table("task", "kind", "score", "base", "specialist", "teacher", "threshold", "served",
+                  title="Specialists on the held-out test split", caption="served: share of the test set "
+                  "the specialist answers at the threshold; the rest escalates to the LLM")
     for r in results:
         cols, cal = r["columns"], r["calibration"]
         threshold = cal["threshold"]
-        table.add_row(r["task"], r["kind"], "score", *(f"{cols[c]['score']:.3f}" for c in ("base", "specialist", "teacher")),
+        table.add_row(r["task"], r["kind"], SCORE_NAMES.get(r["kind"], "score"),
+                      *(f"{cols[c]['score']:.3f}" for c in ("base", "specialist", "teacher")),
                       "-" if threshold in (None, float("inf")) else f"{threshold:.3f}", f"{cal['coverage']:.0%}")
     console.print(table)
 

@@ -13,7 +13,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedTokenizerBase
+from tqdm.auto import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -24,22 +25,35 @@ class Generation:
     new_tokens: int
 
 
+class _ChosenLogprobs(LogitsProcessor):
+    """Records, per step, the log-probability of the token greedy decoding picks (the
+    maximum), instead of keeping every step's logits (batch x vocabulary x steps floats)."""
+
+    def __init__(self):
+        self.steps: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self.steps.append(scores.float().log_softmax(-1).max(-1).values)
+        return scores
+
+
 @torch.inference_mode()
 def generate(model, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int,
-             batch_size: int = 16) -> list[Generation]:
-    """Greedy completions for `prompts`, in input order."""
+             batch_size: int = 16, desc: str = "generate") -> list[Generation]:
+    """Greedy completions for `prompts`, in input order (a progress bar per batch, labelled `desc`)."""
     tokenizer.padding_side = "left"
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list[Generation | None] = [None] * len(prompts)
     eos = tokenizer.eos_token_id
-    for start in range(0, len(order), batch_size):
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
         idx = order[start:start + batch_size]
         batch = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+        chosen = _ChosenLogprobs()  # last processor: sees the scores greedy decoding takes the argmax of
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
-                             pad_token_id=tokenizer.pad_token_id, output_logits=True,
+                             pad_token_id=tokenizer.pad_token_id, logits_processor=LogitsProcessorList([chosen]),
                              return_dict_in_generate=True)
         new = out.sequences[:, batch["input_ids"].shape[1]:]
-        logprobs = torch.stack(out.logits, dim=1).float().log_softmax(-1).gather(-1, new.unsqueeze(-1)).squeeze(-1)
+        logprobs = torch.stack(chosen.steps, dim=1)
         for row, i in enumerate(idx):
             tokens = new[row].tolist()
             length = tokens.index(eos) + 1 if eos in tokens else len(tokens)

@@ -14,6 +14,7 @@ keeps reach `target_quality` x the teacher's score with the largest coverage.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from factory.evaluate.calibrate import calibrate
 from factory.evaluate.generate import Generation, generate
 from factory.evaluate.metrics import confusion_matrix, example_score, task_metrics
 from factory.evaluate.report import write_report
-from factory.mine import load_split, write_atomic
+from factory.mine import embed_texts, load_split, write_atomic
 from factory.recipe import EVAL_FIELDS, Recipe
 from factory.train import load_specialist, parse_output, render_output, render_prompt, resume_run
 
@@ -81,10 +82,11 @@ def evaluate(task: str, entry: dict[str, Any], recipe: Recipe, adapter_dir: str,
              run_id: str | None = None) -> dict[str, Any]:
     """Score the three columns, calibrate the threshold, write the report; returns the result dict.
 
-    A stored result for the same adapter, dataset version and evaluation settings is
-    returned as is. With `run_id`, metrics and report files are logged to that MLflow run.
+    A stored result for the same adapter, dataset version, evaluation settings and truth
+    is returned as is. With `run_id`, metrics and report files are logged to that MLflow run.
     """
-    key = {"adapter": str(adapter_dir), "dataset_version": dataset_version, "settings": eval_settings(recipe)}
+    key = {"adapter": str(adapter_dir), "dataset_version": dataset_version, "settings": eval_settings(recipe),
+           "truth": hashlib.sha256(json.dumps(truth, sort_keys=True).encode()).hexdigest()[:16]}
     stored = report_dir / "eval.json"
     if stored.exists():
         previous = json.loads(stored.read_text())
@@ -97,15 +99,16 @@ def evaluate(task: str, entry: dict[str, Any], recipe: Recipe, adapter_dir: str,
     model, tokenizer = load_specialist(resolve_base(recipe.base_model), adapter_dir)
     prompts = [render_prompt(tokenizer, r["messages"], r.get("tools") or []) for r in rows]
     budget = max_new_tokens(load_split(data_dir, task, dataset_version, "train"), tokenizer, recipe.max_new_tokens)
-    specialist = generate(model, tokenizer, prompts, budget, recipe.eval_batch_size)
+    specialist = generate(model, tokenizer, prompts, budget, recipe.eval_batch_size, desc=f"{task}: specialist")
     with model.disable_adapter():
-        base = generate(model, tokenizer, prompts, budget, recipe.eval_batch_size)
+        base = generate(model, tokenizer, prompts, budget, recipe.eval_batch_size, desc=f"{task}: base")
 
     refs = [truth.get(r["source_id"], r["output"]) for r in rows]
     teacher = [r["output"] for r in rows]
     outputs = {"base": [parse_output(g.text) for g in base],
                "specialist": [parse_output(g.text) for g in specialist], "teacher": teacher}
-    columns = {name: task_metrics(kind, preds, refs, schema) for name, preds in outputs.items()}
+    embed = embed_texts if kind == "free_text" else None  # MiniLM, the model mining already uses
+    columns = {name: task_metrics(kind, preds, refs, schema, embed=embed) for name, preds in outputs.items()}
     scores = [example_score(kind, p, r, schema) for p, r in zip(outputs["specialist"], refs)]
     confidences = [g.confidence if usable(kind, p, schema) else 0.0
                    for g, p in zip(specialist, outputs["specialist"])]
