@@ -65,13 +65,3 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) 
     tokenizer.save_pretrained(out)
     return out
 
-
-@pytest.fixture(autouse=True)
-def _forget_the_mlflow_uri():
-    """`factory` commands run in-process call `mlflow.set_tracking_uri`, a process-wide setting
-    that outranks MLFLOW_TRACKING_URI: forget it after each test, so the next test's own
-    store applies whatever order the tests run in."""
-    yield
-    import mlflow
-
-    mlflow.set_tracking_uri(None)
