@@ -31,7 +31,7 @@ DEFAULT_RECIPE = "cpu-lora"
 
 EVAL_FIELDS = {"max_eval_samples", "max_new_tokens", "eval_batch_size", "target_quality"}
 # fields that change how fast a run goes, not what it learns: left out of the digest
-_SPEED_FIELDS = {"torch_threads"}
+_SPEED_FIELDS = {"torch_threads", "shared_prefix"}
 
 
 class _Strict(BaseModel):
@@ -62,6 +62,8 @@ class Recipe(_Strict):
     packing: bool = False
     padding_free: bool = True
     completion_only_loss: bool = True
+    # the batch's common prompt prefix run once (padding-free, completion-only rows; same gradients)
+    shared_prefix: bool = True
     optimizer: str = "adamw_torch"
     lr_scheduler: str = "linear"
     learning_rate: float = Field(2e-4, gt=0)
