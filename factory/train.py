@@ -49,6 +49,7 @@ with the recipe's shipped accelerate/DeepSpeed config.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import os
 import re
@@ -257,11 +258,7 @@ def _shared_prefix_len(examples: list[dict[str, list[int]]]) -> int:
     """
     limit = min(next((i for i, label in enumerate(e["labels"]) if label != -100), len(e["labels"])) - 1
                 for e in examples)
-    first = examples[0]["input_ids"]
-    n = 0
-    while n < limit and all(e["input_ids"][n] == first[n] for e in examples):
-        n += 1
-    return n
+    return max(min(len(os.path.commonprefix([e["input_ids"] for e in examples])), limit), 0)
 
 
 class SharedPrefixCollator:
@@ -282,13 +279,14 @@ class SharedPrefixCollator:
             return self.collate(examples)
         rests = [e["input_ids"][shared:] for e in examples]
         lengths = [len(r) for r in rests]
-        bounds = torch.tensor([0, shared, *(shared + torch.tensor(lengths).cumsum(0)).tolist()], dtype=torch.int32)
+        bounds = torch.tensor([0, *itertools.accumulate([shared, *lengths])], dtype=torch.int32)
         row = examples[0]["input_ids"][:shared] + [t for r in rests for t in r]
         labels = [-100] * shared + [t for e in examples for t in e["labels"][shared:]]
         positions = torch.cat([torch.arange(shared), *(torch.arange(shared, shared + n) for n in lengths)])
+        longest = max(shared, *lengths)
         return {"input_ids": torch.tensor([row]), "labels": torch.tensor([labels]), "position_ids": positions[None],
-                "cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "max_length_q": max(shared, *lengths),
-                "max_length_k": max(shared, *lengths), "shared_prefix_len": shared}
+                "cu_seq_lens_q": bounds, "cu_seq_lens_k": bounds, "max_length_q": longest, "max_length_k": longest,
+                "shared_prefix_len": shared}
 
 
 def completion_loss(model, inputs: dict[str, Any], num_items_in_batch: Any = None) -> tuple[torch.Tensor, float]:

@@ -17,6 +17,7 @@ scratch run ``FACTORY_CACHE_DIR=$(mktemp -d) pytest``.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -69,10 +70,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) 
 
 
 # Meta-Llama-3-70B's config.json (the sizes; no weights): 70.55B parameters
-LLAMA_70B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 128256, "hidden_size": 8192,
-             "intermediate_size": 28672, "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
-             "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "hidden_act": "silu",
-             "tie_word_embeddings": False, "torch_dtype": "bfloat16", "bos_token_id": 128000, "eos_token_id": 128001}
+LLAMA_70B = Path(__file__).parent / "fixtures" / "llama-3-70b-config.json"
 
 
 @pytest.fixture(scope="session")
@@ -82,7 +80,7 @@ def too_large_config() -> tuple[dict, float]:
     refusal is tested on every machine, against its real available memory."""
     from factory.resources import available_memory_bytes, config_parameters, training_memory_bytes
 
-    config = dict(LLAMA_70B)
+    config = json.loads(LLAMA_70B.read_text())
     parameters = config_parameters(config)
     available = available_memory_bytes()
     assert available, "this machine's available memory is unknown"

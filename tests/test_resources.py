@@ -13,9 +13,8 @@ from factory import resources
 from factory.resources import (MIN_FREE_ENV, ResourceError, check_disk, check_memory, config_parameters,
                                parameter_count, training_memory_bytes)
 
-LLAMA_70B = {"model_type": "llama", "vocab_size": 128256, "hidden_size": 8192, "intermediate_size": 28672,
-             "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
-             "tie_word_embeddings": False}
+# Meta-Llama-3-70B's config.json (the sizes; no weights), shared with conftest's too_large_config
+LLAMA_70B = json.loads((Path(__file__).parent / "fixtures" / "llama-3-70b-config.json").read_text())
 # GPT-2 small as its hub config.json has it: no tie_word_embeddings (tied), no n_inner (4 x n_embd)
 GPT2 = {"model_type": "gpt2", "vocab_size": 50257, "n_embd": 768, "n_layer": 12, "n_head": 12, "n_positions": 1024}
 
