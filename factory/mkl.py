@@ -43,9 +43,11 @@ def _amd() -> bool:
 def _library() -> Path | None:
     """The compiled library in the cache (built atomically on first use); None without a compiler."""
     target = cache_dir() / "lib" / "libmkl_intel_cpu_true.so"
+    if target.exists():
+        return target
     compiler = shutil.which("cc") or shutil.which("gcc")
-    if target.exists() or compiler is None:
-        return target if target.exists() else None
+    if compiler is None:
+        return None
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         source = Path(tmp) / "shim.c"
