@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -34,6 +33,7 @@ ENV = "FACTORY_MKL_ON_AMD"
 
 
 def _amd() -> bool:
+    """An AMD x86-64 CPU under Linux (the only system with a /proc/cpuinfo naming AuthenticAMD)."""
     try:
         return "AuthenticAMD" in Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -63,8 +63,7 @@ def _library() -> Path | None:
 
 def load_on_amd() -> bool:
     """Make MKL use its own fast kernels on this AMD CPU; True when the library was loaded."""
-    if (os.environ.get(ENV, "1") == "0" or "torch" in sys.modules or sys.platform != "linux"
-            or platform.machine() != "x86_64" or not _amd()):
+    if os.environ.get(ENV, "1") == "0" or "torch" in sys.modules or not _amd():
         return False
     try:
         library = _library()

@@ -68,7 +68,6 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_dir: Path) 
     return out
 
 
-
 # Meta-Llama-3-70B's config.json (the sizes; no weights): 70.55B parameters
 LLAMA_70B = Path(__file__).parent / "fixtures" / "llama-3-70b-config.json"
 
