@@ -25,7 +25,9 @@ import torch
 from sklearn.metrics import adjusted_rand_score
 
 from factory import ingest
+from factory import embed
 from factory import mine as mine_stage
+from factory.io import SPLITS, load_split
 from factory.records import Record
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,15 +61,15 @@ def _generic(record: Record) -> Record:
 
 def _mine(records: list[Record], truth: dict[str, str], out: Path) -> tuple[float, float, int]:
     """(seconds, adjusted Rand index, texts embedded) of one cold mining run."""
-    mine_stage._embedder.cache_clear()
-    mine_stage._cache.clear()
+    embed._embedder.cache_clear()
+    embed._cache.clear()
     start = time.perf_counter()
     catalog = mine_stage.mine(records, out)
     seconds = time.perf_counter() - start
-    embedded = len(mine_stage._cache)
+    embedded = len(embed._cache)
     task_of = {row["id"]: task for task, entry in catalog.items() if entry["status"] == "ready"
-               for split in mine_stage.SPLITS
-               for row in mine_stage.load_split(out, task, entry["dataset_version"], split)}
+               for split in SPLITS
+               for row in load_split(out, task, entry["dataset_version"], split)}
     planted = [truth.get(r.source_id, "classify_intent") for r in records]
     score = adjusted_rand_score(planted, [task_of.get(r.id, "") for r in records])
     return seconds, score, embedded

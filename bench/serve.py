@@ -61,7 +61,8 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def bench_routing() -> dict[str, float]:
-    from factory.mine import embed_texts, prompt_text
+    from factory.embed import embed_texts
+    from factory.mine import prompt_text
     from factory.serve.centroids import Centroids
     from factory.serve.router import Router, decide
 

@@ -19,6 +19,7 @@ from rich.table import Table
 
 from factory import ingest as ingest_stage
 from factory import mine as mine_stage
+from factory.catalog import load_catalog
 from factory.records import from_table
 
 app = typer.Typer(help="SLM Factory: agent logs in, specialist small language models out.",
@@ -65,7 +66,7 @@ def _fail(message: str) -> typer.Exit:
 
 def _catalog() -> dict:
     try:
-        catalog = mine_stage.load_catalog(data_dir() / "tasks.yaml")
+        catalog = load_catalog(data_dir() / "tasks.yaml")
     except ValueError as err:
         raise _fail(str(err)) from None
     if not catalog:

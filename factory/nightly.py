@@ -35,7 +35,8 @@ from mlflow import MlflowClient
 from factory import ingest as ingest_stage
 from factory.curate import CurateConfig, curate_store
 from factory.evaluate.run import evaluate, load_truth
-from factory.mine import MineConfig, load_split, mine, write_atomic
+from factory.io import load_split, write_atomic
+from factory.mine import MineConfig, mine
 from factory.records import from_table
 from factory.recipe import load_recipe
 from factory.registry import Gates, register, write_routes

@@ -24,7 +24,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from factory.mine import check_task_name
+from factory.catalog import check_task_name
 
 RECIPES_DIR = Path("recipes")
 DEFAULT_RECIPE = "cpu-lora"

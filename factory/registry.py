@@ -62,7 +62,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
-from factory.mine import load_split, write_atomic
+from factory.io import load_split, write_atomic
 from factory.recipe import Recipe
 from factory.train import TrainResult, resume_run
 

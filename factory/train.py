@@ -78,7 +78,8 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from trl import SFTConfig, SFTTrainer
 
 from factory.base_model import resolve_base
-from factory.mine import check_task_name, load_split, write_atomic
+from factory.catalog import check_task_name
+from factory.io import load_split, write_atomic
 from factory.recipe import RECIPES_DIR, Recipe, accelerate_config
 
 TOOL_CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.S)

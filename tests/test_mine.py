@@ -15,16 +15,15 @@ import yaml
 from sklearn.metrics import adjusted_rand_score
 
 from factory import ingest
+from factory.catalog import load_catalog
+from factory.embed import embed_texts
+from factory.io import SPLITS, load_split
 from factory.mine import (
-    SPLITS,
     MineConfig,
     assign_splits,
     discover,
-    embed_texts,
     infer_kind,
-    load_catalog,
     load_centroid,
-    load_split,
     mine,
     prompt_text,
     session_key,

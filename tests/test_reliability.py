@@ -24,7 +24,8 @@ import yaml
 from mlflow import MlflowClient
 
 from factory.ingest import ingest, read_records
-from factory.mine import SPLITS, load_catalog
+from factory.catalog import load_catalog
+from factory.io import SPLITS
 from factory.registry import HISTORY_TAG, REGISTERED_TAG
 from factory.resources import MIN_FREE_ENV
 from reliability import canaries

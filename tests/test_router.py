@@ -10,7 +10,7 @@ import pytest
 
 import numpy as np
 
-from factory.mine import embed_texts
+from factory.embed import embed_texts
 from factory.serve.centroids import build_centroids, task_centroid
 from factory.serve.requestlog import RequestLog
 from factory.serve.router import Match, Router, decide, load_routes, parse_routes, request_signature

@@ -37,19 +37,17 @@ Markdown text), so log content cannot inject markup or script.
 from __future__ import annotations
 
 import base64
-import contextlib
 import html
 import io
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
 
 from factory.evaluate.metrics import INVALID
+from factory.io import write_atomic
 
 CURVE_PNG = "coverage_quality.png"
 CONFUSION_PNG = "confusion.png"
@@ -80,9 +78,9 @@ def write_report(out_dir: Path, result: dict[str, Any]) -> dict[str, Path]:
     if CONFUSION_PNG in images:
         paths["confusion"] = out_dir / CONFUSION_PNG
     for name, data in images.items():
-        _write_atomic(out_dir / name, data)
-    _write_atomic(paths["markdown"], _markdown(result, list(images)).encode())
-    _write_atomic(paths["html"], _html(result, images).encode())
+        write_atomic(out_dir / name, data)
+    write_atomic(paths["markdown"], _markdown(result, list(images)).encode())
+    write_atomic(paths["html"], _html(result, images).encode())
     return paths
 
 
@@ -216,19 +214,6 @@ def _png(fig: Figure) -> bytes:
 
 def _img(data: bytes, alt: str) -> str:
     return f'<img alt="{alt}" src="data:image/png;base64,{base64.b64encode(data).decode()}">'
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def _fmt(value: Any) -> str:

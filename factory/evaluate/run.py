@@ -27,7 +27,8 @@ from factory.evaluate.calibrate import calibrate
 from factory.evaluate.generate import Generation, generate
 from factory.evaluate.metrics import confusion_matrix, example_score, task_metrics
 from factory.evaluate.report import write_report
-from factory.mine import embed_texts, load_split, write_atomic
+from factory.embed import embed_texts
+from factory.io import load_split, write_atomic
 from factory.recipe import EVAL_FIELDS, Recipe
 from factory.train import load_specialist, parse_output, render_output, render_prompt, resume_run
 

@@ -20,7 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from factory.mine import embed_texts, load_split, prompt_text
+from factory.embed import embed_texts
+from factory.io import load_split
+from factory.mine import prompt_text
 from factory.serve.router import Route, Router
 
 Embed = Callable[[list[str]], np.ndarray]

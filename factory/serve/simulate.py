@@ -36,7 +36,7 @@ from typing import Any
 
 from factory.evaluate.metrics import example_score
 from factory.ingest import ingest, read_records
-from factory.mine import load_split, write_atomic
+from factory.io import load_split, write_atomic
 from factory.records import Record
 from factory.serve.router import SPECIALIST, Router, decide
 from factory.serve.specialists import Specialists
