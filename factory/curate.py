@@ -1,9 +1,11 @@
 """Curate stage: turn ingested records into training-safe ones.
 
 Every record read is first scrubbed of PII and secrets (Presidio), then dropped
-if it failed, was rated negatively, is too long, or duplicates (exactly or
-nearly, MinHash LSH) a record already kept. Removed records are returned,
-scrubbed, so the caller can quarantine them without storing raw PII.
+if it failed, was rated negatively, is too long, or duplicates a record already
+kept: exactly (same id), or nearly (MinHash LSH over the latest turns and the
+output, never across different tool calls or different turns of one session).
+Removed records are returned, scrubbed, so the caller can quarantine them
+without storing raw PII.
 
 Records stream through in small chunks (their strings are analysed in one
 batch); memory holds the kept list, the LSH index with one MinHash per kept
@@ -13,6 +15,7 @@ strings (system prompts recur in every record).
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -22,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from itertools import islice
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TextIO
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -51,6 +54,7 @@ from presidio_analyzer.predefined_recognizers import (
 from pydantic import BaseModel, ConfigDict, Field
 from spacy.language import Language
 
+from factory.io import private_dir
 from factory.records import SCHEMA, Record, content_id, from_table, to_table
 
 REASONS = ("failed", "negative_feedback", "served_by_specialist", "too_long", "duplicate", "near_duplicate")
@@ -122,7 +126,8 @@ class CurateConfig(BaseModel):
     near_dup_shingle: "word" (3-word shingles, the default: faster, and edits
     to short texts like a changed order id fall well under 0.9) or "char"
     (5-char shingles: also catches typo-level edits in short texts, and also
-    flags template-generated requests that differ only in an id).
+    flags template-generated requests that differ only in an id, unless their
+    tool calls differ: those are never near duplicates).
     analysis_cache_size: distinct strings whose analysis is kept (LRU), so the
     system prompt sent with every call is analysed once.
     scrub_chunk: records whose new strings are analysed in one batch.
@@ -379,15 +384,44 @@ def _output_text(record: Record) -> str:
     return f"{record.output_text or ''} {calls}"
 
 
-def _dedup_text(record: Record) -> str:
-    """Normalised non-system request text + output, for near-duplicate detection.
+def _latest_turns(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The messages after the last assistant one (the new user message and/or tool results).
 
-    System messages are left out: one agent step sends the same (often long)
-    system prompt with every call, which would make all its records look alike.
+    A request that ends with an assistant message (a prefilled answer) keeps the turns
+    before it too: only an assistant message followed by others closes the history.
     """
-    parts = [f"{m.get('role')}: {_message_text(m)}" for m in record.messages if m.get("role") != "system"]
+    cut = max((i for i, m in enumerate(messages[:-1]) if m.get("role") == "assistant"), default=-1)
+    return messages[cut + 1 :]
+
+
+def _dedup_text(record: Record) -> str:
+    """Normalised latest turns + output, for near-duplicate detection.
+
+    Left out: system messages (one agent step sends the same, often long, system prompt
+    with every call) and the history before the last assistant message (consecutive turns
+    of one dialogue share it). The trade-off: two calls of different dialogues that end in
+    the same new message and get the same output compare as near duplicates whatever
+    came before.
+    """
+    latest = [m for m in _latest_turns(record.messages) if m.get("role") != "system"]
+    parts = [f"{m.get('role')}: {_message_text(m)}" for m in latest]
     parts.append(f"output: {_output_text(record)}")
     return " ".join(" ".join(parts).lower().split())
+
+
+def _dedup_guard(record: Record) -> tuple[bytes, str, int]:
+    """What two near duplicates must share: the exact tool calls (an 8-byte digest of their
+    canonical JSON, so a call with other argument values is another answer however alike the
+    text), and, within one session, the number of messages (another turn of the dialogue)."""
+    calls = json.dumps(record.output_tool_calls, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    digest = hashlib.blake2b(calls.encode(), digest_size=8).digest()
+    return digest, record.session_id, len(record.messages)
+
+
+def _compatible(a: tuple[bytes, str, int], b: tuple[bytes, str, int]) -> bool:
+    """False when the guards tell two records apart (see `_dedup_guard`)."""
+    (calls_a, session_a, turns_a), (calls_b, session_b, turns_b) = a, b
+    return calls_a == calls_b and not (session_a and session_a == session_b and turns_a != turns_b)
 
 
 def _shingles(text: str, kind: str) -> set[bytes]:
@@ -413,7 +447,8 @@ def _token_text(record: Record) -> str:
 
 
 class _NearDuplicates:
-    """MinHash LSH index of kept records; candidates are confirmed on estimated Jaccard."""
+    """MinHash LSH index of kept records; a candidate is confirmed on estimated Jaccard
+    and on `_compatible` guards (~200 bytes per kept record next to its ~1 KB MinHash)."""
 
     def __init__(self, config: CurateConfig):
         self.threshold = config.near_dup_threshold
@@ -421,15 +456,21 @@ class _NearDuplicates:
         self.shingle = config.near_dup_shingle
         self.lsh = MinHashLSH(threshold=self.threshold, num_perm=self.num_perm)
         self.signatures: dict[int, LeanMinHash] = {}
+        self.guards: dict[int, tuple[bytes, str, int]] = {}
 
     def check_and_add(self, record: Record) -> bool:
         """True if `record` nearly duplicates an indexed one; otherwise index it."""
         minhash = MinHash(num_perm=self.num_perm)
         minhash.update_batch(_shingles(_dedup_text(record), self.shingle))
-        if any(minhash.jaccard(self.signatures[key]) >= self.threshold for key in self.lsh.query(minhash)):
+        guard = _dedup_guard(record)
+        if any(
+            _compatible(guard, self.guards[key]) and minhash.jaccard(self.signatures[key]) >= self.threshold
+            for key in self.lsh.query(minhash)
+        ):
             return True
         key = len(self.signatures)
         self.signatures[key] = LeanMinHash(minhash)
+        self.guards[key] = guard
         self.lsh.insert(key, self.signatures[key])
         return False
 
@@ -529,6 +570,14 @@ def token_counter(base_model: str | None = None) -> Callable[[str], int]:
     return count
 
 
+def _open_private(path: Path) -> TextIO:
+    """`path` opened for writing text, truncated and 0600 (also when a crashed run left it
+    behind with other modes). Raises OSError as os.open does."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "w", encoding="utf-8")
+
+
 def curate_store(
     raw_dir: Path,
     out: Path,
@@ -540,7 +589,9 @@ def curate_store(
 ) -> dict[str, Any]:
     """Curate every record of the Parquet folder `raw_dir`, oldest first (ties by id);
     write the kept ones to `out` (Parquet), the removed ones, scrubbed, with their reason
-    to `quarantine` (JSONL), and the report to `report_path`; return the report.
+    to `quarantine` (JSONL, 0600 in a 0700 folder: scrubbing misses what no recognizer
+    knows, so it stays readable by its owner alone), and the report to `report_path`;
+    return the report.
 
     Memory holds the raw records as one Arrow table (columnar, far smaller than
     Python objects; sorting needs them all), `batch_size` records as Python objects,
@@ -563,8 +614,8 @@ def curate_store(
     kept: list[Record] = []
     out_tmp, quarantine_tmp = out.with_name(f".{out.name}.tmp"), quarantine.with_name(f".{quarantine.name}.tmp")
     out.parent.mkdir(parents=True, exist_ok=True)
-    quarantine.parent.mkdir(parents=True, exist_ok=True)
-    with pq.ParquetWriter(out_tmp, SCHEMA) as writer, open(quarantine_tmp, "w", encoding="utf-8") as rejects:
+    private_dir(quarantine.parent)
+    with pq.ParquetWriter(out_tmp, SCHEMA) as writer, _open_private(quarantine_tmp) as rejects:
         for record, reason in _decisions(records(), config, count_tokens, pii):
             if reason is None:
                 kept.append(record)

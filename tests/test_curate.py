@@ -240,6 +240,94 @@ def test_typos_are_near_duplicates_with_char_shingles_or_a_lower_threshold():
     assert len(curate(records, CurateConfig(near_dup_threshold=0.8)).kept) == 1
 
 
+# --- near duplicates on the whole call: latest turns, output, tool calls, session turns ---
+
+SUPPORT = "You are Acme's support assistant. Check orders before you answer."
+COMPLAINT = (
+    "Hello, I ordered a standing desk three weeks ago as a birthday present for my partner and the tracking "
+    "page has not changed since last Monday, it still says the parcel left the warehouse in Denver and "
+    "nothing else. I have emailed twice and nobody answered, I took a day off work to wait for the courier "
+    "who never came, and the birthday is on Saturday so I am getting worried that it will not arrive in time. "
+    "The order number is A12345 and I paid for express delivery, which I expected to take two days at most. "
+    "Could you please tell me where the parcel is right now and when it will be delivered to my address? "
+    "Here is what the order confirmation lists: "
+) + " ".join(f"line {i}: {item}, quantity {i % 3 + 1}, price ${5 * i}.00;" for i, item in enumerate(
+    ["desk frame", "desk top", "cable tray", "monitor arm", "footrest", "lamp", "chair mat", "drawer"] * 8, 1))
+
+
+def tool_call(name: str, **arguments) -> dict:
+    return {"name": name, "arguments": arguments}
+
+
+def assistant_call(call_id: str, call: dict) -> dict:
+    function = {"name": call["name"], "arguments": json.dumps(call["arguments"])}
+    return {"role": "assistant", "content": None, "tool_calls": [{"id": call_id, "type": "function",
+                                                                  "function": function}]}
+
+
+def dialogue_turns(session_id: str = "sess-1") -> list[Record]:
+    """Four logged calls of one conversation, each request the conversation so far."""
+    status = tool_call("get_order_status", order_id="A12345")
+    refund = tool_call("issue_refund", order_id="A12345", amount=20.0)
+    reply = "Order A12345 shipped from Denver and should arrive on 2026-11-05, before Saturday."
+    history = [{"role": "system", "content": SUPPORT}, {"role": "user", "content": COMPLAINT}]
+    turns = [(status, None)]
+    history_2 = [*history, assistant_call("call_1", status),
+                 {"role": "tool", "tool_call_id": "call_1", "content": '{"status": "shipped", "eta": "2026-11-05"}'}]
+    turns.append((None, reply))
+    history_3 = [*history_2, {"role": "assistant", "content": reply},
+                 {"role": "user", "content": "Thanks. Could you refund the $20 express fee then?"}]
+    turns.append((refund, None))
+    history_4 = [*history_3, assistant_call("call_2", refund),
+                 {"role": "tool", "tool_call_id": "call_2", "content": '{"refunded": 20.0}'}]
+    turns.append((None, "I have refunded the $20 express fee for order A12345."))
+    requests = [history, history_2, history_3, history_4]
+    return [make(messages, text, [call] if call else [], session_id=session_id, location=f"chat.jsonl:{i}")
+            for i, (messages, (call, text)) in enumerate(zip(requests, turns), 1)]
+
+
+def test_turns_of_one_dialogue_sharing_its_history_are_kept():
+    result = curate(dialogue_turns())
+    assert [r.location for r in result.kept] == [f"chat.jsonl:{i}" for i in range(1, 5)]
+    assert result.removed == []
+
+
+def test_one_dialogue_may_repeat_a_turn_later_on():
+    first = make([{"role": "user", "content": "Is order A12345 still processing?"}],
+                 tool_calls=[tool_call("get_order_status", order_id="A12345")], session_id="sess-9")
+    later = make([*first.messages, assistant_call("call_1", first.output_tool_calls[0]),
+                  {"role": "tool", "tool_call_id": "call_1", "content": '{"status": "processing"}'},
+                  {"role": "assistant", "content": "It is still processing."},
+                  {"role": "user", "content": "Is order A12345 still processing?"}],
+                 tool_calls=first.output_tool_calls, session_id="sess-9")
+    assert len(curate([first, later]).kept) == 2
+    # the same latest turn and output in another conversation is a near duplicate
+    elsewhere = make(later.messages, tool_calls=later.output_tool_calls, session_id="sess-10")
+    assert [why for _, why in curate([first, elsewhere]).removed] == ["near_duplicate"]
+
+
+def test_templated_questions_with_other_argument_values_are_kept():
+    template = ("Please convert {amount} {source} to {target} at today's rate for the quarterly expense report "
+                "of the Denver office, rounded to cents, and use the mid-market rate the finance team asked for.")
+    values = [(120, "USD", "EUR"), (125, "USD", "EUR"), (120, "USD", "GBP"), (120, "CAD", "EUR")]
+    records = [chat(template.format(amount=a, source=s, target=t), output=None,
+                    tool_calls=[tool_call("convert_currency", amount=a, source=s, target=t)]) for a, s, t in values]
+    assert len(curate(records, CurateConfig(near_dup_shingle="char")).kept) == 4
+    renamed = [chat(template.format(amount=120, source="USD", target="EUR"), output=None, tool_calls=[call])
+               for call in (tool_call("convert_currency", amount=120, source="USD", target="EUR"),
+                            tool_call("quote_currency", amount=120, source="USD", target="EUR"))]
+    assert len(curate(renamed).kept) == 2
+
+
+def test_a_retried_turn_with_a_trivial_change_is_a_near_duplicate():
+    first, second, third, fourth = dialogue_turns()
+    retried = make([*third.messages[:-1], {"role": "user", "content": "thanks.  could you refund the $20 "
+                                                                      "EXPRESS fee then? "}],
+                   tool_calls=third.output_tool_calls, session_id=third.session_id, location="retry.jsonl:1")
+    result = curate([first, second, third, retried, fourth])
+    assert [(r.location, why) for r, why in result.removed] == [("retry.jsonl:1", "near_duplicate")]
+
+
 def test_too_long_records_are_removed():
     def count_words(text: str) -> int:
         return len(text.split())
@@ -314,6 +402,27 @@ def test_curate_store_sorts_by_time_streams_out_and_scrubs_the_quarantine(tmp_pa
         text = path.read_bytes().decode("utf-8", "replace")
         assert "example.com" not in text and "example.org" not in text and "4111" not in text
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_curate_store_keeps_the_quarantine_private(tmp_path):
+    import stat
+
+    import pyarrow.parquet as pq
+
+    from factory.curate import curate_store
+    from factory.records import to_table
+
+    raw, quarantine = tmp_path / "raw", tmp_path / "quarantine" / "curate.jsonl"
+    raw.mkdir()
+    pq.write_table(to_table([chat("card 4111 1111 1111 1111 declined", outcome="error")]), raw / "a.parquet")
+    quarantine.parent.mkdir(mode=0o755)
+    stale = quarantine.with_name(f".{quarantine.name}.tmp")  # left behind by a killed run
+    stale.write_text("old\n")
+    stale.chmod(0o644)
+    curate_store(raw, tmp_path / "curated.parquet", quarantine, tmp_path / "report.json")
+    assert stat.S_IMODE(quarantine.stat().st_mode) == 0o600
+    assert stat.S_IMODE(quarantine.parent.stat().st_mode) == 0o700
+    assert [json.loads(x)["reason"] for x in quarantine.read_text().splitlines()] == ["failed"]
 
 
 def test_max_tokens_counts_with_the_base_tokenizer(tiny_model_dir):
