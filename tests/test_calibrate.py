@@ -3,8 +3,22 @@ import json
 
 import numpy as np
 import pytest
+from scipy.stats import beta
+from sklearn.isotonic import IsotonicRegression
 
-from factory.evaluate.calibrate import Calibration, calibrate
+from factory.evaluate.calibrate import (
+    ISOTONIC_MIN_EXAMPLES,
+    Calibration,
+    Certification,
+    OperatingPoint,
+    apply_map,
+    calibrate,
+    certify_threshold,
+    evaluate_threshold,
+    expected_calibration_error,
+    fit_calibration_map,
+    mean_lower_bound,
+)
 
 
 def test_picks_largest_coverage_reaching_target():
@@ -82,3 +96,256 @@ def test_frozen():
 def test_bad_input_raises(conf, scores):
     with pytest.raises(ValueError):
         calibrate(conf, scores, target=0.5)
+
+
+# --- synthetic task: confidence c ~ U(0, 1), score ~ Bernoulli(c) (or a [0, 1] score with mean c) ----------
+# Kept quality at threshold t is E[c | c >= t] = (1 + t) / 2, so target 0.8 is met exactly from t = 0.6 up
+# (true coverage 0.4).
+
+TARGET, DELTA, TRUE_THRESHOLD = 0.8, 0.1, 0.6
+
+
+def draw(rng, n, fractional=False):
+    conf = rng.random(n)
+    if fractional:  # Beta with mean c: scores strictly inside (0, 1), like ROUGE-L
+        return conf, rng.beta(4 * conf + 1e-9, 4 * (1 - conf) + 1e-9)
+    return conf, (rng.random(n) < conf).astype(float)
+
+
+def guarantee_run(seeds, n_val, n_test, fractional):
+    """Certify on validation, judge on a large test draw; the violation rates and mean test coverage."""
+    below_true = below_test = none = 0
+    coverage = []
+    for seed in range(seeds):
+        rng = np.random.default_rng(seed)
+        val, test = draw(rng, n_val, fractional), draw(rng, n_test, fractional)
+        cert = certify_threshold(*val, TARGET, DELTA, binary_scores=not fractional)
+        point = evaluate_threshold(cert.threshold, *test)
+        coverage.append(point.coverage)
+        if cert.threshold is None:
+            none += 1
+            continue
+        assert cert.lower_bound >= TARGET and cert.quality >= cert.lower_bound
+        below_true += (1 + cert.threshold) / 2 < TARGET
+        below_test += point.quality < TARGET
+    return below_true / seeds, below_test / seeds, none / seeds, float(np.mean(coverage))
+
+
+def test_certified_threshold_holds_on_new_traffic_binary():
+    below_true, below_test, none, coverage = guarantee_run(300, 500, 20_000, fractional=False)
+    # measured: 0.083 (true quality), 0.087 (test draw), 4.7% uncertified, test coverage 0.28 of the possible 0.40
+    assert below_true <= DELTA + 0.05
+    assert below_test <= DELTA + 0.05
+    assert none <= 0.1
+    assert 0.2 <= coverage <= 0.4 + 0.02
+
+
+def test_certified_threshold_holds_on_new_traffic_fractional_scores():
+    below_true, below_test, none, coverage = guarantee_run(200, 500, 20_000, fractional=True)
+    # Hoeffding-Bentkus is conservative here: measured 0 violations, 1.5% uncertified, coverage 0.24
+    assert below_true <= DELTA + 0.05
+    assert below_test <= DELTA + 0.05
+    assert none <= 0.1
+    assert coverage >= 0.15
+
+
+def test_in_sample_threshold_misses_target_often():
+    """The check above can fail: the in-sample choice breaks the target in about half of the seeds."""
+    below = 0
+    for seed in range(200):
+        conf, scores = draw(np.random.default_rng(seed), 500)
+        threshold = calibrate(conf, scores, TARGET).threshold
+        below += threshold is not None and (1 + threshold) / 2 < TARGET
+    assert below / 200 > 3 * DELTA
+
+
+def test_tiny_or_hopeless_validation_certifies_nothing():
+    # five perfect, confident answers: 0.1 ** (1 / 5) = 0.63 < 0.8, and 11 would be needed
+    cert = certify_threshold([0.99, 0.98, 0.97, 0.96, 0.95], [1, 1, 1, 1, 1], TARGET, binary_scores=True)
+    assert cert.threshold is None and cert.coverage == 0.0 and cert.quality is None and cert.lower_bound is None
+    assert cert.min_kept == 11 and cert.n == 5 and len(cert.curve) == 5
+    json.dumps(dataclasses.asdict(cert), allow_nan=False)
+    conf, scores = draw(np.random.default_rng(0), 2000)
+    assert certify_threshold(conf, scores, 1.0).threshold is None  # no finite sample certifies a target of 1
+    assert certify_threshold(conf, scores * 0.7, TARGET).threshold is None  # quality too low everywhere
+
+
+def test_eleven_perfect_answers_are_just_enough():
+    cert = certify_threshold(np.linspace(1, 0.5, 11), [1] * 11, TARGET, binary_scores=True)
+    assert cert.threshold == 0.5 and cert.coverage == 1.0
+    assert cert.lower_bound == pytest.approx(DELTA ** (1 / 11))
+
+
+def test_fixed_sequence_stops_at_first_failure():
+    # 30 right, 20 wrong, then 200 right: the bound dips below target after the wrong run and would
+    # pass again far below, but the sequence stops at the dip
+    scores = np.array([1] * 30 + [0] * 20 + [1] * 200, dtype=float)
+    conf = np.linspace(1, 0, scores.size)
+    cert = certify_threshold(conf, scores, TARGET, binary_scores=True, start_coverage=0.0)
+    lower = np.array([p[3] for p in cert.curve])
+    assert lower[-1] >= TARGET  # all 250 would pass on their own
+    first_fail = np.flatnonzero((np.arange(1, 251) >= cert.min_kept) & (lower < TARGET))[0]
+    assert cert.threshold == conf[first_fail - 1]
+    assert cert.threshold > conf[49]
+    kept = first_fail  # the last certified point keeps the first_fail most confident answers
+    wins = int(scores[:kept].sum())
+    assert cert.lower_bound == pytest.approx(beta.ppf(DELTA, wins, kept - wins + 1))
+
+
+def test_start_coverage_moves_the_first_test():
+    # two early misses among the 15 most confident answers end a search that starts there
+    scores = np.ones(400)
+    scores[[3, 7]] = 0
+    conf = np.linspace(1, 0, 400)
+    early = certify_threshold(conf, scores, 0.85, binary_scores=True, start_coverage=0.0)
+    later = certify_threshold(conf, scores, 0.85, binary_scores=True, start_coverage=0.1)
+    assert early.min_kept == 15 and early.threshold is None
+    assert later.min_kept == 40 and later.threshold == 0.0 and later.coverage == 1.0
+
+
+def test_certification_ties_and_curve():
+    conf = [0.9] * 30 + [0.5] * 30
+    cert = certify_threshold(conf, [1.0] * 60, TARGET, binary_scores=True)
+    assert [p[:3] for p in cert.curve] == [(0.9, 0.5, 1.0), (0.5, 1.0, 1.0)]
+    assert cert.threshold == 0.5 and isinstance(cert, Certification)
+
+
+# --- lower confidence bound -----------------------------------------------------------------------------------
+
+
+def test_clopper_pearson_values():
+    assert mean_lower_bound(100, 90, DELTA, binary=True) == pytest.approx(beta.ppf(DELTA, 90, 11))
+    assert mean_lower_bound(7, 0, DELTA, binary=True) == 0.0
+    assert mean_lower_bound(10, 10, DELTA, binary=True) == pytest.approx(DELTA ** 0.1)
+    assert mean_lower_bound(10, 10, DELTA) == pytest.approx(DELTA ** 0.1)
+
+
+def test_hoeffding_bentkus_is_valid_and_looser_than_exact():
+    n, total = np.arange(1, 301), np.arange(1, 301) * 0.85
+    hb = mean_lower_bound(n, np.round(total), DELTA)
+    cp = mean_lower_bound(n, np.round(total), DELTA, binary=True)
+    assert (hb <= cp + 1e-12).all() and (hb <= np.round(total) / n).all()
+    assert (np.diff(mean_lower_bound(50, np.arange(0, 51), DELTA)) >= 0).all()
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_lower_bound_covers_the_true_mean(binary):
+    rng = np.random.default_rng(1)
+    mean, n, trials = 0.85, 40, 4000
+    if binary:
+        totals = rng.binomial(n, mean, trials).astype(float)
+    else:
+        totals = rng.beta(8.5, 1.5, (trials, n)).sum(axis=1)  # mean 0.85
+    bounds = mean_lower_bound(np.full(trials, n), totals, DELTA, binary=binary)
+    assert (bounds > mean).mean() <= DELTA + 0.015
+
+
+# --- calibration map and ECE -------------------------------------------------------------------------------
+
+
+def overconfident(rng, n):
+    conf = rng.random(n)
+    return conf, (rng.random(n) < conf**3).astype(float)
+
+
+def test_ece_of_calibrated_and_overconfident_sets():
+    rng = np.random.default_rng(2)
+    assert expected_calibration_error(*draw(rng, 20_000)) < 0.02
+    assert expected_calibration_error(*overconfident(rng, 20_000)) > 0.2  # exact value 0.25 with 10 bins
+    # two bins: [0, .5) holds 0.2 (outcome 0), [.5, 1] holds 0.6 and 1.0 (outcomes 1, 0)
+    assert expected_calibration_error([0.2, 0.6, 1.0], [0, 1, 0], bins=2) == pytest.approx((0.2 + 0.6) / 3)
+
+
+@pytest.mark.parametrize("method, n_val", [("platt", 300), ("isotonic", 3000), ("auto", 300), ("auto", 3000)])
+def test_map_reduces_ece_on_held_out_data(method, n_val):
+    rng = np.random.default_rng(3)
+    mapping = fit_calibration_map(*overconfident(rng, n_val), method=method)
+    test_conf, test_scores = overconfident(rng, 20_000)
+    before = expected_calibration_error(test_conf, test_scores)
+    after = expected_calibration_error(apply_map(mapping, test_conf), test_scores)
+    assert after < before / 3
+    assert mapping["method"] == (method if method != "auto" else "platt" if n_val < ISOTONIC_MIN_EXAMPLES
+                                 else "isotonic")
+
+
+def test_platt_on_calibrated_confidences_is_near_identity():
+    mapping = fit_calibration_map(*draw(np.random.default_rng(4), 5000), method="platt")
+    assert mapping["a"] == pytest.approx(1.0, abs=0.15) and mapping["b"] == pytest.approx(0.0, abs=0.15)
+
+
+def test_fractional_scores_are_soft_targets():
+    rng = np.random.default_rng(5)
+    conf = rng.random(4000)
+    scores = np.clip(conf + rng.normal(0, 0.05, conf.size), 0, 1)  # expected score ~ confidence
+    mapping = fit_calibration_map(conf, scores, method="isotonic")
+    assert np.abs(apply_map(mapping, [0.2, 0.5, 0.8]) - [0.2, 0.5, 0.8]).max() < 0.05
+
+
+@pytest.mark.parametrize("method", ["platt", "isotonic"])
+def test_map_round_trips_through_json(method):
+    mapping = fit_calibration_map(*overconfident(np.random.default_rng(6), 500), method=method)
+    restored = json.loads(json.dumps(mapping, allow_nan=False))
+    grid = np.linspace(-0.5, 1.5, 401)
+    assert np.array_equal(apply_map(restored, grid), apply_map(mapping, grid))
+    assert apply_map(restored, 0.5).shape == ()
+
+
+def test_isotonic_map_matches_sklearn():
+    conf, scores = overconfident(np.random.default_rng(7), 800)
+    mapping = fit_calibration_map(conf, scores, method="isotonic")
+    iso = IsotonicRegression(y_min=0, y_max=1, out_of_bounds="clip").fit(conf, scores)
+    grid = np.linspace(-0.2, 1.2, 301)
+    assert np.allclose(apply_map(mapping, grid), iso.predict(grid))
+
+
+@pytest.mark.parametrize("method", ["platt", "isotonic"])
+@pytest.mark.parametrize("informative", [True, False])
+def test_map_is_monotone_and_a_probability(method, informative):
+    rng = np.random.default_rng(8)
+    conf = rng.random(600)
+    right = rng.random(600) < (conf if informative else 1 - conf)  # an anti-informative confidence too
+    mapping = fit_calibration_map(conf, right.astype(float), method=method)
+    mapped = apply_map(mapping, np.linspace(0, 1, 1001))
+    assert (np.diff(mapped) >= 0).all()
+    assert ((mapped >= 0) & (mapped <= 1)).all()
+    if not informative and method == "platt":
+        assert mapping["a"] == 0.0  # clamped: a decreasing map is not allowed, the base rate remains
+
+
+# --- held-out evaluation -------------------------------------------------------------------------------------
+
+
+def test_evaluate_threshold_on_held_out_set():
+    point = evaluate_threshold(0.5, [0.9, 0.5, 0.4, 0.7], [1, 0, 1, 1])
+    assert point == OperatingPoint(threshold=0.5, n=4, kept=3, coverage=0.75, quality=pytest.approx(2 / 3))
+    assert evaluate_threshold(None, [0.9], [1]) == OperatingPoint(None, 1, 0, 0.0, None)
+    assert evaluate_threshold(0.95, [0.9], [1]).quality is None
+    json.dumps(dataclasses.asdict(point), allow_nan=False)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: certify_threshold([0.5], [1.5], 0.8),
+        lambda: certify_threshold([0.5], [0.5], 0.8, binary_scores=True),
+        lambda: certify_threshold([0.5], [1.0], 1.5),
+        lambda: certify_threshold([0.5], [1.0], 0.8, delta=0.0),
+        lambda: certify_threshold([0.5], [1.0], 0.8, start_coverage=2.0),
+        lambda: certify_threshold([], [], 0.8),
+        lambda: fit_calibration_map([1.5], [1.0]),
+        lambda: fit_calibration_map([0.5], [1.0], method="beta"),
+        lambda: apply_map({"method": "beta"}, [0.5]),
+        lambda: apply_map({"method": "isotonic", "x": [0.5, 0.2], "y": [0.1, 0.2]}, [0.5]),
+        lambda: apply_map({"method": "platt", "a": 1.0, "b": 0.0}, [float("nan")]),
+        lambda: expected_calibration_error([0.5], [1.0], bins=0),
+        lambda: expected_calibration_error([1.5], [1.0]),
+        lambda: evaluate_threshold(float("nan"), [0.5], [1.0]),
+        lambda: evaluate_threshold(0.5, [0.5, 0.6], [1.0]),
+        lambda: mean_lower_bound(0, 0, DELTA),
+        lambda: mean_lower_bound(5, 6, DELTA),
+        lambda: mean_lower_bound(5, 2.5, DELTA, binary=True),
+    ],
+)
+def test_new_functions_reject_bad_input(call):
+    with pytest.raises(ValueError):
+        call()

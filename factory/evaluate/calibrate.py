@@ -1,22 +1,57 @@
-"""Router calibration: the confidence threshold above which the specialist answers.
+"""Router calibration: when may the specialist answer instead of the teacher?
 
-The specialist keeps an answer when its confidence >= threshold and escalates
-to the teacher otherwise. Coverage is the share of answers kept, quality the
-mean example score of the kept answers. The chosen threshold is the one with
-the largest coverage whose quality still reaches the target (usually the
-teacher's quality), i.e. the cheapest routing that does not lose quality.
+The specialist keeps an answer when its raw confidence (the geometric mean of the
+chosen tokens' probabilities) is >= a threshold and escalates to the teacher
+otherwise. Coverage is the share of answers kept, quality the mean example score
+(in [0, 1]) of the kept answers.
+
+The pieces, each fitted on one split and judged on another:
+
+fit_calibration_map / apply_map   a monotone map from raw confidence to the
+                                  expected score of the answer (the probability
+                                  that it is right, for 0/1 scores); JSON-safe,
+                                  applied with numpy alone.
+expected_calibration_error        how far confidences are from observed scores.
+certify_threshold                 the threshold whose kept quality on new traffic
+                                  reaches the target with probability >= 1 - delta
+                                  (Learn-then-Test, fixed-sequence testing).
+mean_lower_bound                  the finite-sample lower confidence bound it uses.
+evaluate_threshold                coverage and quality at a threshold on a held-out set.
+calibrate                         the older in-sample search (below).
+
+`calibrate` picks the threshold on a split and reports coverage and quality on
+that same split, so its figures are optimistic and nothing bounds the quality
+served on new traffic; it stays for its current callers. The evaluation should
+instead run the specialist on both the validation and the test split, then:
+fit the map and certify the threshold on validation (per task); report on test
+the coverage and quality at the certified threshold (`evaluate_threshold`) and
+the ECE of the raw and the mapped confidences. The router keeps comparing the raw
+confidence with the threshold, so serving needs no change; the map adds a
+calibrated probability for reports and for callers that want one.
+
+Fitting imports scikit-learn and scipy inside the functions that fit, so a server
+that only applies a map (`apply_map`) imports numpy alone.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 # Kept quality is a running float sum; this absorbs its rounding so that a
 # quality of exactly the target (e.g. 9 of 10 kept right, target 0.9) counts.
 _TOLERANCE = 1e-9
+# "auto" fits isotonic regression from this many validation examples up, Platt below.
+ISOTONIC_MIN_EXAMPLES = 1000
+# Platt works on logit(confidence); confidences are clipped this far inside (0, 1)
+# so that 0 (an unusable answer) and 1 have finite logits.
+_LOGIT_EPS = 1e-9
+# Halvings of the Hoeffding-Bentkus bound's bracket: 2**-60 is far below float resolution.
+_BISECTION_STEPS = 60
 
 
 @dataclass(frozen=True)
@@ -44,32 +79,25 @@ class Calibration:
 
 
 def calibrate(confidences: Sequence[float], scores: Sequence[float], target: float) -> Calibration:
-    """Pick the threshold with the largest coverage whose kept quality >= target.
+    """Pick the threshold with the largest coverage whose kept quality >= target, in-sample.
 
     Every distinct confidence is a candidate threshold; equal confidences are
     kept or escalated together, so ties never split. Quality need not fall
     monotonically with coverage: the largest qualifying coverage wins even if
     some smaller one does not qualify. O(n log n) (one sort).
 
+    The threshold is chosen and judged on the same examples, so the coverage and
+    quality it reports are optimistic and the served quality may fall below the
+    target about half the time; `certify_threshold` on validation plus
+    `evaluate_threshold` on test replace it.
+
     Raises ValueError when the inputs are empty, of different lengths, not
     one-dimensional, or contain NaN.
     """
-    conf = np.asarray(confidences, dtype=float)
-    score = np.asarray(scores, dtype=float)
-    if conf.ndim != 1 or conf.shape != score.shape:
-        raise ValueError(f"confidences {conf.shape} and scores {score.shape} must be equal-length 1-D sequences")
-    if conf.size == 0:
-        raise ValueError("cannot calibrate on no examples")
-    if np.isnan(conf).any() or np.isnan(score).any():
-        raise ValueError("confidences and scores must not contain NaN")
-
-    order = np.argsort(-conf, kind="stable")
-    conf, score = conf[order], score[order]
-    last_of_tie = np.flatnonzero(np.append(conf[1:] != conf[:-1], True))
-    kept = last_of_tie + 1
-    thresholds = conf[last_of_tie]
+    conf, score = _check_pair(confidences, scores)
+    thresholds, kept, sums = _kept_curve(conf, score)
     coverage = kept / conf.size
-    quality = np.cumsum(score)[last_of_tie] / kept
+    quality = sums / kept
     curve = tuple(zip(thresholds.tolist(), coverage.tolist(), quality.tolist()))
 
     reaching = np.flatnonzero(quality >= target - _TOLERANCE)
@@ -83,3 +111,377 @@ def calibrate(confidences: Sequence[float], scores: Sequence[float], target: flo
         target=float(target),
         curve=curve,
     )
+
+
+# --- calibration map --------------------------------------------------------------------------------------
+
+
+def fit_calibration_map(confidences: Sequence[float], scores: Sequence[float],
+                        method: str = "auto") -> dict[str, Any]:
+    """Fit a non-decreasing map from raw confidence to the expected score, on validation.
+
+    Target: the score itself, as a soft label. The map estimates E[score | confidence],
+    which for 0/1 scores (classification, tool calls) is P(right | confidence) and for
+    fractional scores (ROUGE-L, field F1) is the expected quality, the same quantity the
+    router's target is stated in. Cutting fractional scores at some value would throw
+    away information and add an arbitrary constant.
+
+    Methods:
+    "platt"     sigmoid(a * logit(c) + b) with a >= 0, fitted by soft-label cross-entropy
+                on Platt's smoothed targets (label 1 -> (N+ + 1) / (N+ + 2), label 0 ->
+                1 / (N- + 2), fractional scores in between linearly), which keeps a and b
+                finite on separable data. Two parameters: smooth and stable on small
+                sets, but it can only stretch and shift the logit, so a confidence whose
+                miscalibration is not of that shape stays partly miscalibrated. logit(c)
+                rather than c because raw confidences crowd near 1, and a = 1, b = 0 is
+                the identity.
+    "isotonic"  sklearn IsotonicRegression (increasing, out_of_bounds="clip", output
+                clipped to [0, 1]), stored as its breakpoints and applied by linear
+                interpolation. Non-parametric, so it fits any monotone shape, but it is a
+                step function that chases noise on small sets (a top bin of three right
+                answers maps to 1.0).
+    "auto"      isotonic from ISOTONIC_MIN_EXAMPLES (1000) examples up, Platt below:
+                Niculescu-Mizil & Caruana (2005) found isotonic overfitting and losing to
+                Platt on calibration sets below roughly a thousand examples.
+
+    Both maps are monotone non-decreasing, so they never reorder answers: thresholding
+    the mapped value is thresholding the raw confidence. Assumes validation and new
+    traffic are exchangeable (the map is a property of the score distribution).
+
+    Returns a JSON-safe dict for `apply_map`: {"method": "platt", "a": float, "b": float}
+    or {"method": "isotonic", "x": [float, ...], "y": [float, ...]}.
+
+    Raises ValueError when the inputs are empty, of different lengths, not 1-D, contain
+    NaN, hold a confidence or score outside [0, 1], or `method` is unknown; RuntimeError
+    when the Platt optimiser does not converge.
+    """
+    conf, score = _check_pair(confidences, scores)
+    _check_unit("confidences", conf)
+    _check_unit("scores", score)
+    if method == "auto":
+        method = "isotonic" if conf.size >= ISOTONIC_MIN_EXAMPLES else "platt"
+    if method == "platt":
+        return _fit_platt(conf, score)
+    if method == "isotonic":
+        from sklearn.isotonic import IsotonicRegression
+
+        iso = IsotonicRegression(y_min=0.0, y_max=1.0, increasing=True, out_of_bounds="clip").fit(conf, score)
+        return {"method": "isotonic", "x": iso.X_thresholds_.tolist(), "y": iso.y_thresholds_.tolist()}
+    raise ValueError(f"unknown calibration method {method!r}: use 'auto', 'platt' or 'isotonic'")
+
+
+def apply_map(mapping: Mapping[str, Any], confidences: Sequence[float] | np.ndarray | float) -> np.ndarray:
+    """Calibrated probabilities for raw confidences, with numpy alone (for serving).
+
+    `mapping` is what `fit_calibration_map` returns, or its JSON round trip. Isotonic
+    maps interpolate linearly between breakpoints and hold the end values outside them
+    (as sklearn's predict with out_of_bounds="clip"); Platt maps clip the confidence to
+    [1e-9, 1 - 1e-9] before the logit. The result has the shape of `confidences`.
+
+    Raises ValueError for an unknown method, a malformed map (isotonic x and y of
+    different or zero length, or x decreasing) or a NaN confidence.
+    """
+    conf = np.asarray(confidences, dtype=float)
+    if np.isnan(conf).any():
+        raise ValueError("confidences must not contain NaN")
+    method = mapping.get("method")
+    if method == "platt":
+        z = float(mapping["a"]) * _logit(conf) + float(mapping["b"])
+        return np.exp(-np.logaddexp(0.0, -z))  # sigmoid(z) without overflow
+    if method == "isotonic":
+        x = np.asarray(mapping["x"], dtype=float)
+        y = np.asarray(mapping["y"], dtype=float)
+        if x.ndim != 1 or x.shape != y.shape or x.size == 0 or (np.diff(x) < 0).any():
+            raise ValueError("an isotonic map needs equal-length, non-empty x and y with x non-decreasing")
+        return np.asarray(np.interp(conf, x, y), dtype=float)
+    raise ValueError(f"unknown calibration map method {method!r}")
+
+
+def expected_calibration_error(probabilities: Sequence[float], outcomes: Sequence[float], bins: int = 10) -> float:
+    """Expected calibration error: sum over bins of (bin share) * |mean probability - mean outcome|.
+
+    Bins are `bins` equal-width intervals of [0, 1] (the last one closed); empty bins
+    count zero. Outcomes may be fractional (scores), which measures calibration to the
+    expected score. The estimate is biased upward on small sets: even perfectly
+    calibrated probabilities give about sqrt(p (1 - p) / n_bin) per bin from sampling
+    noise, so compare values computed on sets of similar size. Equal-width bins are the
+    usual convention; with confidences crowded near 1 most examples share the top bin,
+    which then dominates the figure.
+
+    Raises ValueError when the inputs are empty, of different lengths, not 1-D, contain
+    NaN, a probability lies outside [0, 1], or bins < 1.
+    """
+    prob, outcome = _check_pair(probabilities, outcomes)
+    _check_unit("probabilities", prob)
+    if bins < 1:
+        raise ValueError(f"bins must be >= 1, got {bins}")
+    index = np.minimum((prob * bins).astype(int), bins - 1)
+    gap = np.bincount(index, weights=prob, minlength=bins) - np.bincount(index, weights=outcome, minlength=bins)
+    return float(np.abs(gap).sum() / prob.size)
+
+
+# --- certified threshold ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Certification:
+    """A threshold certified on validation, and the curve it was chosen from.
+
+    threshold    keep answers with confidence >= threshold; None when none is
+                 certified (too little validation data or quality too low): the
+                 task escalates every request
+    coverage     share of validation answers kept at threshold (0.0 when None)
+    quality      mean validation score of those answers (None when threshold is None)
+    lower_bound  the (1 - delta) lower confidence bound on kept quality at threshold
+                 (None when threshold is None); >= target by construction
+    target       the quality the kept answers must reach
+    delta        the allowed probability that the certified quality is wrong
+    min_kept     testing starts at the highest threshold keeping at least this many
+                 validation answers; fewer could not be certified, or too noisily
+    n            validation examples
+    curve        (threshold, coverage, quality, lower_bound) for every distinct
+                 confidence, highest threshold first (including the points above
+                 the start, which are not tested)
+    """
+
+    threshold: float | None
+    coverage: float
+    quality: float | None
+    lower_bound: float | None
+    target: float
+    delta: float
+    min_kept: int
+    n: int
+    curve: tuple[tuple[float, float, float, float], ...]
+
+
+def certify_threshold(confidences: Sequence[float], scores: Sequence[float], target: float, delta: float = 0.1,
+                      binary_scores: bool = False, start_coverage: float = 0.1) -> Certification:
+    """The lowest threshold whose kept quality on new traffic is >= target with probability >= 1 - delta.
+
+    Method: Learn-then-Test (Angelopoulos et al., 2021) with fixed-sequence testing.
+    Each distinct validation confidence t is a candidate; H0(t): "the mean score of
+    answers with confidence >= t is below target". H0(t) is rejected when the
+    (1 - delta) lower confidence bound on kept quality (`mean_lower_bound`, computed
+    from the n(t) kept answers, which given n(t) are an i.i.d. sample of kept traffic)
+    is >= target. Candidates are tested from the highest threshold down, each at level
+    delta, stopping at the first one not rejected; the answer is the last rejected
+    (largest coverage). Fixed-sequence testing controls the family-wise error at delta
+    with no Bonferroni penalty, however many thresholds there are, because a false
+    certification needs the first true null in the sequence to be rejected. The price:
+    once the bound dips below target the search stops, even if a lower threshold would
+    pass again.
+
+    Testing starts at the highest threshold that keeps at least `min_kept` =
+    max(ceil(log(delta) / log(target)), ceil(start_coverage * n)) answers. With fewer
+    than the first term not even a perfect kept set can be certified, so a start at a
+    higher threshold would always stop at once; the second keeps a few early mistakes
+    among the most confident answers from ending the search (and a kept share below
+    start_coverage saves little). The trade-off: a specialist that is good only on its
+    most confident start_coverage share of traffic is not certified.
+
+    Assumptions: validation examples and new traffic are exchangeable (i.i.d. from one
+    distribution; examples from one session are correlated, which this ignores), and,
+    because the starting threshold depends on the data, that kept quality does not rise
+    when the threshold is lowered (E[score | confidence >= t] non-decreasing in t, i.e.
+    the confidence is informative); with a fixed starting threshold the second
+    assumption would not be needed. See docs/calibration.md.
+
+    binary_scores  True for 0/1 scores (classification, tool calls): the exact binomial
+                   (Clopper-Pearson) bound; False: Hoeffding-Bentkus, valid for any
+                   scores in [0, 1] but looser.
+
+    Raises ValueError when the inputs are empty, of different lengths, not 1-D, contain
+    NaN, a score is outside [0, 1] (or not 0/1 with binary_scores), target is outside
+    [0, 1], delta outside (0, 1) or start_coverage outside [0, 1].
+    """
+    conf, score = _check_pair(confidences, scores)
+    _check_unit("scores", score)
+    if not 0.0 <= target <= 1.0:
+        raise ValueError(f"target must be in [0, 1], got {target}")
+    if not 0.0 < delta < 1.0:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
+    if not 0.0 <= start_coverage <= 1.0:
+        raise ValueError(f"start_coverage must be in [0, 1], got {start_coverage}")
+    thresholds, kept, sums = _kept_curve(conf, score)
+    lower = mean_lower_bound(kept, sums, delta, binary=binary_scores)
+    coverage = kept / conf.size
+    quality = sums / kept
+    curve = tuple(zip(thresholds.tolist(), coverage.tolist(), quality.tolist(), lower.tolist()))
+
+    min_kept = max(_smallest_certifiable(target, delta, conf.size), math.ceil(start_coverage * conf.size - _TOLERANCE))
+    tested = np.flatnonzero(kept >= min_kept)
+    failed = tested[lower[tested] < target]
+    last = (failed[0] if failed.size else kept.size) - 1
+    common = {"target": float(target), "delta": float(delta), "min_kept": min_kept, "n": int(conf.size), "curve": curve}
+    if not tested.size or last < tested[0]:
+        return Certification(threshold=None, coverage=0.0, quality=None, lower_bound=None, **common)
+    return Certification(threshold=float(thresholds[last]), coverage=float(coverage[last]),
+                         quality=float(quality[last]), lower_bound=float(lower[last]), **common)
+
+
+def mean_lower_bound(n: Sequence[int] | np.ndarray | int, total: Sequence[float] | np.ndarray | float,
+                     delta: float, binary: bool = False) -> np.ndarray:
+    """One-sided (1 - delta) lower confidence bounds on the mean of n i.i.d. scores in [0, 1] summing to total.
+
+    binary=True (0/1 scores): the one-sided Clopper-Pearson bound, the delta quantile
+    of Beta(total, n - total + 1) (0 when total = 0). It inverts the exact binomial
+    tail, so for Bernoulli scores it is valid and tighter than Hoeffding-Bentkus; for
+    fractional scores it is not valid. binary=False: the Hoeffding-Bentkus bound of
+    Learn-then-Test, the largest q whose p-value min(exp(-n KL(min(r, 1 - q) || 1 - q)),
+    e * P(Binomial(n, 1 - q) <= ceil(n r))) is <= delta, with r = 1 - total / n the
+    mean loss; valid for any distribution on [0, 1], at the cost of width. It is found
+    by bisection and the returned value is the lower end of the final bracket, so it
+    errs low. Vectorised: n and total broadcast. Both bounds are below the sample mean,
+    and for a perfect sample both are delta ** (1 / n).
+
+    Raises ValueError when n < 1, total is outside [0, n], delta is outside (0, 1), or,
+    with binary=True, total is not a whole number.
+    """
+    from scipy.stats import beta
+
+    count, total = np.broadcast_arrays(np.asarray(n, dtype=float), np.asarray(total, dtype=float))
+    if not 0.0 < delta < 1.0:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
+    if (count < 1).any() or (count != np.round(count)).any():
+        raise ValueError("n must be whole numbers >= 1")
+    if np.isnan(total).any() or (total < -_TOLERANCE).any() or (total > count + _TOLERANCE).any():
+        raise ValueError("total must lie in [0, n]")
+    total = np.clip(total, 0.0, count)
+    if binary:
+        wins = np.round(total)
+        if (np.abs(total - wins) > 1e-6).any():
+            raise ValueError("binary scores must sum to whole numbers")
+        bound = np.zeros_like(wins)
+        won = wins > 0
+        bound[won] = beta.ppf(delta, wins[won], count[won] - wins[won] + 1)
+        return bound
+    bound = np.zeros_like(total)
+    scored = total > 0
+    count, loss = count[scored], count[scored] - total[scored]
+    lo, hi = np.zeros_like(loss), 1.0 - loss / count
+    for _ in range(_BISECTION_STEPS):
+        mid = (lo + hi) / 2
+        reject = _hoeffding_bentkus(count, loss, 1.0 - mid) <= delta
+        lo, hi = np.where(reject, mid, lo), np.where(reject, hi, mid)
+    bound[scored] = lo
+    return bound
+
+
+def _hoeffding_bentkus(n: np.ndarray, loss: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """P-value of H0 "mean loss > alpha" for n losses in [0, 1] summing to loss (alpha in (0, 1))."""
+    from scipy.special import xlogy
+    from scipy.stats import binom
+
+    a = np.minimum(loss / n, alpha)
+    kl = xlogy(a, a) - xlogy(a, alpha) + xlogy(1 - a, 1 - a) - xlogy(1 - a, 1 - alpha)
+    return np.minimum(np.exp(-n * kl), math.e * binom.cdf(np.ceil(loss - _TOLERANCE), n, alpha))
+
+
+def _smallest_certifiable(target: float, delta: float, n: int) -> int:
+    """Fewest kept answers whose bound can reach target: delta ** (1 / m) >= target.
+
+    No finite sample certifies a target of 1; n + 1 then says no threshold is tested.
+    """
+    if target >= 1.0:
+        return n + 1
+    if target <= 0.0:
+        return 1
+    return max(1, math.ceil(math.log(delta) / math.log(target) - _TOLERANCE))
+
+
+# --- held-out evaluation ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """What a threshold does on a held-out set.
+
+    threshold  the threshold judged (None: nothing is kept)
+    n          examples in the set
+    kept       examples with confidence >= threshold
+    coverage   kept / n
+    quality    mean score of the kept examples (None when none is kept)
+    """
+
+    threshold: float | None
+    n: int
+    kept: int
+    coverage: float
+    quality: float | None
+
+
+def evaluate_threshold(threshold: float | None, confidences: Sequence[float], scores: Sequence[float]) -> OperatingPoint:
+    """Coverage and kept quality at `threshold` on a set it was not chosen on (the test split).
+
+    These are the out-of-sample figures to report: unbiased estimates of what the
+    threshold does on new traffic (given exchangeability), unlike the validation figures
+    it was certified on. None keeps nothing. No bound is attached: the held-out quality
+    is an estimate with sampling noise of about sqrt(q (1 - q) / kept).
+
+    Raises ValueError when the inputs are empty, of different lengths, not 1-D, contain
+    NaN, or the threshold is NaN.
+    """
+    conf, score = _check_pair(confidences, scores)
+    if threshold is None:
+        return OperatingPoint(threshold=None, n=int(conf.size), kept=0, coverage=0.0, quality=None)
+    if math.isnan(threshold):
+        raise ValueError("threshold must not be NaN")
+    keep = conf >= threshold
+    kept = int(keep.sum())
+    return OperatingPoint(threshold=float(threshold), n=int(conf.size), kept=kept, coverage=kept / conf.size,
+                          quality=float(score[keep].mean()) if kept else None)
+
+
+# --- helpers ---------------------------------------------------------------------------------------------
+
+
+def _check_pair(first: Sequence[float], second: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    a = np.asarray(first, dtype=float)
+    b = np.asarray(second, dtype=float)
+    if a.ndim != 1 or a.shape != b.shape:
+        raise ValueError(f"inputs {a.shape} and {b.shape} must be equal-length 1-D sequences")
+    if a.size == 0:
+        raise ValueError("cannot calibrate on no examples")
+    if np.isnan(a).any() or np.isnan(b).any():
+        raise ValueError("inputs must not contain NaN")
+    return a, b
+
+
+def _check_unit(name: str, values: np.ndarray) -> None:
+    if (values < 0).any() or (values > 1).any():
+        raise ValueError(f"{name} must lie in [0, 1]")
+
+
+def _kept_curve(conf: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per distinct confidence, highest first: the threshold, how many are kept, their score sum."""
+    order = np.argsort(-conf, kind="stable")
+    conf, score = conf[order], score[order]
+    last_of_tie = np.flatnonzero(np.append(conf[1:] != conf[:-1], True))
+    return conf[last_of_tie], last_of_tie + 1, np.cumsum(score)[last_of_tie]
+
+
+def _logit(conf: np.ndarray) -> np.ndarray:
+    clipped = np.clip(conf, _LOGIT_EPS, 1.0 - _LOGIT_EPS)
+    return np.log(clipped) - np.log1p(-clipped)
+
+
+def _fit_platt(conf: np.ndarray, score: np.ndarray) -> dict[str, Any]:
+    from scipy.optimize import minimize
+    from scipy.special import expit
+
+    x = _logit(conf)
+    positives = float(score.sum())
+    negatives = conf.size - positives
+    high, low = (positives + 1) / (positives + 2), 1 / (negatives + 2)
+    y = low + score * (high - low)
+
+    def loss(params: np.ndarray) -> tuple[float, np.ndarray]:
+        z = params[0] * x + params[1]
+        residual = expit(z) - y
+        return float(np.mean(np.logaddexp(0.0, z) - y * z)), np.array([np.mean(residual * x), np.mean(residual)])
+
+    fit = minimize(loss, np.array([1.0, 0.0]), jac=True, method="L-BFGS-B", bounds=[(0.0, None), (None, None)])
+    if not fit.success:
+        raise RuntimeError(f"Platt scaling did not converge: {fit.message}")
+    return {"method": "platt", "a": float(fit.x[0]), "b": float(fit.x[1])}
