@@ -16,7 +16,8 @@ import torch
 from factory.base_model import ensure_checkpoint
 from factory.evaluate.generate import generate
 from factory.recipe import load_recipe
-from factory.train import render_prompt, setup_tokenizer
+from factory.chat import render_prompt
+from factory.models import load_tokenizer
 
 SAMPLES = Path(__file__).resolve().parents[1] / "datasets" / "samples" / "logs" / "support-agent-2026-11-03.jsonl"
 N_PROMPTS = 64
@@ -46,7 +47,7 @@ def run() -> dict[str, float]:
     from transformers import AutoModelForCausalLM
 
     path = str(ensure_checkpoint())
-    tokenizer = setup_tokenizer(path)
+    tokenizer = load_tokenizer(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     prompts = _prompts(tokenizer)
     _tokens_per_s(model, tokenizer, prompts[:4], 4)  # warm-up

@@ -42,12 +42,13 @@ def _sample_calls(limit: int = 4000) -> list[dict]:
 
 
 def _routes(calls: list[dict], base: str, adapter: str, kind: str | None = None) -> dict:
-    from factory.serve.router import parse_routes, request_signature
+    from factory.serve.router import parse_routes, request_template, tool_names
 
     tasks = {}
     for call in calls:
         step = call["metadata"]["step"].replace("_", "-")
-        template, tools = request_signature(call["request"]["messages"], call["request"].get("tools") or [])
+        template = request_template(call["request"]["messages"])
+        tools = tool_names(call["request"].get("tools") or [])
         tasks.setdefault(step, {"task": step, "kind": kind or "classification", "threshold": 0.0,
                                 "signature": {"agent": "acme-support", "step": step, "template": template,
                                               "tools": list(tools)},

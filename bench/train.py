@@ -87,16 +87,18 @@ def _trainer(side: str, rows: list[dict], base: str | None, out: Path):
 
     from factory.base_model import resolve_base
     from factory.recipe import load_recipe
-    from factory.train import render_output, setup_data, setup_model, setup_tokenizer, setup_trainer, training_args
+    from factory.chat import render_output
+    from factory.models import load_tokenizer
+    from factory.train import setup_data, setup_model, setup_trainer, training_args
 
     recipe, _ = load_recipe(None, None, [f"base_model={base}"] if base else [], ROOT / "recipes")
     path = resolve_base(recipe.base_model)
     if side == "factory":
         recipe = recipe.model_copy(update={"max_train_samples": None, "max_train_tokens": None, "epochs": 1.0})
-        tokenizer = setup_tokenizer(path)
+        tokenizer = load_tokenizer(path)
         args = training_args(recipe, out, evaluate=False)
         args.save_strategy, args.disable_tqdm = "no", True
-        return setup_trainer(args, setup_model(recipe, path), tokenizer, setup_data(rows, tokenizer, recipe), None,
+        return setup_trainer(args, setup_model(recipe, path), tokenizer, setup_data(rows, tokenizer, recipe)[0], None,
                              recipe.shared_prefix)
     data = Dataset.from_list([{"prompt": r["messages"],
                                "completion": [{"role": "assistant", "content": render_output(r["output"])}]}

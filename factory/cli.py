@@ -18,8 +18,11 @@ from rich.console import Console
 from rich.table import Table
 
 from factory import ingest as ingest_stage
+from factory import kinds
 from factory import mine as mine_stage
 from factory.catalog import load_catalog
+from factory.errors import FactoryError
+from factory.paths import Paths
 from factory.records import from_table
 
 app = typer.Typer(help="SLM Factory: agent logs in, specialist small language models out.",
@@ -31,12 +34,16 @@ warnings.filterwarnings("ignore", message="The specified dataset source can be i
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per file when routes download adapters
 
 
+def paths() -> Paths:
+    return Paths.from_env()
+
+
 def data_dir() -> Path:
-    return Path(os.environ.get("FACTORY_DATA_DIR", "datasets"))
+    return paths().data
 
 
 def registry_dir() -> Path:
-    return Path(os.environ.get("FACTORY_REGISTRY_DIR", "registry"))
+    return paths().registry
 
 
 def _tracking() -> None:
@@ -181,25 +188,29 @@ def _train(task: str, recipe_name: str | None, overrides: list[str]):
     _tracking()
     console.rule(f"train {task}")
     try:
-        return entry, recipe, train_task(task, entry, recipe, raw, data_dir(), registry_dir())
+        return entry, recipe, train_task(task, entry, recipe, raw, paths().data, paths().registry)
     except ValueError as err:
         raise _fail(str(err)) from None
 
 
+def _trained(task: str, recipe_name: str | None, overrides: list[str]):
+    """(entry, recipe, finished training); FactoryError "train first" when the task has none."""
+    from factory.pipeline import finished_training
+
+    entry = _entry(task)
+    recipe, _ = _recipe(task, recipe_name, overrides)
+    _tracking()
+    return entry, recipe, finished_training(task, entry, recipe, paths())
+
+
 def _eval(task: str, entry, recipe, trained, truth: Path | None) -> dict:
-    from factory.evaluate.run import evaluate, load_truth
+    from factory.pipeline import evaluate_trained
 
     console.rule(f"evaluate {task}")
-    return evaluate(task, entry, recipe, trained.adapter_dir, trained.dataset_version, data_dir(),
-                    Path("reports") / task, load_truth(truth), run_id=trained.run_id)
-
-
-def _register(entry, trained, evaluation, recipe) -> None:
-    from factory.registry import register
-
-    version, promoted = register(entry, trained, evaluation, recipe)
-    aliases = ", ".join(version.aliases) or "none"
-    console.print(f"registered {trained.task} v{version.version} (aliases: {aliases}){' - promoted' if promoted else ''}")
+    try:
+        return evaluate_trained(task, entry, recipe, trained, paths(), truth)
+    except ValueError as err:
+        raise _fail(str(err)) from None
 
 
 RecipeOpt = Annotated[Optional[str], typer.Option("--recipe", help="recipe name under recipes/base or a YAML path")]
@@ -217,28 +228,26 @@ def train(task: str, recipe: RecipeOpt = None, set_: SetOpt = None) -> None:
 
 @app.command("eval")
 def eval_(task: str, recipe: RecipeOpt = None, set_: SetOpt = None, truth: TruthOpt = None) -> None:
-    """Evaluate a task's specialist against the base model and the teacher; writes reports/<task>/."""
-    entry, rec, trained = _train(task, recipe, set_ or [])
+    """Evaluate a task's trained specialist against the base model and the teacher; writes reports/<task>/."""
+    entry, rec, trained = _trained(task, recipe, set_ or [])
     print_results([_eval(task, entry, rec, trained, truth)])
 
 
 def _finetune(task: str, entry: dict, recipe: str | None, overrides: list[str], truth: Path | None) -> dict:
     """Train (or reuse), evaluate (or reuse) and register one task; returns the evaluation."""
-    from factory.nightly import NightlyConfig, Paths, finetune as finetune_task
+    from factory.pipeline import finetune as finetune_task
     from factory.recipe import RecipeError
 
     _tracking()
     console.rule(f"finetune {task}")
-    config = NightlyConfig(recipe=recipe, overrides=tuple(overrides), truth=truth)
     try:
-        trained, evaluation, version, promoted = finetune_task(
-            task, entry, Paths(data_dir(), registry_dir(), Path("reports")), config)
+        done = finetune_task(task, entry, paths(), recipe, tuple(overrides), truth)
     except (RecipeError, ValueError) as err:
         raise _fail(str(err)) from None
-    aliases = ", ".join(version.aliases) or "none"
-    console.print(f"{task}: trained in {trained.seconds:.0f} s ({trained.tokens_per_s:.0f} tokens/s); "
-                  f"registered v{version.version} (aliases: {aliases}){' - promoted' if promoted else ''}")
-    return evaluation
+    aliases = ", ".join(done.version.aliases) or "none"
+    console.print(f"{task}: trained in {done.trained.seconds:.0f} s ({done.trained.tokens_per_s:.0f} tokens/s); "
+                  f"registered v{done.version.version} (aliases: {aliases}){' - promoted' if done.promoted else ''}")
+    return done.evaluation
 
 
 @app.command()
@@ -251,10 +260,14 @@ def finetune(task: str, recipe: RecipeOpt = None, set_: SetOpt = None, truth: Tr
 
 @app.command()
 def register(task: str, recipe: RecipeOpt = None, set_: SetOpt = None, truth: TruthOpt = None) -> None:
-    """Register a task's evaluated specialist (one version per training run)."""
-    entry, rec, trained = _train(task, recipe, set_ or [])
+    """Register a task's trained specialist, evaluating it first if needed (one version per training run)."""
+    from factory.registry import register as register_version
+
+    entry, rec, trained = _trained(task, recipe, set_ or [])
     evaluation = _eval(task, entry, rec, trained, truth)
-    _register(entry, trained, evaluation, rec)
+    version, promoted = register_version(entry, trained, evaluation, rec)
+    aliases = ", ".join(version.aliases) or "none"
+    console.print(f"registered {task} v{version.version} (aliases: {aliases}){' - promoted' if promoted else ''}")
 
 
 @app.command()
@@ -300,19 +313,28 @@ def rollback(task: str, reason: Annotated[Optional[str], typer.Option(help="why 
 
 @app.command()
 def routes(export: Annotated[Optional[list[str]], typer.Option(
-        help="also write serving configs to registry/exports/: vllm (--lora-modules command line), lorax")] = None) -> None:
-    """Write registry/routes.json from the champions (downloading their adapters to registry/adapters/)."""
+        help="also write serving configs to registry/exports/: vllm (--lora-modules command line), lorax")] = None,
+           strict: Annotated[bool, typer.Option(help="exit 1 when a task lost its champion")] = False) -> None:
+    """Write registry/routes.json from the champions (downloading their adapters to registry/adapters/).
+
+    Names every task left out because it lost its champion (alias deleted, or pointing at a
+    deleted version) and why; its requests escalate until the alias is set again.
+    """
     from factory.registry import EXPORTS, write_routes
 
     unknown = sorted(set(export or []) - set(EXPORTS))
     if unknown:
         raise _fail(f"unknown export {', '.join(unknown)}; known: {', '.join(sorted(EXPORTS))}")
     _tracking()
-    table = write_routes(registry_dir() / "routes.json")
+    table, lost = write_routes(registry_dir() / "routes.json")
     console.print(f"routes: {len(table)} champion(s) -> {registry_dir() / 'routes.json'}")
+    for task, why in sorted(lost.items()):
+        console.print(f"[yellow]not routed:[/yellow] {task}: {why}", soft_wrap=True)
     for name in dict.fromkeys(export or []):
         for path in EXPORTS[name](table, registry_dir() / "exports"):
             console.print(f"  {name}: {path}")
+    if strict and lost:
+        raise _fail(f"{len(lost)} task(s) without a champion: {', '.join(sorted(lost))}")
 
 
 @app.command()
@@ -338,14 +360,14 @@ def nightly(logs: Annotated[list[Path], typer.Argument(help="log files or folder
             min_growth: float = 0.2, drift_margin: float = 0.05, max_tasks: int = 10,
             time_budget_h: float = 6.0) -> None:
     """Ingest new logs, re-mine, retrain what grew or drifted, promote through the gates, refresh routes."""
-    from factory.nightly import NightlyConfig, NightlyLocked, Paths, nightly as run_nightly, render_summary
+    from factory.nightly import NightlyConfig, NightlyLocked, nightly as run_nightly, render_summary
 
     _tracking()
     config = NightlyConfig(min_growth=min_growth, drift_margin=drift_margin, max_tasks=max_tasks,
                            time_budget_s=time_budget_h * 3600, recipe=recipe, overrides=tuple(set_ or []),
                            truth=truth)
     try:
-        summary = run_nightly(logs, Paths(data_dir(), registry_dir(), Path("reports")), config)
+        summary = run_nightly(logs, paths(), config)
     except (NightlyLocked, ValueError) as err:  # a lock held, a malformed catalog, no room on disk
         raise _fail(str(err)) from None
     console.print(render_summary(summary))
@@ -421,8 +443,10 @@ def serve(host: str = "127.0.0.1", port: int = 8000,
           upstream_key_env: Annotated[str, typer.Option(help="env var holding the upstream key")] = "FACTORY_UPSTREAM_API_KEY",
           api_keys_env: Annotated[str, typer.Option(help="env var with comma-separated client keys")] = "FACTORY_API_KEYS",
           api_keys_file: Annotated[Optional[Path], typer.Option(help="file of client keys, one a line")] = None,
+          upstream_model: Annotated[Optional[str], typer.Option(
+              help="the upstream model that requests pinned to factory/<task> escalate to")] = None,
           routes_file: RoutesOpt = None, log_dir: Annotated[Optional[Path], typer.Option(
-              help="request logs for `factory ingest` (default <data dir>/logs/serve)")] = None,
+              help="request logs for `factory ingest`, private to this user (default <data dir>/logs/serve)")] = None,
           upstream_timeout: float = 60.0, max_request_bytes: int = 512 * 1024, embedding: EmbeddingOpt = True,
           min_similarity: float = 0.8) -> None:
     """Serve the champions behind an OpenAI-compatible endpoint, escalating to --upstream."""
@@ -438,7 +462,7 @@ def serve(host: str = "127.0.0.1", port: int = 8000,
     router, specialists = _router(routes_file, embedding, min_similarity)
     config = ServeConfig(log_dir=log_dir or data_dir() / "logs" / "serve", upstream=upstream,
                          upstream_key=os.environ.get(upstream_key_env) or None, upstream_timeout=upstream_timeout,
-                         api_keys=keys, max_request_bytes=max_request_bytes)
+                         upstream_model=upstream_model, api_keys=keys, max_request_bytes=max_request_bytes)
     if upstream and not config.upstream_key:
         console.print(f"no key in ${upstream_key_env}: escalations go upstream without Authorization")
     console.print(f"serving {len(router.routes)} specialist(s) on http://{host}:{port}/v1, logging to {config.log_dir}")
@@ -475,10 +499,6 @@ def simulate(logs: Annotated[Optional[list[Path]], typer.Argument(help="log file
     console.print(f"wrote {out / 'simulate.json'} and {out / 'simulate.png'}")
 
 
-SCORE_NAMES = {"classification": "accuracy", "tool_call": "call match", "json_extraction": "field F1",
-               "free_text": "ROUGE-L"}
-
-
 def print_results(results: list[dict]) -> None:
     table = Table("task", "kind", "score", "base", "specialist", "teacher", "threshold", "served",
                   title="Specialists on the held-out test split", caption="served: share of the test set "
@@ -486,11 +506,21 @@ def print_results(results: list[dict]) -> None:
     for r in results:
         cols, cal = r["columns"], r["calibration"]
         threshold = cal["threshold"]
-        table.add_row(r["task"], r["kind"], SCORE_NAMES.get(r["kind"], "score"),
+        table.add_row(r["task"], r["kind"], kinds.get(r["kind"]).score_name,
                       *(f"{cols[c]['score']:.3f}" for c in ("base", "specialist", "teacher")),
                       "-" if threshold in (None, float("inf")) else f"{threshold:.3f}", f"{cal['coverage']:.0%}")
     console.print(table)
 
 
+def main() -> None:
+    """The `factory` command: a FactoryError (bad input, settings or resources) is one line naming
+    what to fix and exit code 1; any other exception is a bug and keeps its traceback."""
+    try:
+        app()
+    except FactoryError as err:
+        console.print(f"[red]error:[/red] {err}", soft_wrap=True)
+        raise SystemExit(1) from None
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -2,13 +2,16 @@
 
 Discovery has two layers.
 
-(a) Signature. Every record gets `(agent, step, template, tools)`: the template is a hash of
+(a) Signature. Every record gets `(agent, step, template)`: the template is a hash of
     the system prompt with curate's PII tags (`<EMAIL_ADDRESS_1>`), quoted values, numbers
-    and ids masked (`template_fingerprint`); tools is the sorted set of tool names. Records with the same
-    signature form a group; signatures with under `min_group_size` records are pooled per
-    agent/step/tools (template `*`), so a prompt carrying an unmasked per-call value (a
-    name) does not make every call its own group. `signature(record)` (template, tools) is
-    the part the router looks requests up by.
+    and ids masked (`template_fingerprint`). Records with the same signature form a group;
+    signatures with under `min_group_size` records are pooled per agent/step (template `*`),
+    so a prompt carrying an unmasked per-call value (a name) does not make every call its
+    own group. The tools a call offers are input, not identity: agents that retrieve their
+    tools per request (tool-retrieval, MCP) offer a different list on every call of one
+    step, so the tool names are a feature of a task (its `signature.tools`, the router's
+    tie-breaker), never part of its key. `template_fingerprint(record)` is what the router
+    looks requests up by.
 (b) Embedding clustering. Inside each group every prompt (`prompt_text`: masked system
     prompt + last user message) is reduced to its *skeleton*: the tokens covered by a word
     3-gram that at least `template_share` of the group's prompts contain, the rest collapsed
@@ -23,21 +26,30 @@ Discovery has two layers.
     differ in shape (tool call, JSON, label of <= 4 words, text) or have a disjoint
     vocabulary (labels, JSON keys, tool names) never share a task, and anchors of different
     groups pay `cross_group_penalty`, so different signatures merge only when their
-    templates are near-identical and their agent, step and tools agree (an empty agent or
-    step, as in a fine-tuning export, agrees with any). Agglomerative rather than HDBSCAN:
+    templates are near-identical and their agent and step agree (an empty agent or
+    step, as in a fine-tuning export, agrees with any). A skeleton whose outputs mix
+    tool calls and text has the shape "turn", which may share a task with calls and with
+    text: a router cannot know before the answer which it will be. A conversational step
+    (a group whose outputs mix calls and text and whose requests mostly carry a dialogue so
+    far) is one agent turn: what it answers depends on where the dialogue is (a question
+    asks for a call, a tool result for a reply), not on a different instruction, and the
+    router could not tell tasks of one template and step apart anyway. Finally a cluster under `min_examples` joins the
+    nearest cluster of its own group and a fitting shape (a trainable one first), so a step
+    whose prompts differ in content (per-call tools, the question asked) stays trainable.
+    Agglomerative rather than HDBSCAN:
     skeletons stack many identical points, which defeats density estimates, and a cosine
     threshold is easy to reason about. Limits: a subtask under `template_share` of a generic
     group loses its instruction from the skeleton and joins its nearest neighbour; two
     subtasks behind one shared generic system prompt, with outputs of the same shape and
     semantically close instructions, may merge.
 
-Each task's kind and output schema are inferred from its outputs (`infer_kind`).
+Each task's kind and output schema are inferred from its outputs (`factory.kinds.infer`).
 
 Catalog (`tasks.yaml`): human-editable. A mined task continues an existing entry when they
 share a signature no other entry or task has, or when the entry's stored centroid is within
 `match_similarity` of the task's (this tells apart the tasks of a split generic step, which
 share one signature, and keeps a task whose prompt was reworded), or, for an entry without
-a centroid, when they share a signature or at least agent, step and tools. It keeps the
+a centroid, when they share a signature or at least agent and step. It keeps the
 entry's name (so renames persist) and description. To merge task B into A, set
 `merged_into: A` on B: B stays as a `merged` tombstone that keeps claiming B's records for
 A. Entries no longer matched stay with status `absent`.
@@ -78,9 +90,13 @@ from typing import Any, NamedTuple
 import numpy as np
 import yaml
 
+from factory import kinds
 from factory.catalog import CATALOG_HEADER, check_task_name, load_catalog
+from factory.chat import text_of
 from factory.embed import EMBEDDING_MODEL, embed_texts
 from factory.io import SPLITS, write_atomic
+from factory.kinds.agent_turn import MIN_CALL_SHARE
+from factory.kinds.base import json_object
 from factory.records import Record
 
 _MASKS = [
@@ -129,10 +145,9 @@ class Group(NamedTuple):
     agent: str
     step: str
     template: str
-    tools: tuple[str, ...]
 
     def as_dict(self) -> dict[str, Any]:
-        return {"agent": self.agent, "step": self.step, "template": self.template, "tools": list(self.tools)}
+        return {"agent": self.agent, "step": self.step, "template": self.template}
 
 
 @dataclass
@@ -141,12 +156,6 @@ class Cluster:
 
     members: list[int]
     skeleton: str
-
-
-def _text(content: Any) -> str:
-    if isinstance(content, list):
-        return " ".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
-    return content or ""
 
 
 def mask_text(text: str) -> str:
@@ -158,7 +167,7 @@ def mask_text(text: str) -> str:
 
 def template_fingerprint(record: Record) -> str:
     """Hash of the system prompt with numbers, ids, quoted values and PII tags masked."""
-    system = " ".join(_text(m.get("content")) for m in record.messages if m.get("role") in ("system", "developer"))
+    system = " ".join(text_of(m.get("content")) for m in record.messages if m.get("role") in ("system", "developer"))
     return hashlib.sha256(mask_text(system).lower().encode()).hexdigest()[:12]
 
 
@@ -166,13 +175,14 @@ def _tool_names(record: Record) -> tuple[str, ...]:
     return tuple(sorted(t.get("function", t).get("name", "") for t in record.tools))
 
 
-def signature(record: Record) -> tuple[str, tuple[str, ...]]:
-    """(template fingerprint, tool names): the key the router looks a request up by."""
-    return template_fingerprint(record), _tool_names(record)
+def _tool_feature(records: list[Record], limit: int = 64) -> list[str]:
+    """The names of the tools a task's calls offer (the `limit` most frequent), sorted: the router's tie-breaker."""
+    counts = Counter(name for r in records for name in _tool_names(r))
+    return sorted(name for name, _ in counts.most_common(limit))
 
 
 def group_of(record: Record) -> Group:
-    return Group(record.agent, record.step, template_fingerprint(record), _tool_names(record))
+    return Group(record.agent, record.step, template_fingerprint(record))
 
 
 def group_keys(records: list[Record], config: MineConfig = MineConfig()) -> list[Group]:
@@ -193,8 +203,8 @@ def prompt_text(messages: list[dict[str, Any]]) -> str:
     router embeds requests with this function and `embed_texts` to compare them with the
     stored centroids.
     """
-    system = " ".join(_text(m.get("content")) for m in messages if m.get("role") in ("system", "developer"))
-    last = next((_text(m.get("content")) for m in reversed(messages)
+    system = " ".join(text_of(m.get("content")) for m in messages if m.get("role") in ("system", "developer"))
+    last = next((text_of(m.get("content")) for m in reversed(messages)
                  if m.get("role") not in ("system", "developer", "assistant")), "")
     parts = [mask_text(system)[:_PART_CHARS], mask_text(last)[:_PART_CHARS]]
     return " | ".join(p for p in parts if p).lower()
@@ -228,31 +238,40 @@ def skeletons(texts: list[str], share: float) -> list[str]:
     return [skeleton[t] for t in texts]
 
 
-def _json_object(text: str | None) -> dict | None:
-    if not (text or "").lstrip().startswith("{"):
-        return None
-    try:
-        value = json.loads(text or "")
-    except json.JSONDecodeError:
-        return None
-    return value if isinstance(value, dict) else None
-
-
 def output_shape(record: Record) -> str:
     """"tool_call", "json", "label" (at most 4 words) or "text"."""
     if record.output_tool_calls:
         return "tool_call"
-    if _json_object(record.output_text) is not None:
+    if json_object(record.output_text) is not None:
         return "json"
     return "label" if len((record.output_text or "").split()) <= 4 else "text"
 
 
+def _acts_or_answers(shapes: list[str]) -> bool:
+    """Whether the outputs of one prompt skeleton mix tool calls and text: a step that either acts or answers."""
+    calls = shapes.count("tool_call")
+    return max(2, MIN_CALL_SHARE * len(shapes)) <= calls < 0.9 * len(shapes)
+
+
+_TURN = ("turn", "tool_call", "label", "text")  # the shapes an agent turn's answers take
+
+
+def _shapes_fit(a: str, b: str) -> bool:
+    """Output shapes that may share a task: equal ones, and an agent turn with calls or text."""
+    return a == b or {a, b} <= set(_TURN) and "turn" in (a, b)
+
+
+def _has_history(record: Record) -> bool:
+    """Whether the request carries a conversation so far: earlier replies, calls or tool results."""
+    return any(m.get("role") in ("assistant", "tool", "function") for m in record.messages)
+
+
 def _vocabulary(records: list[Record], shape: str) -> frozenset[str]:
     """What outputs of one shape are made of: tool names, JSON keys or repeated labels (none for text)."""
-    if shape == "tool_call":
+    if shape in ("tool_call", "turn"):
         return frozenset(c["name"] for r in records for c in r.output_tool_calls)
     if shape == "json":
-        return frozenset(k for r in records for k in (_json_object(r.output_text) or {}))
+        return frozenset(k for r in records for k in (json_object(r.output_text) or {}))
     if shape == "label":
         counts = Counter((r.output_text or "").strip() for r in records)
         return frozenset(label for label, n in counts.items() if n >= 2)
@@ -260,7 +279,7 @@ def _vocabulary(records: list[Record], shape: str) -> frozenset[str]:
 
 
 def _groups_agree(a: Group, b: Group) -> bool:
-    return a.tools == b.tools and (not a.agent or not b.agent or a.agent == b.agent) and (
+    return (not a.agent or not b.agent or a.agent == b.agent) and (
         not a.step or not b.step or a.step == b.step)
 
 
@@ -307,23 +326,34 @@ def discover(records: list[Record], config: MineConfig = MineConfig(),
         return [Cluster(anchors[0][2], anchors[0][1])]
 
     # constraints, per (group, output shape): same shape, agreeing signatures, overlapping vocabularies
-    shapes = [Counter(output_shape(records[i]) for i in m).most_common(1)[0][0] for _, _, m in anchors]
+    record_shapes = [output_shape(r) for r in records]
+    dialogues = {g for g, members in enumerate(groups.values())
+                 if _acts_or_answers([record_shapes[i] for i in members])
+                 and sum(_has_history(records[i]) for i in members) >= 0.5 * len(members)}
+    shapes = [Counter(record_shapes[i] for i in m).most_common(1)[0][0] for _, _, m in anchors]
+    shapes = ["turn" if _acts_or_answers([record_shapes[i] for i in m]) or g in dialogues and shape in _TURN
+              else shape for (g, _, m), shape in zip(anchors, shapes)]
     outputs: dict[tuple[int, str], list[Record]] = {}
     for (g, _, members), shape in zip(anchors, shapes):
         outputs.setdefault((g, shape), []).extend(records[i] for i in members)
     vocab = {kind: _vocabulary(rs, kind[1]) for kind, rs in outputs.items()}
     kinds, signatures = list(vocab), list(groups)
-    agree = np.array([[a[1] == b[1] and _groups_agree(signatures[a[0]], signatures[b[0]])
+    agree = np.array([[_shapes_fit(a[1], b[1]) and _groups_agree(signatures[a[0]], signatures[b[0]])
                        and _overlap(vocab[a], vocab[b]) for b in kinds] for a in kinds])
     per_anchor = np.array([kinds.index((g, shape)) for (g, _, _), shape in zip(anchors, shapes)])
     group_ids = np.array([g for g, _, _ in anchors])
     vectors = embed_texts([s for _, s, _ in anchors])
     distance = np.clip(1.0 - vectors @ vectors.T, 0.0, 1.0)
     distance += config.cross_group_penalty * (group_ids[:, None] != group_ids[None, :])
-    distance[~agree[per_anchor][:, per_anchor]] = _INCOMPATIBLE
+    compatible = agree[per_anchor][:, per_anchor]
+    in_dialogue = np.isin(group_ids, list(dialogues))
+    distance[compatible & (group_ids[:, None] == group_ids[None, :]) & in_dialogue[:, None]] = 0.0
+    distance[~compatible] = _INCOMPATIBLE
     np.fill_diagonal(distance, 0.0)
     labels = AgglomerativeClustering(n_clusters=None, metric="precomputed", linkage="average",
                                      distance_threshold=config.cluster_distance).fit_predict(distance)
+    labels = _absorb_small(labels, [len(m) for _, _, m in anchors], vectors,
+                           compatible & (group_ids[:, None] == group_ids[None, :]), config.min_examples)
     clusters: dict[int, list[tuple[str, list[int]]]] = {}
     for label, (_, skeleton, members) in zip(labels, anchors):
         clusters.setdefault(int(label), []).append((skeleton, members))
@@ -332,37 +362,28 @@ def discover(records: list[Record], config: MineConfig = MineConfig(),
     return sorted(found, key=lambda c: (-len(c.members), c.members[0]))
 
 
-_JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", list: "array", dict: "object"}
+def _absorb_small(labels: np.ndarray, sizes: list[int], vectors: np.ndarray, compatible: np.ndarray,
+                  min_examples: int) -> np.ndarray:
+    """Cluster labels of the anchors after small clusters joined their neighbours.
 
-
-def infer_kind(records: list[Record], max_labels: int) -> tuple[str, dict[str, Any]]:
-    """Infer (kind, output schema) from a task's outputs; the majority shape wins (>= 90%)."""
-    n = len(records)
-    if sum(bool(r.output_tool_calls) for r in records) >= 0.9 * n:
-        names = {c["name"] for r in records for c in r.output_tool_calls}
-        tools = [t for t in records[0].tools if t.get("function", t).get("name") in names] or records[0].tools
-        return "tool_call", {"tools": tools}
-    objects = [o for o in (_json_object(r.output_text) for r in records) if o is not None]
-    if len(objects) >= 0.9 * n:
-        return "json_extraction", {"json_schema": _json_schema(objects)}
-    labels = Counter((r.output_text or "").strip() for r in records)
-    frequent = [label for label, count in labels.most_common() if count >= 2]
-    covered = sum(labels[label] for label in frequent)
-    if len(frequent) <= max_labels and covered >= 0.95 * n and all(len(label.split()) <= 4 for label in frequent):
-        return "classification", {"labels": sorted(frequent)}
-    return "free_text", {}
-
-
-def _json_schema(objects: list[dict]) -> dict[str, Any]:
-    """A JSON schema for the keys every object has (types from the values seen, null allowed)."""
-    required = set.intersection(*(set(o) for o in objects))
-    properties: dict[str, Any] = {}
-    for key in sorted({k for o in objects for k in o}):
-        types = sorted({_JSON_TYPES.get(type(o[key]), "null") for o in objects if key in o and o[key] is not None})
-        if any(key in o and o[key] is None for o in objects):
-            types.append("null")
-        properties[key] = {"type": types[0] if len(types) == 1 else types}
-    return {"type": "object", "properties": properties, "required": sorted(required)}
+    A cluster under `min_examples` records joins the nearest cluster (cosine of the mean anchor
+    embeddings) holding an anchor of its own group and a fitting shape (`compatible[a, b]`),
+    a trainable one when there is one, until no small cluster has such a neighbour. Trade-off:
+    two rare instructions of one generic step with outputs of one shape are trained as one
+    task (their prompts still carry the instruction) instead of not at all.
+    """
+    labels = labels.copy()
+    while True:
+        size = {label: sum(n for lab, n in zip(labels, sizes) if lab == label) for label in set(labels.tolist())}
+        centre = {label: vectors[labels == label].mean(axis=0) for label in size}
+        for small in sorted((label for label in size if size[label] < min_examples), key=lambda lab: size[lab]):
+            mine = labels == small
+            near = [b for b in size if b != small and compatible[np.ix_(mine, labels == b)].any()]
+            if near:
+                labels[mine] = max(near, key=lambda b: (size[b] >= min_examples, float(centre[small] @ centre[b])))
+                break
+        else:
+            return labels
 
 
 # --- splits -----------------------------------------------------------------------------
@@ -433,8 +454,7 @@ def load_centroid(data_dir: Path, entry: dict[str, Any]) -> np.ndarray | None:
 
 def _entry_groups(entry: dict[str, Any]) -> set[Group]:
     sigs = [entry["signature"], *entry.get("merged_signatures", [])]
-    return {Group(str(s.get("agent", "")), str(s.get("step", "")), str(s.get("template", "")),
-                  tuple(sorted(map(str, s.get("tools", []))))) for s in sigs}
+    return {Group(str(s.get("agent", "")), str(s.get("step", "")), str(s.get("template", ""))) for s in sigs}
 
 
 def _resolve_merge(old: dict[str, dict[str, Any]], name: str, path: Path) -> str:
@@ -455,7 +475,7 @@ def _match(found: list[dict[str, Any]], old: dict[str, dict[str, Any]], data_dir
     when the entry has a stored centroid, when it is within `match_similarity` (this decides
     between the tasks of a split generic step and keeps a reworded prompt's task); or, for
     an entry without a centroid, when they share a signature or at least agent, step and
-    tools. Greedy: shared signature first, then same agent/step/tools, then similarity.
+    step. Greedy: shared signature first, then same agent/step, then similarity.
     """
     entry_groups = {name: _entry_groups(entry) for name, entry in old.items()}
     owners = Counter(g for groups in entry_groups.values() for g in groups)
@@ -463,10 +483,10 @@ def _match(found: list[dict[str, Any]], old: dict[str, dict[str, Any]], data_dir
     candidates = []
     for name, entry in old.items():
         centroid = load_centroid(data_dir, entry)
-        steps = {(g.agent, g.step, g.tools) for g in entry_groups[name] if g.step}
+        steps = {(g.agent, g.step) for g in entry_groups[name] if g.step}
         for n, task in enumerate(found):
             shared = [g for g in task["groups"] if g in entry_groups[name]]
-            level = 2 if shared else int(any((g.agent, g.step, g.tools) in steps for g in task["groups"]))
+            level = 2 if shared else int(any((g.agent, g.step) in steps for g in task["groups"]))
             unique = any(owners[g] == 1 and found_in[g] == 1 for g in shared)
             similarity = float(task["centroid"] @ centroid) if centroid is not None else 0.0
             if unique or similarity >= config.match_similarity or centroid is None and level:
@@ -555,7 +575,7 @@ def _card(name: str, entry: dict[str, Any], splits: dict[str, list[dict]], templ
         lines += ["## Output schema", "", "```json", json.dumps(entry["output_schema"], indent=1)[:2000], "```", ""]
     lines += ["## Samples", ""]
     for row in splits["train"][:3]:
-        prompt = _text(row["messages"][-1].get("content")) if row["messages"] else ""
+        prompt = text_of(row["messages"][-1].get("content")) if row["messages"] else ""
         lines += [f"- prompt: `{prompt[:200]}`", f"  output: `{json.dumps(row['output'], ensure_ascii=False)[:200]}`"]
     return "\n".join(lines) + "\n"
 
@@ -572,7 +592,7 @@ def records_bytes(records: list[Record]) -> int:
     JSON keys and ids per record (`resources.check_disk` wants it before mining starts)."""
     total = 0
     for r in records:
-        total += 300 + len(r.output_text or "") + sum(len(_text(m.get("content"))) for m in r.messages)
+        total += 300 + len(r.output_text or "") + sum(len(text_of(m.get("content"))) for m in r.messages)
         if r.tools or r.output_tool_calls:
             total += len(json.dumps([r.tools, r.output_tool_calls], default=str))
     return total
@@ -672,13 +692,13 @@ def _publish(name: str, task: dict[str, Any], old_entry: dict[str, Any], previou
     `previous` maps sessions to their split in earlier versions (they keep it).
     """
     members = sorted(task["members"], key=lambda r: (r.timestamp, r.id))
-    kind, schema = infer_kind(members, config.max_labels)
+    kind, schema = kinds.infer(members, config.max_labels)
     sig: Group = task["signature"]
     entry: dict[str, Any] = {
         "description": old_entry.get("description") or _describe(task, kind),
         "kind": kind,
         "size": len(members),
-        "signature": sig.as_dict(),
+        "signature": {**sig.as_dict(), "tools": _tool_feature(members)},
         "merged_signatures": [g.as_dict() for g, _ in task["groups"].most_common() if g != sig],
         "output_schema": schema,
         "examples": [r.id for r in members[:3]],

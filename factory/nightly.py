@@ -34,20 +34,15 @@ from mlflow import MlflowClient
 
 from factory import ingest as ingest_stage
 from factory.curate import CurateConfig, curate_store
+from factory.errors import FactoryError
 from factory.evaluate.run import evaluate, load_truth
+from factory.paths import Paths
+from factory.pipeline import finetune
 from factory.io import load_split, write_atomic
 from factory.mine import MineConfig, mine
 from factory.records import from_table
 from factory.recipe import load_recipe
-from factory.registry import Gates, register, write_routes
-from factory.train import TrainResult, train
-
-
-@dataclass(frozen=True)
-class Paths:
-    data: Path
-    registry: Path
-    reports: Path
+from factory.registry import Gates, write_routes
 
 
 @dataclass(frozen=True)
@@ -96,16 +91,6 @@ def prepare(logs: list[Path], paths: Paths) -> tuple[int, int, dict[str, dict[st
     report = curate_store(paths.data / "records" / "raw", curated, paths.data / "quarantine" / "curate.jsonl",
                           paths.data / "curate-report.json", CurateConfig())
     return stats.accepted, report["kept"], mine(from_table(pq.read_table(curated)), paths.data, MineConfig())
-
-
-def finetune(task: str, entry: dict[str, Any], paths: Paths, config: NightlyConfig) -> tuple[TrainResult, dict, Any, bool]:
-    """Train (or reuse), evaluate (or reuse) and register one task; returns (trained, evaluation, version, promoted)."""
-    recipe, raw = load_recipe(task, config.recipe, list(config.overrides))
-    trained = train(task, entry, recipe, raw, paths.data, paths.registry)
-    evaluation = evaluate(task, entry, recipe, trained.adapter_dir, trained.dataset_version, paths.data,
-                          paths.reports / task, load_truth(config.truth), run_id=trained.run_id)
-    version, promoted = register(entry, trained, evaluation, recipe, config.gates)
-    return trained, evaluation, version, promoted
 
 
 def _alias(client: MlflowClient, task: str, alias: str):
@@ -188,13 +173,13 @@ def _run(logs: list[Path], paths: Paths, config: NightlyConfig) -> Summary:
             continue
         budget_left -= 1
         try:
-            trained, evaluation, version, promoted = finetune(task, entry, paths, config)
-        except (ValueError, RuntimeError) as err:
+            done = finetune(task, entry, paths, config.recipe, config.overrides, config.truth, config.gates)
+        except (ValueError, RuntimeError, FactoryError) as err:
             summary.tasks.append(TaskOutcome(task, "failed", f"{reason}; {err}"))
             continue
-        action = "trained" if trained.run_id not in reused else "registered (training reused)"
-        summary.tasks.append(TaskOutcome(task, action, reason, version.version, promoted,
-                                         evaluation["columns"]["specialist"]["score"]))
+        action = "trained" if done.trained.run_id not in reused else "registered (training reused)"
+        summary.tasks.append(TaskOutcome(task, action, reason, done.version.version, done.promoted,
+                                         done.evaluation["columns"]["specialist"]["score"]))
     write_routes(paths.registry / "routes.json")
     summary.seconds = time.monotonic() - start
     _report(summary, paths)

@@ -58,7 +58,11 @@ class Recipe(_Strict):
     method: Literal["lora", "qlora", "dora", "full"] = "lora"
     lora: Lora = Lora()
     quantization: Quantization | None = None
+    # the sequence budget: this quantile of the task's example lengths, at most max_seq_length;
+    # longer examples lose earlier turns (padded batches on a GPU gain from 0.95: the longest
+    # 5% no longer set every batch's width; padding-free rows pay only for the tokens they hold)
     max_seq_length: int = Field(512, gt=8)
+    seq_length_quantile: float = Field(1.0, gt=0, le=1)
     packing: bool = False
     padding_free: bool = True
     completion_only_loss: bool = True

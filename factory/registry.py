@@ -57,14 +57,16 @@ from typing import Any
 import mlflow
 import pandas as pd
 from mlflow import MlflowClient
-from mlflow.entities.model_registry import ModelVersion
+from mlflow.entities.model_registry import ModelVersion, RegisteredModel
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
 from factory.io import load_split, write_atomic
+from factory.paths import Paths
 from factory.recipe import Recipe
-from factory.train import TrainResult, resume_run
+from factory.tracking import resume_run
+from factory.train import TrainResult
 
 TASK_TAG = "factory.task"
 HISTORY_TAG = "factory.champion_history"
@@ -86,7 +88,7 @@ class SpecialistModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context):
         from factory.base_model import resolve_base
-        from factory.train import load_specialist
+        from factory.models import load_specialist
 
         self.routing = json.loads(Path(context.artifacts["routing"]).read_text())
         self.model, self.tokenizer = load_specialist(resolve_base(self.routing["base_model"]),
@@ -94,7 +96,7 @@ class SpecialistModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         from factory.evaluate.generate import generate
-        from factory.train import parse_output, render_prompt
+        from factory.chat import parse_output, render_prompt
 
         def load(value):
             return json.loads(value) if isinstance(value, str) else (value or [])
@@ -116,11 +118,6 @@ class Gates:
     tolerance: float = 0.01
     min_teacher_share: float = 0.8
     max_examples: int = 100
-
-
-def default_data_dir() -> Path:
-    """Where the datasets are when the caller does not say: $FACTORY_DATA_DIR, else datasets/."""
-    return Path(os.environ.get("FACTORY_DATA_DIR", "datasets"))
 
 
 # --- the base model's identity ------------------------------------------------------------------------
@@ -177,7 +174,7 @@ def routing_metadata(entry: dict[str, Any], trained: TrainResult, evaluation: di
         "output_schema": entry["output_schema"], "threshold": threshold, "coverage": cal["coverage"],
         "escalation_target": escalation_target, "base_model": trained.base_model, "base_digest": base_digest,
         "max_new_tokens": recipe.max_new_tokens, "dataset_version": trained.dataset_version,
-        "example": example,
+        "seq_budget": trained.seq_budget or recipe.max_seq_length, "example": example,
     }
 
 
@@ -224,7 +221,7 @@ def register(entry: dict[str, Any], trained: TrainResult, evaluation: dict[str, 
     """
     if evaluation.get("run_id") not in (None, trained.run_id):
         raise ValueError(f"the evaluation is of run {evaluation['run_id']}, not of {trained.run_id}")
-    data_dir = data_dir or default_data_dir()
+    data_dir = data_dir or Paths.from_env().data
     client = MlflowClient()
     name = trained.task
     _ensure_registered_model(client, name, entry.get("description", ""))
@@ -365,15 +362,17 @@ def score_adapter(base_model: str, adapter_dir: str, routing: dict[str, Any], ro
     """The mean example score of base + adapter on `rows` (greedy, the evaluation's token budget)."""
     from factory.base_model import resolve_base
     from factory.evaluate.generate import generate
-    from factory.evaluate.metrics import task_metrics
-    from factory.evaluate.run import max_new_tokens
-    from factory.train import load_specialist, parse_output, render_prompt
+    from factory import kinds
+    from factory.chat import parse_output
+    from factory.evaluate.run import max_new_tokens, prompts_within
+    from factory.models import load_specialist
 
     model, tokenizer = load_specialist(resolve_base(base_model), adapter_dir)
-    prompts = [render_prompt(tokenizer, r["messages"], r.get("tools") or []) for r in rows]
     budget = max_new_tokens(train_rows, tokenizer, routing["max_new_tokens"])
+    prompts, kept, _ = prompts_within(tokenizer, rows, max(64, routing.get("seq_budget", 2048) - budget))
     preds = [parse_output(g.text) for g in generate(model, tokenizer, prompts, budget)]
-    return task_metrics(routing["kind"], preds, refs, routing["output_schema"])["score"]
+    return kinds.get(routing["kind"]).metrics(preds, [refs[i] for i in kept], routing["output_schema"],
+                                              [rows[i].get("tools") or [] for i in kept])["score"]
 
 
 def champion_history(client: MlflowClient, name: str) -> list[str]:
@@ -413,7 +412,7 @@ def promote(name: str, gates: Gates = Gates(), force: bool = False, reason: str 
     incumbent, basis, unchecked = None, "", []
     if champion is not None:
         try:
-            score, incumbent, basis = comparison(challenger, champion, gates, data_dir or default_data_dir(), truth)
+            score, incumbent, basis = comparison(challenger, champion, gates, data_dir or Paths.from_env().data, truth)
         except ValueError as err:
             if not force:
                 raise
@@ -462,20 +461,51 @@ def rollback(name: str, reason: str | None = None) -> tuple[str, str]:
 # --- routes and serving exports ---------------------------------------------------------------------------
 
 
-def write_routes(path: Path, adapters_dir: Path | None = None) -> dict[str, Any]:
-    """Write routes.json from the `champion` alias of every factory task model; returns the table.
+def _lost_champion(client: MlflowClient, model: RegisteredModel) -> str:
+    """Why a task model without a usable `champion` alias has none; "" when it had none to lose
+    (no version registered yet)."""
+    target = (model.aliases or {}).get("champion")
+    if target is not None:
+        return f"its 'champion' alias points at v{target}, which no longer exists"
+    if not client.search_model_versions(f"name = '{model.name}'", max_results=1):
+        return ""
+    history = champion_history(client, model.name)
+    if not history:
+        return "no 'champion' alias: no version was ever promoted (`factory promote`)"
+    try:
+        client.get_model_version(model.name, history[-1])
+        gone = "the alias was deleted"
+    except MlflowException:
+        gone = "that version was deleted"
+    return (f"no 'champion' alias (the last champion was v{history[-1]}; {gone}): set it again in the MLflow UI "
+            "or with `factory promote`")
 
-    Each champion's adapter is downloaded (once) to `adapters_dir/<task>/v<version>/`
-    (default: `adapters/` beside `path`), so `adapter_path` is a folder a server can read.
+
+def write_routes(path: Path, adapters_dir: Path | None = None) -> tuple[dict[str, Any], dict[str, str]]:
+    """Write routes.json from the `champion` alias of every factory task model.
+
+    Returns (the table, the tasks left out with why): a task whose alias was deleted or
+    points at a deleted version, or whose champion has no routing metadata, is not routed
+    (its requests escalate) but is named, so it is not lost silently. Each champion's
+    adapter is downloaded (once) to `adapters_dir/<task>/v<version>/` (default: `adapters/`
+    beside `path`), so `adapter_path` is a folder a server can read. Raises mlflow's
+    MlflowException when the store cannot be read.
     """
     client = MlflowClient()
     adapters_dir = adapters_dir or path.parent / "adapters"
     routes: dict[str, Any] = {}
+    lost: dict[str, str] = {}
     for model in client.search_registered_models(filter_string=f"tags.`{TASK_TAG}` != ''"):
         champion = alias_version(client, model.name, "champion")
         if champion is None:
+            if why := _lost_champion(client, model):
+                lost[model.name] = why
             continue
-        routing = version_routing(model.name, champion.version)
+        try:
+            routing = version_routing(model.name, champion.version)
+        except ValueError as err:
+            lost[model.name] = str(err)
+            continue
         routing.pop("example", None)
         adapter = download_adapter(model.name, champion.version, adapters_dir / model.name / f"v{champion.version}")
         routes[model.name] = {
@@ -485,7 +515,7 @@ def write_routes(path: Path, adapters_dir: Path | None = None) -> dict[str, Any]
             "adapter_path": str(adapter.resolve()),
         }
     write_atomic(path, json.dumps({"tasks": routes}, indent=2, sort_keys=True))
-    return routes
+    return routes, lost
 
 
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's --max-lora-rank accepts
@@ -500,9 +530,10 @@ def _served_base(name: str) -> str:
 
 def _example_prompt(route: dict[str, Any], example: dict[str, Any]) -> str:
     """The example rendered exactly as training rendered prompts (the adapter folder holds the tokenizer)."""
-    from factory.train import render_prompt, setup_tokenizer
+    from factory.chat import render_prompt
+    from factory.models import load_tokenizer
 
-    return render_prompt(setup_tokenizer(route["adapter_path"]), example["messages"], example["tools"])
+    return render_prompt(load_tokenizer(route["adapter_path"]), example["messages"], example["tools"])
 
 
 def export_vllm(routes: dict[str, Any], out_dir: Path) -> list[Path]:

@@ -2,13 +2,20 @@
 
 Lifecycle (each setup step returns one component):
 
-    setup_tokenizer -> setup_data -> training_args -> setup_model -> setup_trainer -> fit -> save
+    load_tokenizer -> setup_data -> training_args -> setup_model -> setup_trainer -> fit -> save
 
-Prompts are rendered with the base model's own chat template (`render_prompt`), and
-the assistant turn with `render_completion`: tool calls in the template's own tool
-format where it has one, else as Hermes-style `<tool_call>` text (`render_output`;
-SmolLM2's template ignores tools). Evaluation and serving use `render_prompt` and
-`parse_output`, so the specialist sees at inference exactly the text it was trained on.
+Prompts and answers are rendered by `factory.chat` (the base model's own chat template,
+tool lists and calls where it has none), as evaluation and serving render them, so the
+specialist sees at inference exactly the text it was trained on.
+
+Sequence budget (`sequence_budget`): a task's examples are as long as its logs make them
+(a policy prompt of thousands of tokens, a dialogue's history), so the budget comes from the
+task's data, the `seq_length_quantile` of its example lengths, capped by the recipe's
+`max_seq_length` and the base model's context. A longer example keeps its system prompt,
+tools, latest turn and answer, and loses earlier turns first (`chat.fit_messages`); what was
+shortened or skipped, and why, is counted (`DataReport`) and logged to the MLflow run.
+The time budget `max_train_tokens` counts the tokens a step computes: a prompt prefix shared
+by the whole task (its system prompt, tools) counts once per batch, as `shared_prefix` runs it.
 
 Speed on CPU (SmolLM2-135M, LoRA, 2 cores; figures in bench/train.py). Each choice
 below was kept because it measured faster; the trade-off is stated with it:
@@ -54,35 +61,38 @@ import functools
 import itertools
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from collections import Counter
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
 from datasets import Dataset
-from jinja2 import TemplateError
-from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import (AttentionInterface, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase,
+from peft import LoraConfig, get_peft_model
+from transformers import (AttentionInterface, AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerBase,
                           TrainerCallback, set_seed)
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from trl import SFTConfig, SFTTrainer
 
+from factory import chat
 from factory.base_model import resolve_base
 from factory.catalog import check_task_name
+from factory.errors import FactoryError
 from factory.io import load_split, write_atomic
+from factory.models import load_tokenizer
 from factory.recipe import RECIPES_DIR, Recipe, accelerate_config
+from factory.tracking import task_experiment
 
-TOOL_CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.S)
 VARLEN_ATTENTION = "sdpa_varlen"
 
 
@@ -100,121 +110,8 @@ class TrainResult:
     train_tokens: int
     tokens_per_s: float
     seconds: float
-
-
-# --- rendering shared by training, evaluation and serving -----------------------------------------
-
-
-def _supports_tools(tokenizer: PreTrainedTokenizerBase) -> bool:
-    return "tools" in (tokenizer.chat_template or "")
-
-
-def _renders_tool_calls(tokenizer: PreTrainedTokenizerBase) -> bool:
-    return "tool_calls" in (tokenizer.chat_template or "")
-
-
-@functools.lru_cache(maxsize=8)
-def _injects_system(template: str, tokenizer: PreTrainedTokenizerBase) -> bool:
-    """Whether the template adds a default system prompt longer than an empty one."""
-    user = [{"role": "user", "content": "x"}]
-    try:
-        bare = tokenizer.apply_chat_template(user, tokenize=False)
-        empty = tokenizer.apply_chat_template([{"role": "system", "content": ""}, *user], tokenize=False)
-    except TemplateError:  # a template without a system role
-        return False
-    return len(bare) > len(empty)
-
-
-def _messages(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> list[dict]:
-    if messages and messages[0].get("role") not in ("system", "developer") \
-            and _injects_system(tokenizer.chat_template or "", tokenizer):
-        return [{"role": "system", "content": ""}, *messages]
-    return messages
-
-
-def render_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict], tools: list[dict]) -> str:
-    """The prompt text with the generation prompt appended; tools only where the template renders them.
-
-    A conversation without a system message gets an empty one when the template would
-    inject its own default (SmolLM2: "You are a helpful AI assistant named SmolLM..."):
-    those tokens cost time in every training step and carry nothing task-specific.
-    """
-    kwargs = {"tools": tools} if tools and _supports_tools(tokenizer) else {}
-    return tokenizer.apply_chat_template(_messages(tokenizer, messages), tokenize=False,
-                                         add_generation_prompt=True, **kwargs)
-
-
-def render_output(output: dict[str, Any]) -> str:
-    """An output as the assistant's text: content, or tool calls in the Hermes/Qwen `<tool_call>` format."""
-    calls = output.get("tool_calls") or []
-    if calls:
-        return "\n".join(
-            "<tool_call>\n" + json.dumps({"name": c["name"], "arguments": c["arguments"]}, ensure_ascii=False)
-            + "\n</tool_call>" for c in calls)
-    return output.get("content") or ""
-
-
-def render_completion(tokenizer: PreTrainedTokenizerBase, messages: list[dict], tools: list[dict],
-                      output: dict[str, Any]) -> str:
-    """The assistant turn that follows `render_prompt`, ending with the eos token.
-
-    Templates that render `tool_calls` (Qwen2.5, Llama 3.1, Mistral v0.3) format the
-    calls themselves; other templates get `render_output`'s text as the content.
-    Falls back to `render_output(output) + eos` when the template does not render the
-    prompt as a prefix of the whole conversation.
-    """
-    calls = output.get("tool_calls") or []
-    if calls and _renders_tool_calls(tokenizer):
-        turn = {"role": "assistant", "content": output.get("content") or "", "tool_calls": [
-            {"id": f"call{i:05d}", "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}}
-            for i, c in enumerate(calls)]}
-    else:
-        turn = {"role": "assistant", "content": render_output(output)}
-    prompt = render_prompt(tokenizer, messages, tools)
-    kwargs = {"tools": tools} if tools and _supports_tools(tokenizer) else {}
-    full = tokenizer.apply_chat_template([*_messages(tokenizer, messages), turn], tokenize=False, **kwargs)
-    eos = tokenizer.eos_token
-    if not full.startswith(prompt):
-        return render_output(output) + eos
-    completion = full[len(prompt):]
-    end = completion.rfind(eos)
-    return completion[: end + len(eos)] if end >= 0 else completion + eos
-
-
-def _json(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return None
-
-
-def _as_call(value: Any) -> dict[str, Any] | None:
-    if isinstance(value, dict) and isinstance(value.get("name"), str) \
-            and set(value) <= {"name", "arguments", "parameters", "id", "type"}:
-        arguments = value.get("arguments", value.get("parameters", {}))
-        if isinstance(arguments, str):
-            arguments = _json(arguments)
-        return {"name": value["name"], "arguments": arguments} if isinstance(arguments, dict) else None
-    return None
-
-
-def parse_output(text: str) -> dict[str, Any]:
-    """Invert the renderings: tool calls become tool calls, anything else is content.
-
-    Reads Hermes/Qwen `<tool_call>{...}</tool_call>` blocks, and a whole answer that is
-    a call object (`{"name", "parameters"}`: Llama 3.1) or a list of them (Mistral's
-    `[TOOL_CALLS] [...]`, with or without the marker).
-    """
-    calls = [c for c in (_as_call(_json(b)) for b in TOOL_CALL.findall(text)) if c]
-    if not calls:
-        body = text.strip().removeprefix("[TOOL_CALLS]").removeprefix("<|python_tag|>").strip()
-        value = _json(body) if body[:1] in ("[", "{") else None
-        parsed = [_as_call(v) for v in (value if isinstance(value, list) else [value])]
-        if parsed and all(parsed):
-            calls = parsed
-    if calls:
-        return {"content": None, "tool_calls": calls}
-    return {"content": text.strip(), "tool_calls": []}
+    seq_budget: int = 0
+    data: dict[str, Any] = field(default_factory=dict)  # the training split's DataReport
 
 
 # --- speed: attention per example in padding-free batches, LM head on completion positions ---------
@@ -339,42 +236,99 @@ class FactorySFTTrainer(SFTTrainer):
 # --- lifecycle ---------------------------------------------------------------------------------------
 
 
-def setup_tokenizer(base_path: str) -> PreTrainedTokenizerBase:
-    """The base model's tokenizer; a missing pad token falls back to the eos token."""
-    tokenizer = AutoTokenizer.from_pretrained(base_path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+class DataError(FactoryError):
+    """A task whose examples cannot become training examples (none renders or fits)."""
 
 
-def setup_data(rows: list[dict], tokenizer: PreTrainedTokenizerBase, recipe: Recipe) -> Dataset:
-    """Tokenized examples: `input_ids` and `labels` (-100 on the prompt with completion_only_loss).
+@dataclass
+class DataReport:
+    """What `setup_data` made of a split: kept, shortened (turns dropped), skipped by reason."""
+
+    examples: int = 0
+    seq_budget: int = 0
+    shortened: int = 0
+    messages_dropped: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    tokens: int = 0  # every example's tokens
+    computed_tokens: int = 0  # with the task's shared prefix counted once per batch
+
+    def summary(self) -> str:
+        skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items())) or "none"
+        return (f"{self.examples} examples within {self.seq_budget} tokens; {self.shortened} shortened "
+                f"({self.messages_dropped} earlier messages dropped); skipped: {skipped}")
+
+
+def sequence_budget(lengths: list[int], recipe: Recipe, context: int | None) -> int:
+    """The task's sequence budget: the `seq_length_quantile` of its example lengths, at most the
+    recipe's `max_seq_length` and the base model's context."""
+    cap = min(recipe.max_seq_length, context or recipe.max_seq_length)
+    if not lengths:
+        return cap
+    return min(cap, max(64, int(np.quantile(lengths, recipe.seq_length_quantile, method="higher"))))
+
+
+def _completion_start(example: dict[str, list[int]]) -> int:
+    return next((i for i, label in enumerate(example["labels"]) if label != -100), len(example["labels"]))
+
+
+def setup_data(rows: list[dict], tokenizer: PreTrainedTokenizerBase, recipe: Recipe,
+               context: int | None = None, budget: int | None = None) -> tuple[Dataset, DataReport]:
+    """Tokenized examples (`input_ids`, `labels`: -100 on the prompt with completion_only_loss) and a report.
 
     Prompt and completion are tokenized separately, as at inference (the prompt is
-    tokenized alone and generation continues it). Examples longer than max_seq_length
-    are dropped rather than truncated, so no specialist learns cut-off answers. The
-    first rows are kept, up to max_train_samples rows and max_train_tokens tokens: a
-    task of short examples gets more of them for the same training time.
-    Raises ValueError when no example fits, before any training time is spent.
+    tokenized alone and generation continues it). The sequence budget is `budget`, else
+    `sequence_budget` over these rows; a longer example is shortened by dropping earlier
+    turns, never by cutting the answer, and skipped (counted) when it cannot be. The first
+    rows are kept, up to max_train_samples rows and max_train_tokens computed tokens.
+    Raises DataError when no example renders and fits, before any training time is spent.
     """
     if recipe.max_train_samples:
         rows = rows[: recipe.max_train_samples]
-    examples, tokens = [], 0
+    report, skipped = DataReport(), Counter()
+    tokenized = []
     for row in rows:
         tools = row.get("tools") or []
-        prompt = tokenizer(render_prompt(tokenizer, row["messages"], tools), add_special_tokens=False)["input_ids"]
-        completion = tokenizer(render_completion(tokenizer, row["messages"], tools, row["output"]),
-                               add_special_tokens=False)["input_ids"]
-        if len(prompt) + len(completion) > recipe.max_seq_length:
+        try:
+            prompt = chat.render_prompt(tokenizer, row["messages"], tools)
+            completion = chat.render_completion(tokenizer, row["messages"], tools, row["output"])
+        except chat.ChatError as err:
+            skipped[err.reason] += 1
             continue
-        if recipe.max_train_tokens and tokens + len(prompt) + len(completion) > recipe.max_train_tokens:
-            break
-        tokens += len(prompt) + len(completion)
+        ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in (prompt, completion)]
+        tokenized.append((row, *ids))
+    report.seq_budget = budget or sequence_budget([len(p) + len(c) for _, p, c in tokenized], recipe, context)
+    examples = []
+    for row, prompt, completion in tokenized:
+        if len(prompt) + len(completion) > report.seq_budget:
+            try:
+                messages, dropped = chat.fit_messages(tokenizer, row["messages"], row.get("tools") or [],
+                                                      report.seq_budget - len(completion))
+            except chat.ChatError as err:
+                skipped[err.reason] += 1
+                continue
+            text = chat.render_prompt(tokenizer, messages, row.get("tools") or [])
+            prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
+            report.shortened, report.messages_dropped = report.shortened + 1, report.messages_dropped + dropped
         labels = [-100] * len(prompt) + completion if recipe.completion_only_loss else prompt + completion
         examples.append({"input_ids": prompt + completion, "labels": labels})
-    if not examples:
-        raise ValueError(f"no training example fits max_seq_length={recipe.max_seq_length}")
-    return Dataset.from_list(examples)
+    shared = _task_prefix(examples) if recipe.shared_prefix and recipe.padding_free else 0
+    kept = []
+    for example in examples:
+        cost = len(example["input_ids"]) - shared + shared / recipe.batch_size
+        if recipe.max_train_tokens and kept and report.computed_tokens + cost > recipe.max_train_tokens:
+            break
+        kept.append(example)
+        report.tokens += len(example["input_ids"])
+        report.computed_tokens += round(cost)
+    report.examples, report.skipped = len(kept), dict(skipped)
+    if not kept:
+        raise DataError(f"no training example renders and fits the sequence budget ({report.summary()})")
+    return Dataset.from_list(kept), report
+
+
+def _task_prefix(examples: list[dict[str, list[int]]]) -> int:
+    """Tokens every example's prompt starts with (`_shared_prefix_len` over the whole task)."""
+    return _shared_prefix_len(examples) if len(examples) > 1 else 0
 
 
 def setup_model(recipe: Recipe, base_path: str) -> torch.nn.Module:
@@ -479,21 +433,6 @@ def setup_trainer(args: SFTConfig, model, tokenizer, train: Dataset, valid: Data
     return trainer
 
 
-def _experiment(task: str) -> None:
-    """Select the task's experiment; with the embedded store its artifacts go under FACTORY_ARTIFACT_ROOT."""
-    name = f"task/{task}"
-    if mlflow.get_experiment_by_name(name) is None and os.environ.get("FACTORY_ARTIFACT_ROOT"):
-        root = Path(os.environ["FACTORY_ARTIFACT_ROOT"]) / task
-        mlflow.create_experiment(name, artifact_location=root.resolve().as_uri())
-    mlflow.set_experiment(name)
-
-
-def resume_run(run_id: str):
-    """Re-open a finished training run (in its own experiment) to log evaluation or a model to it."""
-    mlflow.set_experiment(experiment_id=mlflow.get_run(run_id).info.experiment_id)
-    return mlflow.start_run(run_id=run_id)
-
-
 def _latest_checkpoint(out_dir: Path) -> str | None:
     """The newest checkpoint the trainer finished writing (its trainer_state.json is written last)."""
     complete = [p for p in out_dir.glob("checkpoint-*") if (p / "trainer_state.json").exists()]
@@ -541,12 +480,15 @@ def train(task: str, entry: dict[str, Any], recipe: Recipe, raw_recipe: dict[str
     from factory.resources import preflight_training  # memory and disk, before any weight is loaded
     preflight_training(base_path, recipe.method, recipe.precision, out_dir)
     try:
-        tokenizer = setup_tokenizer(base_path)
+        tokenizer = load_tokenizer(base_path)
     except OSError as err:  # a hub id that is not in the local cache: nothing is downloaded
         raise ValueError(f"base model {recipe.base_model!r} cannot be loaded: {err}") from None
-    train_set = setup_data(load_split(data_dir, task, version, "train"), tokenizer, recipe)
+    context = getattr(AutoConfig.from_pretrained(base_path), "max_position_embeddings", None)
+    train_set, report = setup_data(load_split(data_dir, task, version, "train"), tokenizer, recipe, context)
+    print(f"{task}: {report.summary()}", flush=True)
     valid_rows = load_split(data_dir, task, version, "validation")
-    valid_set = setup_data(valid_rows, tokenizer, recipe) if valid_rows and recipe.eval_steps else None
+    valid_set = setup_data(valid_rows, tokenizer, recipe, budget=report.seq_budget)[0] \
+        if valid_rows and recipe.eval_steps else None
     args = training_args(recipe, out_dir, valid_set is not None)
     model = setup_model(recipe, base_path)
     trainer = setup_trainer(args, model, tokenizer, train_set, valid_set, recipe.shared_prefix)
@@ -555,7 +497,7 @@ def train(task: str, entry: dict[str, Any], recipe: Recipe, raw_recipe: dict[str
     run_file = out_dir / "mlflow_run.json"
     run_id = json.loads(run_file.read_text())["run_id"] if run_file.exists() else None
     if main:
-        _experiment(task)
+        task_experiment(task)
     tracking = mlflow.start_run(run_id=run_id, run_name=f"train-{task}", log_system_metrics=True) \
         if main else nullcontext()
     with tracking as run:
@@ -569,6 +511,11 @@ def train(task: str, entry: dict[str, Any], recipe: Recipe, raw_recipe: dict[str
             mlflow.log_input(mlflow.data.from_pandas(train_set.to_pandas(), name=f"{task}@{version}",
                                                      source=str(data_dir / task / version)), context="training")
             mlflow.set_tags({"task": task, "dataset_version": version, "stage": "train"})
+            mlflow.log_params({"seq_budget": report.seq_budget})
+            mlflow.log_metrics({"data_examples": report.examples, "data_shortened": report.shortened,
+                                "data_messages_dropped": report.messages_dropped,
+                                "data_skipped": sum(report.skipped.values())})
+            mlflow.log_dict(asdict(report), "data_report.json")
         output = trainer.train(resume_from_checkpoint=_latest_checkpoint(out_dir))
         adapter_dir = out_dir / "adapter"
         tmp = out_dir / "adapter.tmp"
@@ -582,7 +529,8 @@ def train(task: str, entry: dict[str, Any], recipe: Recipe, raw_recipe: dict[str
             task=task, kind=entry["kind"], run_id=run.info.run_id, adapter_dir=str(adapter_dir),
             base_model=recipe.base_model, dataset_version=version, recipe_digest=recipe.digest(),
             train_examples=len(train_set), train_loss=float(output.training_loss), train_tokens=int(meter.tokens),
-            tokens_per_s=meter.tokens / meter.seconds if meter.seconds else 0.0, seconds=meter.seconds)
+            tokens_per_s=meter.tokens / meter.seconds if meter.seconds else 0.0, seconds=meter.seconds,
+            seq_budget=report.seq_budget, data=asdict(report))
         mlflow.log_metrics({"train_loss_final": result.train_loss, "train_tokens_per_s": result.tokens_per_s,
                             "train_computed_tokens": trainer.computed_tokens, "train_seconds": result.seconds,
                             "train_peak_rss_mb": _peak_rss_mb()})
@@ -619,13 +567,6 @@ def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
-
-
-def load_specialist(base_path: str, adapter_dir: str) -> tuple[PeftModel, PreTrainedTokenizerBase]:
-    """The base with the adapter applied, in eval mode (use `model.disable_adapter()` for the bare base)."""
-    tokenizer = setup_tokenizer(base_path)
-    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path), adapter_dir)
-    return model.eval(), tokenizer
 
 
 def _worker(spec_path: str) -> None:

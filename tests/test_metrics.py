@@ -4,13 +4,17 @@ import random
 import numpy as np
 import pytest
 
-from factory.evaluate.metrics import (
-    confusion_matrix,
-    example_score,
-    macro_f1,
-    rouge_l,
-    task_metrics,
-)
+from factory import kinds
+from factory.errors import FactoryError
+from factory.metrics import confusion_matrix, macro_f1, rouge_l
+
+
+def example_score(kind, pred, ref, schema, tools=()):
+    return kinds.get(kind).score(pred, ref, schema, list(tools))
+
+
+def task_metrics(kind, preds, refs, schema, embed=None):
+    return kinds.get(kind).metrics(preds, refs, schema, embed=embed)
 
 TOOLS = {
     "tools": [
@@ -309,7 +313,7 @@ def test_free_text_metrics_with_and_without_embedder():
 
 
 def test_bad_inputs_raise():
-    with pytest.raises(ValueError):
+    with pytest.raises(FactoryError, match="unknown task kind 'summarise'"):
         example_score("summarise", text("a"), text("a"), {})
     with pytest.raises(ValueError):
         task_metrics("classification", [], [], {})

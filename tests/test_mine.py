@@ -22,7 +22,6 @@ from factory.mine import (
     MineConfig,
     assign_splits,
     discover,
-    infer_kind,
     load_centroid,
     mine,
     prompt_text,
@@ -30,6 +29,7 @@ from factory.mine import (
     skeletons,
     template_fingerprint,
 )
+from factory.kinds import infer as infer_kind
 from factory.records import Record, content_id
 
 SAMPLES = Path(__file__).resolve().parents[1] / "datasets" / "samples"
@@ -39,9 +39,10 @@ PLANTED = {"classify_intent": "classification", "order_action": "tool_call",
 
 @pytest.fixture(scope="module")
 def records(tmp_path_factory: pytest.TempPathFactory) -> list[Record]:
-    """The sample logs as ingested records, failed calls dropped (as curate would)."""
+    """The first sample agent's logs (acme-support and its fine-tuning export) as ingested records,
+    failed calls dropped (as curate would). The second agent (acme-desk) has tests of its own."""
     root = tmp_path_factory.mktemp("ingest")
-    ingest.ingest([SAMPLES / "logs"], root / "raw", root / "quarantine")
+    ingest.ingest(sorted((SAMPLES / "logs").glob("[!d]*.jsonl")), root / "raw", root / "quarantine")
     return [r for r in ingest.read_records(root / "raw") if r.outcome == "ok"]
 
 
@@ -96,8 +97,7 @@ def test_mined_tasks_match_the_planted_subtasks(records, truth, mined):
     assert intent["output_schema"]["labels"] == sorted(["billing", "shipping", "returns", "technical", "account",
                                                         "other"])
     # the fine-tuning export (no agent, no step) joined the proxy-logged task with the same template
-    assert intent["merged_signatures"] == [{"agent": "", "step": "", "template": intent["signature"]["template"],
-                                            "tools": []}]
+    assert intent["merged_signatures"] == [{"agent": "", "step": "", "template": intent["signature"]["template"]}]
     assert sorted(t["function"]["name"] for t in catalog["order-action"]["output_schema"]["tools"]) == [
         "cancel_order", "get_order_status", "issue_refund"]
     schema = catalog["extract-ticket"]["output_schema"]["json_schema"]
@@ -171,6 +171,61 @@ def test_prompts_with_a_per_call_value_in_the_system_prompt_are_pooled_and_still
     assert sorted(sorted(c.members) for c in found) == [list(range(30)), list(range(30, 60))]
 
 
+def _tool(name: str, *params: str) -> dict:
+    return {"type": "function", "function": {"name": name, "description": f"{name.replace('_', ' ')}.", "parameters": {
+        "type": "object", "properties": {p: {"type": "string"} for p in params}, "required": list(params)}}}
+
+
+CATALOG_TOOLS = [_tool(n, "city") for n in ("get_weather", "get_forecast", "find_hotel", "find_restaurant")] + \
+    [_tool(n, "amount", "currency") for n in ("convert_currency", "pay_invoice", "refund_payment", "quote_price")]
+
+
+def test_a_step_whose_calls_offer_their_own_tools_is_one_task(tmp_path):
+    """Tool-retrieval agents offer 2-4 different tools on every call: tools are input, not identity."""
+    import random
+
+    rng = random.Random(0)
+    records = []
+    for i in range(120):
+        tools = rng.sample(CATALOG_TOOLS, rng.randint(2, 4))
+        tool = tools[0]["function"]
+        args = {p: f"v{i}" for p in tool["parameters"]["properties"]}
+        messages = [{"role": "system", "content": "Call the one tool that fulfils the request."},
+                    {"role": "user", "content": f"Please {tool['description'].lower()} with {args}"}]
+        calls = [{"name": tool["name"], "arguments": args}]
+        records.append(Record(id=content_id(messages, tools, None, calls), source="t", location=f"t:{i}",
+                              messages=messages, tools=tools, output_tool_calls=calls, agent="ops", step="call",
+                              session_id=f"s{i}"))
+    catalog = mine(records, tmp_path)
+    assert [(e["kind"], e["size"], e["status"]) for e in catalog.values()] == [("tool_call", 120, "ready")]
+    entry = next(iter(catalog.values()))
+    assert entry["signature"]["tools"] == sorted(t["function"]["name"] for t in CATALOG_TOOLS)
+    assert {t["function"]["name"] for t in entry["output_schema"]["tools"]} <= set(entry["signature"]["tools"])
+
+
+def test_a_step_that_either_calls_a_tool_or_answers_is_one_agent_turn_task(tmp_path):
+    tools = CATALOG_TOOLS[:2]
+    records = []
+    for i in range(100):
+        history = [{"role": "system", "content": "You are the travel desk. Use the tools, then answer briefly."},
+                   {"role": "user", "content": f"What is the weather in city {i}?"}]
+        if i % 5 < 2:  # 40% call the tool
+            calls, text = [{"name": "get_weather", "arguments": {"city": f"city {i}"}}], None
+        else:  # the rest answer after a tool result, or answer small talk
+            history += [{"role": "assistant", "content": None, "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "get_weather",
+                                                              "arguments": json.dumps({"city": f"city {i}"})}}]},
+                        {"role": "tool", "tool_call_id": "c1", "content": json.dumps({"sky": "clear", "c": i % 30})}]
+            calls, text = [], f"It is clear in city {i} at {i % 30} degrees today, enjoy your trip."
+        records.append(Record(id=content_id(history, tools, text, calls), source="t", location=f"t:{i}",
+                              messages=history, tools=tools, output_text=text, output_tool_calls=calls,
+                              agent="travel", step="respond", session_id=f"s{i}"))
+    catalog = mine(records, tmp_path)
+    ready = {t: e for t, e in catalog.items() if e["status"] == "ready"}
+    assert [(e["kind"], e["size"]) for e in ready.values()] == [("agent_turn", 100)]
+    assert next(iter(ready.values()))["output_schema"]["call_share"] == 0.4
+
+
 def test_skeletons_keep_the_template_and_collapse_the_content():
     texts = [f"classify this message: {word} arrived late again today" for word in ("parcel", "box", "order")] * 2
     texts += ["summarize the ticket: printer is on fire"] * 3
@@ -209,6 +264,10 @@ def test_infer_kind_from_outputs():
     assert infer_kind([_out(f"A long and different answer number {i}.") for i in range(10)], 30) == ("free_text", {})
     # more labels than max_labels: free text
     assert infer_kind([_out(f"label{i % 40}") for i in range(200)], 30)[0] == "free_text"
+    # calls mixed with text replies: an agent turn; a stray call or two in many replies: still text
+    mixed = calls[:3] + [_out(f"A reply number {i} to the user.") for i in range(7)]
+    assert infer_kind(mixed, 30) == ("agent_turn", {"tools": [], "call_share": 0.3})
+    assert infer_kind(calls[:1] + [_out(f"A reply number {i} to the user.") for i in range(99)], 30)[0] == "free_text"
 
 
 # --- splits and versions -------------------------------------------------------------------

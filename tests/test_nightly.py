@@ -13,6 +13,7 @@ import pytest
 from mlflow import MlflowClient
 
 from factory import nightly as nightly_module
+from factory import pipeline as pipeline_module
 from factory.nightly import NightlyConfig, NightlyLocked, Paths, nightly
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,7 +98,7 @@ def test_a_nightly_killed_before_registration_registers_next_time_without_retrai
         raise KeyboardInterrupt("killed between training and registration")
 
     with monkeypatch.context() as patch:
-        patch.setattr(nightly_module, "register", crash)
+        patch.setattr(pipeline_module, "register", crash)
         with pytest.raises(KeyboardInterrupt):
             nightly([logs], paths, config)
     trained = _trainings(paths)

@@ -106,6 +106,9 @@ def ws(tmp_path_factory, tiny_model_dir):
         write_records(root / "datasets", 60)
         cli("mine", "--min-examples", "20")
         first = dataset_version(root / "datasets")
+        refused = cli("register", TASK, *recipe_args(tiny_model_dir, 0), ok=False)
+        assert refused.exit_code == 1 and f"run `factory train {TASK}` first" in str(refused.exception)
+        cli("train", TASK, *recipe_args(tiny_model_dir, 0))
         cli("register", TASK, *recipe_args(tiny_model_dir, 0))
         again = cli("register", TASK, *recipe_args(tiny_model_dir, 0)).text  # the same training run
         overrides = [a for a in recipe_args(tiny_model_dir, 1) if a.startswith(("base_model", "max_", "save", "seed"))]

@@ -43,6 +43,7 @@ def test_register_promote_rollback_and_routes_against_a_postgres_and_s3_backed_s
     write_records(tmp_path / "datasets", 60)
     cli("mine", "--min-examples", "20")
 
+    cli("train", TASK, *recipe_args(tiny_model_dir, 0))
     cli("register", TASK, *recipe_args(tiny_model_dir, 0))
     cli("register", TASK, *recipe_args(tiny_model_dir, 0))  # the same run: still one version
     client = MlflowClient()

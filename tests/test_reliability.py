@@ -255,10 +255,11 @@ def evaluated(prepared, tmp_path_factory, tiny_model_dir) -> tuple[Path, list[st
     (ws / "truth.jsonl").write_text("".join(json.dumps(
         {"id": r["source_id"], "output": {"content": next(x for x in labels if x != r["output"]["content"])}}) + "\n"
         for r in rows))
-    args = [task, *tiny_overrides(tiny_model_dir), "--truth", "truth.jsonl"]
-    done = run(ws, "eval", *args)
-    assert done.returncode == 0, done.stdout + done.stderr
-    return ws, args
+    args = [task, *tiny_overrides(tiny_model_dir)]
+    for command, extra in (("train", []), ("eval", ["--truth", "truth.jsonl"])):
+        done = run(ws, command, *args, *extra)
+        assert done.returncode == 0, done.stdout + done.stderr
+    return ws, [*args, "--truth", "truth.jsonl"]
 
 
 def test_kill_during_register_then_rerun_leaves_one_promoted_version(evaluated, tmp_path):

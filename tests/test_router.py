@@ -13,7 +13,7 @@ import numpy as np
 from factory.embed import embed_texts
 from factory.serve.centroids import build_centroids, task_centroid
 from factory.serve.requestlog import RequestLog
-from factory.serve.router import Match, Router, decide, load_routes, parse_routes, request_signature
+from factory.serve.router import Match, Router, decide, load_routes, parse_routes, request_template, tool_names
 
 CLASSIFY = "Classify the customer's message into exactly one intent: billing, shipping, returns. Answer with the label."
 EXTRACT = "Extract the ticket fields (order id, product, problem) from the message as a JSON object."
@@ -26,7 +26,7 @@ def _msgs(system: str, user: str = "Where is order A12345? It was due 3 days ago
 
 
 def _entry(task: str, system: str, tools=(), agent="acme", step="", threshold=0.5, size=10) -> dict:
-    template, names = request_signature(_msgs(system), list(tools))
+    template, names = request_template(_msgs(system)), tool_names(list(tools))
     return {"task": task, "kind": "classification", "threshold": threshold, "size": size,
             "signature": {"agent": agent, "step": step or task, "template": template, "tools": list(names)},
             "output_schema": {"labels": ["billing", "shipping", "returns"]}, "base_model": "base",
@@ -37,14 +37,25 @@ def _routes(*entries: dict):
     return parse_routes({"tasks": {e["task"]: e for e in entries}}, Path("routes.json"))
 
 
-def test_signature_ignores_values_but_not_template_or_tools():
+def test_signature_ignores_values_and_tool_lists_but_not_the_template():
     dated = ORDER + " Today is 2026-11-03, customer 'Ann'."
     router = Router(_routes(_entry("classify", CLASSIFY), _entry("order", dated, TOOLS)))
     other_order = _msgs(ORDER + " Today is 2026-12-24, customer 'Bob'.", "Refund order B99 please")
     assert router.match(_msgs(CLASSIFY), []).route.task == "classify"
     assert router.match(other_order, list(reversed(TOOLS))).route.task == "order"
-    assert router.match(_msgs(dated), TOOLS[:1]) == Match(None, "none")
+    # tools are input, not identity: a per-request tool list still reaches the step's task
+    retrieved = [{"type": "function", "function": {"name": "track_parcel", "parameters": {}}}, TOOLS[0]]
+    assert router.match(_msgs(dated), retrieved).route.task == "order"
+    assert router.match(_msgs(dated), []).route.task == "order"
     assert router.match(_msgs("Summarise the ticket."), []) == Match(None, "none")
+
+
+def test_tool_overlap_chooses_among_routes_sharing_a_template():
+    weather = [{"type": "function", "function": {"name": n, "parameters": {}}} for n in ("get_weather", "get_forecast")]
+    router = Router(_routes(_entry("orders", ORDER, TOOLS, size=100), _entry("weather", ORDER, weather, size=5)))
+    assert router.match(_msgs(ORDER), weather[:1]).route.task == "weather"
+    assert router.match(_msgs(ORDER), TOOLS + weather[:1]).route.task == "orders"
+    assert router.match(_msgs(ORDER), []).route.task == "orders"
 
 
 def test_agent_and_step_choose_among_routes_sharing_a_signature():

@@ -19,22 +19,15 @@ from transformers import AutoModelForCausalLM
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from factory.recipe import Recipe, load_recipe
-from factory.train import (SharedPrefixCollator, completion_loss, launch_command, parse_output, render_completion,
-                           render_output, render_prompt, setup_data, setup_model, setup_tokenizer, train)
+from factory.models import load_tokenizer
+from factory.train import (DataError, SharedPrefixCollator, completion_loss, launch_command, setup_data, setup_model,
+                           train)
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
 SYSTEM = "Route the customer's request: answer with the tool to call."
 TOOLS = [{"type": "function", "function": {"name": "get_order_status", "parameters": {
     "type": "object", "properties": {"order_id": {"type": "string"}}}}}]
-LLAMA_STYLE = (  # a minimal template that renders tool calls itself, as Llama 3.1's does
-    "{% for m in messages %}<|im_start|>{{ m.role }}\n"
-    "{% if m.tool_calls %}{{ '{\"name\": \"' + m.tool_calls[0].function.name + '\", \"parameters\": ' }}"
-    "{{ m.tool_calls[0].function.arguments | tojson }}}"
-    "{% else %}{{ m.content }}{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
 def _rows(n: int) -> list[dict]:
     rows = []
     for i in range(n):
@@ -71,59 +64,51 @@ def tracking(tmp_path, monkeypatch):
     return uri
 
 
-# --- rendering ------------------------------------------------------------------------------------
+# --- data ----------------------------------------------------------------------------------------
 
 
-def test_fallback_tool_calls_render_as_hermes_text_and_parse_back(tiny_model_dir):
-    tokenizer = setup_tokenizer(str(tiny_model_dir))
-    row = _rows(1)[0]
-    completion = render_completion(tokenizer, row["messages"], row["tools"], row["output"])
-    assert completion == render_output(row["output"]) + tokenizer.eos_token
-    assert "<tool_call>" in completion
-    assert parse_output(completion.removesuffix(tokenizer.eos_token)) == row["output"]
-
-
-def test_template_tool_format_is_used_where_the_template_has_one(tiny_model_dir):
-    tokenizer = setup_tokenizer(str(tiny_model_dir))
-    tokenizer.chat_template = LLAMA_STYLE
-    row = _rows(1)[0]
-    completion = render_completion(tokenizer, row["messages"], row["tools"], row["output"])
-    assert completion.startswith('{"name": "get_order_status", "parameters": {"order_id": "A10000"}}')
-    assert completion.endswith(tokenizer.eos_token) and "<tool_call>" not in completion
-    assert parse_output(completion.removesuffix(tokenizer.eos_token)) == row["output"]
-
-
-def test_parse_output_reads_mistral_calls_and_leaves_json_answers_alone():
-    mistral = '[TOOL_CALLS] [{"name": "cancel_order", "arguments": {"order_id": "A1"}, "id": "call00000"}]'
-    assert parse_output(mistral)["tool_calls"] == [{"name": "cancel_order", "arguments": {"order_id": "A1"}}]
-    extraction = '{"name": "water filter", "issue": "leaks"}'
-    assert parse_output(extraction) == {"content": extraction, "tool_calls": []}
-    assert parse_output("billing") == {"content": "billing", "tool_calls": []}
-    assert parse_output("") == {"content": "", "tool_calls": []}
-
-
-def test_no_default_system_prompt_is_injected(tiny_model_dir):
-    tokenizer = setup_tokenizer(str(tiny_model_dir))
-    user = [{"role": "user", "content": "Where is A1?"}]
-    assert "SmolLM" in tokenizer.apply_chat_template(user, tokenize=False)  # what the template would add
-    prompt = render_prompt(tokenizer, user, [])
-    assert "SmolLM" not in prompt and prompt.endswith("<|im_start|>assistant\n")
-    assert SYSTEM in render_prompt(tokenizer, _rows(1)[0]["messages"], [])
-
-
-def test_setup_data_masks_prompts_and_drops_examples_that_do_not_fit(tiny_model_dir):
-    tokenizer = setup_tokenizer(str(tiny_model_dir))
+def test_setup_data_masks_prompts_and_skips_examples_that_cannot_fit(tiny_model_dir):
+    tokenizer = load_tokenizer(str(tiny_model_dir))
     recipe, _ = _recipe(tiny_model_dir)
-    data = setup_data(_rows(3), tokenizer, recipe)
+    data, report = setup_data(_rows(3), tokenizer, recipe)
     example = data[0]
     completion = [t for t in example["labels"] if t != -100]
     assert tokenizer.decode(completion).startswith("<tool_call>")
     assert example["input_ids"][-len(completion):] == completion
-    budget, _ = _recipe(tiny_model_dir, f"max_train_tokens={len(example['input_ids']) * 5 // 2}")
-    assert len(setup_data(_rows(3), tokenizer, budget)) == 2
+    assert report.examples == 3 and report.seq_budget == max(len(e["input_ids"]) for e in data)
+    budget, _ = _recipe(tiny_model_dir, f"max_train_tokens={len(example['input_ids']) * 5 // 2}", "shared_prefix=false")
+    assert len(setup_data(_rows(3), tokenizer, budget)[0]) == 2
     short, _ = _recipe(tiny_model_dir, f"max_seq_length={len(example['input_ids']) - 1}")
-    with pytest.raises(ValueError, match="max_seq_length"):
+    with pytest.raises(DataError, match="1 too long"):  # one turn: nothing to drop, the answer is never cut
         setup_data(_rows(1), tokenizer, short)
+
+
+def test_the_token_budget_counts_a_prefix_shared_by_the_task_once_per_batch(tiny_model_dir):
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    plain, _ = _recipe(tiny_model_dir, "shared_prefix=false")
+    shared, _ = _recipe(tiny_model_dir)
+    full, plain_report = setup_data(_rows(16), tokenizer, plain)
+    _, report = setup_data(_rows(16), tokenizer, shared)
+    prefix = len(tokenizer(SYSTEM, add_special_tokens=False)["input_ids"])  # shared by every example, at least
+    assert plain_report.computed_tokens == plain_report.tokens == sum(len(e["input_ids"]) for e in full)
+    assert report.tokens == plain_report.tokens
+    assert report.computed_tokens <= report.tokens - 16 * prefix * 7 // 8
+
+
+def test_long_dialogues_lose_earlier_turns_and_are_counted(tiny_model_dir):
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    rows = []
+    for i in range(4):
+        history = [{"role": "system", "content": SYSTEM}]
+        for turn in range(i * 4):
+            history += [{"role": "user", "content": f"turn {turn}: " + "where is it " * 10},
+                        {"role": "assistant", "content": "on its way " * 10}]
+        rows.append({**_rows(1)[0], "messages": [*history, {"role": "user", "content": "Where is A10000?"}]})
+    capped, _ = _recipe(tiny_model_dir, "max_seq_length=300")
+    data, report = setup_data(rows, tokenizer, capped)
+    assert report.seq_budget == 300 and report.examples == 4 and report.shortened >= 2
+    assert report.messages_dropped >= 2 * report.shortened and max(len(e["input_ids"]) for e in data) <= 300
+    assert all(tokenizer.decode(e["input_ids"]).count("Where is A10000?") == 1 for e in data)
 
 
 # --- the loss on padding-free batches ----------------------------------------------------------------
@@ -131,11 +116,11 @@ def test_setup_data_masks_prompts_and_drops_examples_that_do_not_fit(tiny_model_
 
 def test_padding_free_completion_loss_equals_the_padded_model_loss(tiny_model_dir):
     """Per-example attention on one concatenated row gives the loss of ordinary padded batches."""
-    tokenizer = setup_tokenizer(str(tiny_model_dir))
+    tokenizer = load_tokenizer(str(tiny_model_dir))
     recipe, _ = _recipe(tiny_model_dir)
     rows = _rows(4)
     rows[1]["messages"][1]["content"] += " It has been a very long week of waiting, please help me."
-    examples = [dict(e) for e in setup_data(rows, tokenizer, recipe)]
+    examples = [dict(e) for e in setup_data(rows, tokenizer, recipe)[0]]
     padded = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)(examples)
     packed = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)(examples)
     assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed
@@ -150,11 +135,11 @@ def test_padding_free_completion_loss_equals_the_padded_model_loss(tiny_model_di
 
 
 def test_a_shared_prompt_prefix_runs_once_with_the_loss_and_gradients_of_the_unshared_batch(tiny_model_dir):
-    tokenizer = setup_tokenizer(str(tiny_model_dir))
+    tokenizer = load_tokenizer(str(tiny_model_dir))
     recipe, _ = _recipe(tiny_model_dir)
     rows = _rows(3)
     rows[2]["messages"][1]["content"] = "My parcel never came, order A99999. Please check it."
-    examples = [dict(e) for e in setup_data(rows, tokenizer, recipe)]
+    examples = [dict(e) for e in setup_data(rows, tokenizer, recipe)[0]]
     unshared = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)
     shared = SharedPrefixCollator(unshared)(examples)
     prefix = shared["shared_prefix_len"]

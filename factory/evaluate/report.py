@@ -46,7 +46,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from factory.evaluate.metrics import INVALID
+from factory.metrics import INVALID
 from factory.io import write_atomic
 
 CURVE_PNG = "coverage_quality.png"

@@ -7,9 +7,9 @@ embeds requests with the same two functions, so both sides of the comparison are
 text and model. A dataset version mined before centroids were stored gets one computed
 from (up to `per_task` prompts of) its training split when the server starts.
 
-A request goes to the nearest centroid among the tasks that declare the same tool set,
-if its cosine similarity reaches `min_similarity`; a tool set is part of what a task
-is, so an edited prompt never reaches a task whose tools it does not offer.
+A request goes to the nearest centroid among the tasks whose tools fit the request's (both
+offer none, or they share a tool name), if its cosine similarity reaches `min_similarity`:
+an edited prompt never reaches a tool-using task none of whose tools it offers.
 """
 
 from __future__ import annotations
@@ -29,23 +29,23 @@ Embed = Callable[[list[str]], np.ndarray]
 
 
 class Centroids:
-    """Nearest-centroid lookup, restricted to tasks with the request's tool set."""
+    """Nearest-centroid lookup, restricted to tasks whose tools fit the request's."""
 
     def __init__(self, embed: Embed, vectors: dict[str, np.ndarray], tools: dict[str, tuple[str, ...]],
                  min_similarity: float = 0.8):
         self.embed = embed
         self.min_similarity = min_similarity
-        self._by_tools: dict[tuple[str, ...], tuple[list[str], np.ndarray]] = {}
-        for task, vector in sorted(vectors.items()):
-            names, rows = self._by_tools.get(tools[task], ([], np.zeros((0, vector.size), np.float32)))
-            self._by_tools[tools[task]] = (names + [task], np.vstack([rows, vector[None, :]]))
+        self._tasks = sorted(vectors)
+        self._tools = [set(tools[t]) for t in self._tasks]
+        self._matrix = np.vstack([vectors[t][None, :] for t in self._tasks]) if vectors else None
 
     def nearest(self, messages: list[dict[str, Any]], tools: tuple[str, ...]) -> tuple[str, float] | None:
         """(task, similarity) of the nearest centroid, or None when none is close enough."""
-        names, matrix = self._by_tools.get(tools, ([], None))
-        if not names:
+        fits = [i for i, names in enumerate(self._tools) if names & set(tools) or not names and not tools]
+        if not fits:
             return None
-        similarities = matrix @ self.embed([prompt_text(messages)])[0]
+        names = [self._tasks[i] for i in fits]
+        similarities = self._matrix[fits] @ self.embed([prompt_text(messages)])[0]
         best = int(np.argmax(similarities))
         return (names[best], float(similarities[best])) if similarities[best] >= self.min_similarity else None
 

@@ -2,18 +2,21 @@
 
 Matching, cheapest first:
 
-1. signature: the request's prompt-template fingerprint and tool set (`factory.mine.signature`,
-   the key the tasks were mined by) looked up in a dict: tens of microseconds. When several
-   routes share a signature (two agents reusing one prompt, tasks split by hand in the
-   catalog) the request's agent and step choose among them, else the largest task wins.
+1. signature: the request's prompt-template fingerprint (`factory.mine.template_fingerprint`,
+   the key the tasks were mined by) looked up in a dict: tens of microseconds. The tools a
+   request offers are a feature, not part of the key (agents that retrieve their tools per
+   request offer a different list every time). When several routes share a template (two
+   agents reusing one prompt, a generic step split into tasks) the request's agent and step
+   choose among them, then the overlap of the request's tool names with each task's, then
+   the largest task.
 2. embedding (optional): the nearest task centroid (`centroids.Centroids`) among the tasks
-   with the same tool set, accepted at cosine similarity >= its `min_similarity`. It runs
+   whose tools fit the request's, accepted at cosine similarity >= its `min_similarity`. It runs
    only when step 1 finds nothing, so a matched request never pays for an embedding. The
    trade-off: a prompt edited enough to change its fingerprint is still served, by a
    specialist trained on the old prompt; the confidence threshold is the guard.
 3. none: the request is escalated.
 
-Decision (`decide`): the specialist answers when its answer is usable (`evaluate.run.usable`:
+Decision (`decide`): the specialist answers when its answer is usable (the task kind's `usable`:
 a known label, a parsable call to a known tool, schema-valid JSON, non-empty text) and its
 confidence reaches the task's calibrated threshold. A null threshold (calibration found no
 operating point) means the task always escalates.
@@ -26,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from factory.mine import signature
+from factory.mine import template_fingerprint
 from factory.records import Record
 
 SPECIALIST, UPSTREAM = "specialist", "upstream"
@@ -127,9 +130,21 @@ def load_routes(path: Path) -> dict[str, Route]:
     return parse_routes(data, path)
 
 
-def request_signature(messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> tuple[str, tuple[str, ...]]:
-    """The (template fingerprint, tool names) key of a request, exactly as mining computes it."""
-    return signature(Record(id="", source="serve", location="", messages=messages, tools=tools))
+def request_template(messages: list[dict[str, Any]]) -> str:
+    """The template fingerprint of a request, exactly as mining computes it."""
+    return template_fingerprint(Record(id="", source="serve", location="", messages=messages))
+
+
+def tool_names(tools: list[dict[str, Any]]) -> tuple[str, ...]:
+    """The sorted names of the tools a request offers."""
+    return tuple(sorted(str(t.get("function", t).get("name", "")) for t in tools if isinstance(t, dict)))
+
+
+def tool_overlap(a: tuple[str, ...], b: tuple[str, ...]) -> float:
+    """Jaccard similarity of two tool-name sets; 1.0 when both are empty."""
+    if not a and not b:
+        return 1.0
+    return len(set(a) & set(b)) / len(set(a) | set(b))
 
 
 class Router:
@@ -138,19 +153,20 @@ class Router:
     def __init__(self, routes: dict[str, Route], fallback: Fallback | None = None):
         self.routes = routes
         self.fallback = fallback
-        self._index: dict[tuple[str, tuple[str, ...]], list[Route]] = {}
+        self._index: dict[str, list[Route]] = {}
         for route in sorted(routes.values(), key=lambda r: -r.size):
-            self._index.setdefault((route.template, route.tools), []).append(route)
+            self._index.setdefault(route.template, []).append(route)
 
     def match(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]], agent: str = "",
               step: str = "") -> Match:
-        key = request_signature(messages, tools)
-        candidates = self._index.get(key)
+        names = tool_names(tools)
+        candidates = self._index.get(request_template(messages))
         if candidates:
-            chosen = next((r for r in candidates if agent and (r.agent, r.step) == (agent, step)), candidates[0])
+            chosen = max(candidates, key=lambda r: (bool(agent) and (r.agent, r.step) == (agent, step),
+                                                    tool_overlap(names, r.tools), r.size))
             return Match(chosen, "signature")
         if self.fallback is not None:
-            nearest = self.fallback.nearest(messages, key[1])
+            nearest = self.fallback.nearest(messages, names)
             if nearest is not None:
                 return Match(self.routes[nearest[0]], "embedding", nearest[1])
         return Match(None, "none")

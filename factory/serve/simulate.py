@@ -34,13 +34,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from factory.evaluate.metrics import example_score
+from factory import kinds
+from factory.chat import render_output
 from factory.ingest import ingest, read_records
 from factory.io import load_split, write_atomic
 from factory.records import Record
 from factory.serve.router import SPECIALIST, Router, decide
 from factory.serve.specialists import Specialists
-from factory.train import render_output
 
 UNMATCHED = "(unmatched)"
 
@@ -139,10 +139,12 @@ def replay(examples: list[Example], router: Router, specialists: Specialists, pr
         if route is not None:
             reference = (truth or {}).get(example.source_id, example.output)
             try:
-                outcome["teacher_score"] = example_score(route.kind, example.output, reference, route.output_schema)
+                outcome["teacher_score"] = kinds.get(route.kind).score(example.output, reference, route.output_schema,
+                                                                        example.tools)
                 outcome["score"] = outcome["teacher_score"]
                 if decision.served_by == SPECIALIST:
-                    outcome["score"] = example_score(route.kind, answer.output, reference, route.output_schema)
+                    outcome["score"] = kinds.get(route.kind).score(answer.output, reference, route.output_schema,
+                                                                    example.tools)
             except ValueError:  # the reference cannot be scored (e.g. a JSON task's teacher wrote prose)
                 outcome["teacher_score"] = outcome["score"] = None
         served = decision.served_by == SPECIALIST

@@ -8,7 +8,7 @@ by a lock: one request generates at a time per process. On a CPU that costs litt
 generation already uses every core); batching concurrent requests of the same task would
 raise throughput and is left out for simplicity.
 
-Answers go through the same `render_prompt` / `parse_output` as training and evaluation,
+Answers go through the same `chat.render_prompt` / `chat.parse_output` as training and evaluation,
 and their confidence is `evaluate.generate`'s (geometric mean token probability).
 """
 
@@ -25,9 +25,9 @@ from typing import Any
 
 from factory.base_model import cache_dir, resolve_base
 from factory.evaluate.generate import generate
-from factory.evaluate.run import usable
+from factory import chat, kinds
 from factory.serve.router import Route
-from factory.train import parse_output, render_prompt, setup_tokenizer
+from factory.models import load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ class Specialists:
             path = str(adapter_path(route, adapter_cache))
             if route.base_model not in self._models:
                 base_path = resolve_base(route.base_model)
-                self._tokenizers[route.base_model] = setup_tokenizer(base_path)
+                self._tokenizers[route.base_model] = load_tokenizer(base_path)
                 base = AutoModelForCausalLM.from_pretrained(base_path)
                 self._models[route.base_model] = PeftModel.from_pretrained(base, path, adapter_name=task).eval()
             else:
@@ -88,17 +88,21 @@ class Specialists:
 
     def answer(self, task: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]],
                max_new_tokens: int | None = None) -> Answer:
-        """Greedy answer of `task`'s specialist with its confidence; raises KeyError for an unknown task."""
+        """Greedy answer of `task`'s specialist with its confidence; the conversation is shortened to the
+        task's sequence budget as in training. Raises KeyError for an unknown task, ChatError for a
+        conversation the template cannot render."""
         route = self.routes[task]
         model, tokenizer = self._models[route.base_model], self._tokenizers[route.base_model]
         budget = min(route.max_new_tokens, max_new_tokens or route.max_new_tokens)
-        prompt = render_prompt(tokenizer, messages, tools)
+        seq_budget = int(route.extra.get("seq_budget") or tokenizer.model_max_length)
+        prompt = chat.fit_prompt(tokenizer, messages, tools, max(64, seq_budget - budget))
         start = time.perf_counter()
         with self._lock:  # the adapter switch and the tokenizer's padding side are shared state
             model.set_adapter(task)
             gen = generate(model, tokenizer, [prompt], budget, batch_size=1)[0]
             prompt_tokens = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
         seconds = time.perf_counter() - start
-        output = parse_output(gen.text)
-        return Answer(output=output, confidence=gen.confidence, usable=usable(route.kind, output, route.output_schema),
-                      prompt_tokens=prompt_tokens, completion_tokens=gen.new_tokens, seconds=seconds)
+        output = chat.parse_output(gen.text)
+        usable = kinds.get(route.kind).usable(output, route.output_schema, tools)
+        return Answer(output=output, confidence=gen.confidence, usable=usable, prompt_tokens=prompt_tokens,
+                      completion_tokens=gen.new_tokens, seconds=seconds)

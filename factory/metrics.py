@@ -1,18 +1,12 @@
-"""Per-example scores and per-task aggregates for the four task kinds.
+"""Scoring primitives the task kinds (`factory.kinds`) are built from; each returns a value in [0, 1].
 
 An output (prediction or reference) is an assistant message:
 `{"content": str | None, "tool_calls": [{"name": str, "arguments": dict}]}`.
-`example_score` is the quality the router is calibrated on, so it is always in
-[0, 1]; `task_metrics` aggregates it (key "score") and adds kind-specific extras.
 
-Scoring rules, by kind
-----------------------
-classification   stripped content equals the reference, case-insensitively.
-tool_call        AST match in the style of the Berkeley Function Calling
-                 Leaderboard: see `tool_calls_match`.
-json_extraction  field-level F1 between flattened (key path, value) leaves:
-                 see `json_field_f1`.
-free_text        ROUGE-L F1 over word tokens: see `rouge_l`.
+label_match       stripped content equals the reference, case-insensitively.
+tool_calls_match  AST match in the style of the Berkeley Function Calling Leaderboard.
+json_field_f1     field-level F1 between flattened (key path, value) leaves.
+rouge_l           ROUGE-L F1 over word tokens.
 """
 
 from __future__ import annotations
@@ -25,76 +19,11 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
-from jsonschema.validators import validator_for
 
-KINDS = ("classification", "tool_call", "json_extraction", "free_text")
 INVALID = "<invalid>"
 _TOKEN = re.compile(r"\w+")
 
 Output = dict[str, Any]
-
-
-def example_score(kind: str, pred: Output, ref: Output, schema: dict[str, Any]) -> float:
-    """Quality of one prediction against its reference, in [0, 1].
-
-    Raises ValueError for an unknown kind, and for a json_extraction reference
-    that is not a JSON object (a dataset bug that should not be scored as 0).
-    """
-    if kind == "classification":
-        return float(_label(pred) == _label(ref))
-    if kind == "tool_call":
-        return float(tool_calls_match(pred, ref, schema))
-    if kind == "json_extraction":
-        return json_field_f1(pred, ref)
-    if kind == "free_text":
-        return rouge_l(_text(pred), _text(ref))
-    raise ValueError(f"unknown task kind {kind!r}; expected one of {KINDS}")
-
-
-def task_metrics(
-    kind: str,
-    preds: Sequence[Output],
-    refs: Sequence[Output],
-    schema: dict[str, Any],
-    embed: Callable[[list[str]], np.ndarray] | None = None,
-) -> dict[str, float]:
-    """Aggregate metrics over a test set; "score" is the mean `example_score`.
-
-    Extras: classification `macro_f1`; tool_call `name_accuracy` (the multiset
-    of called function names is right); json_extraction `valid_json` (share that
-    parses as a JSON object) and, when schema has "json_schema", `schema_valid`
-    (share that parses and validates); free_text `rouge_l` (same as "score") and,
-    only when `embed` is given, `embedding_similarity` (mean cosine between
-    embed(predictions) and embed(references), computed in one `embed` call).
-    `embed` is ignored for other kinds, so this module never loads a model.
-
-    Raises ValueError on empty or unequal-length inputs or an unknown kind, and
-    jsonschema.SchemaError when schema["json_schema"] is itself invalid.
-    """
-    if len(preds) != len(refs):
-        raise ValueError(f"{len(preds)} predictions but {len(refs)} references")
-    if not preds:
-        raise ValueError("no examples to score")
-    scores = [example_score(kind, p, r, schema) for p, r in zip(preds, refs)]
-    out = {"score": _mean(scores)}
-    if kind == "classification":
-        out["macro_f1"] = macro_f1([_label(p) for p in preds], [_label(r) for r in refs], schema.get("labels", []))
-    elif kind == "tool_call":
-        out["name_accuracy"] = _mean([_names(p) == _names(r) for p, r in zip(preds, refs)])
-    elif kind == "json_extraction":
-        parsed = [parse_json_object(p) for p in preds]
-        out["valid_json"] = _mean([obj is not None for obj in parsed])
-        if "json_schema" in schema:
-            cls = validator_for(schema["json_schema"])
-            cls.check_schema(schema["json_schema"])
-            validator = cls(schema["json_schema"])
-            out["schema_valid"] = _mean([obj is not None and validator.is_valid(obj) for obj in parsed])
-    elif kind == "free_text":
-        out["rouge_l"] = out["score"]
-        if embed is not None:
-            texts = [_text(p) for p in preds], [_text(r) for r in refs]
-            out["embedding_similarity"] = _embedding_similarity(embed, *texts)
-    return out
 
 
 def macro_f1(preds: Sequence[str], refs: Sequence[str], labels: Sequence[str] = ()) -> float:
@@ -111,7 +40,7 @@ def macro_f1(preds: Sequence[str], refs: Sequence[str], labels: Sequence[str] = 
     n_pred, n_ref = Counter(preds), Counter(refs)
     hits = Counter(r for p, r in zip(preds, refs) if p == r)
     present = [c for c in classes if n_pred[c] or n_ref[c]]
-    return _mean([2 * hits[c] / (n_pred[c] + n_ref[c]) for c in present])
+    return mean([2 * hits[c] / (n_pred[c] + n_ref[c]) for c in present])
 
 
 def confusion_matrix(
@@ -127,10 +56,10 @@ def confusion_matrix(
     index = {_norm(label): i for i, label in enumerate(labels)}
     matrix = [[0] * (len(labels) + 1) for _ in labels]
     for pred, ref in zip(preds, refs):
-        row = index.get(_label(ref))
+        row = index.get(label_of(ref))
         if row is None:
             raise ValueError(f"reference label {_text(ref)!r} is not one of {list(labels)}")
-        matrix[row][index.get(_label(pred), len(labels))] += 1
+        matrix[row][index.get(label_of(pred), len(labels))] += 1
     return list(labels), matrix
 
 
@@ -294,7 +223,7 @@ def _leaves(value: Any, path: tuple = ()) -> Iterator[tuple[tuple, tuple]]:
         yield path, ("empty", type(value).__name__)
 
 
-def _embedding_similarity(embed: Callable[[list[str]], np.ndarray], preds: list[str], refs: list[str]) -> float:
+def embedding_similarity(embed: Callable[[list[str]], np.ndarray], preds: list[str], refs: list[str]) -> float:
     vectors = np.asarray(embed(preds + refs), dtype=float)
     a, b = vectors[: len(preds)], vectors[len(preds) :]
     norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
@@ -302,15 +231,21 @@ def _embedding_similarity(embed: Callable[[list[str]], np.ndarray], preds: list[
     return float(cosine.mean())
 
 
-def _names(output: Output) -> Counter:
+def call_names(output: Output) -> Counter:
+    """The multiset of called function names."""
     return Counter(call.get("name") for call in output.get("tool_calls") or [])
+
+
+def label_match(pred: Output, ref: Output) -> float:
+    return float(label_of(pred) == label_of(ref))
 
 
 def _text(output: Output) -> str:
     return output.get("content") or ""
 
 
-def _label(output: Output) -> str:
+def label_of(output: Output) -> str:
+    """The content as a class label: stripped and casefolded."""
     return _norm(_text(output))
 
 
@@ -318,5 +253,6 @@ def _norm(label: str) -> str:
     return label.strip().casefold()
 
 
-def _mean(values: Sequence[float]) -> float:
+def mean(values: Sequence[float]) -> float:
+    """The mean, 0.0 for no values."""
     return float(sum(values) / len(values)) if values else 0.0

@@ -1,0 +1,61 @@
+"""One task's sequence, written once: train (or reuse) -> evaluate (or reuse) -> register.
+
+`factory finetune`, `make finetune`, `factory demo` and the nightly all run `finetune`. Each
+step is idempotent (training returns a finished run, evaluation a stored result for the same
+adapter and settings, registration one version per training run), so a killed sequence
+resumes where it stopped. `factory eval` and `factory register` run one step on a finished
+training (`finished_training`) and say "train first" rather than train behind the user's back.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from factory.errors import FactoryError
+from factory.evaluate.run import evaluate, load_truth
+from factory.paths import Paths
+from factory.recipe import Recipe, load_recipe
+from factory.registry import Gates, register
+from factory.train import TrainResult, run_dir, train
+
+
+@dataclass(frozen=True)
+class Finetuned:
+    trained: TrainResult
+    evaluation: dict[str, Any]
+    version: Any  # mlflow ModelVersion
+    promoted: bool
+
+
+def finished_training(task: str, entry: dict[str, Any], recipe: Recipe, paths: Paths) -> TrainResult:
+    """The finished training of `task` for its current dataset version and this recipe.
+
+    Raises FactoryError ("train first") when there is none.
+    """
+    version = entry.get("dataset_version")
+    result = run_dir(paths.registry, task, version, recipe) / "train.json" if version else None
+    if result is None or not result.exists():
+        raise FactoryError(f"task {task!r} has no finished training for dataset {version} and this recipe: "
+                           f"run `factory train {task}` first")
+    return TrainResult(**json.loads(result.read_text()))
+
+
+def evaluate_trained(task: str, entry: dict[str, Any], recipe: Recipe, trained: TrainResult, paths: Paths,
+                     truth: Path | None = None) -> dict[str, Any]:
+    """Evaluate a finished training (or return its stored evaluation); logged to its MLflow run."""
+    return evaluate(task, entry, recipe, trained.adapter_dir, trained.dataset_version, paths.data,
+                    paths.reports / task, load_truth(truth), run_id=trained.run_id, seq_budget=trained.seq_budget)
+
+
+def finetune(task: str, entry: dict[str, Any], paths: Paths, recipe: str | None = None,
+             overrides: tuple[str, ...] = (), truth: Path | None = None, gates: Gates = Gates()) -> Finetuned:
+    """Train, evaluate and register one task. Raises RecipeError, FactoryError or ValueError (bad
+    data or settings) before spending time where it can."""
+    spec, raw = load_recipe(task, recipe, list(overrides))
+    trained = train(task, entry, spec, raw, paths.data, paths.registry)
+    evaluation = evaluate_trained(task, entry, spec, trained, paths, truth)
+    version, promoted = register(entry, trained, evaluation, spec, gates)
+    return Finetuned(trained, evaluation, version, promoted)
