@@ -48,10 +48,12 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not e2e"
 
-# kill -9 faults, PII/secret canaries, malformed input, path safety, concurrent trainings;
-# prints its counts (faults injected, reruns matched, malformed lines, canaries found)
+# kill -9 faults, PII/secret canaries, malformed input, path safety, concurrent trainings, a fuzz
+# of the router's HTTP API; prints its counts (faults injected, reruns matched, malformed lines,
+# canaries found, fuzz requests and server / connection errors)
 reliability: setup
-	$(BIN)/python -m pytest -q -p no:randomly tests/test_reliability.py tests/test_reliability_inputs.py
+	$(BIN)/python -m pytest -q -p no:randomly tests/test_reliability.py tests/test_reliability_inputs.py \
+		tests/test_router_fuzz.py
 
 bench: setup
 	$(BIN)/python -m bench.run

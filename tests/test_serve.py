@@ -4,8 +4,11 @@ a routes.json written here, and a stub upstream LLM that is a real HTTP server."
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
+import stat
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import openai
@@ -15,7 +18,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from factory.ingest import ingest, read_records
 from factory.serve.app import ServeConfig, check_bind, create_app, load_api_keys, running
-from factory.serve.router import Router, load_routes, request_signature
+from factory.serve.router import Router, load_routes, request_template
 from factory.serve.simulate import Example, Prices, examples_from_logs, examples_from_splits, simulate
 from factory.serve.specialists import Specialists
 
@@ -51,7 +54,7 @@ def adapters(tiny_model_dir, tmp_path_factory) -> dict[str, Path]:
 def write_routes(path: Path, base: Path, adapters: dict[str, Path], thresholds: dict[str, float | None]) -> Path:
     tasks = {}
     for task, threshold in thresholds.items():
-        template, tools = request_signature(_messages(task), [])
+        template, tools = request_template(_messages(task)), []
         tasks[task] = {"task": task, "kind": "free_text", "threshold": threshold, "coverage": 0.5,
                        "signature": {"agent": "acme", "step": task, "template": template, "tools": list(tools)},
                        "output_schema": {}, "base_model": str(base), "adapter_uri": str(adapters[task]),
@@ -76,9 +79,10 @@ def _stub_upstream(seen: list[dict]) -> FastAPI:
     async def chat(request: Request):
         body = await request.json()
         seen.append({"authorization": request.headers.get("authorization"), "body": body})
-        if body["messages"][-1]["content"] == "slow":
+        last = body["messages"][-1].get("content")
+        if last == "slow":
             await asyncio.sleep(1)
-        if body["messages"][-1]["content"] == "reject":
+        if last == "reject":
             return JSONResponse({"error": {"message": "Incorrect API key provided"}}, status_code=401)
         head = {"id": "chatcmpl-up", "created": 1, "model": "teacher-1"}
         if not body.get("stream"):
@@ -107,8 +111,11 @@ def _config(tmp_path: Path, upstream_url: str | None, **kw) -> ServeConfig:
                        api_keys=frozenset({CLIENT_KEY}), **kw)
 
 
+AUTH = {"Authorization": f"Bearer {CLIENT_KEY}"}
+
+
 def _post(client: httpx.Client, url: str, messages: list[dict], **extra) -> httpx.Response:
-    headers = {"Authorization": f"Bearer {CLIENT_KEY}", **extra.pop("headers", {})}
+    headers = {**AUTH, **extra.pop("headers", {})}
     return client.post(f"{url}/v1/chat/completions", json={"model": "gpt-4o", "messages": messages, **extra},
                        headers=headers, timeout=30)
 
@@ -203,10 +210,22 @@ def test_openai_client_talks_to_the_server_unchanged(tmp_path, specialists, upst
     assert lines[3]["response"]["usage"]["completion_tokens"] == 2 and lines[3]["request"]["stream"] is True
 
 
+class _Exploding:
+    """The specialists, except that generation raises for the user message "explode"."""
+
+    def __init__(self, inner: Specialists):
+        self.inner, self.routes = inner, inner.routes
+
+    def answer(self, task: str, messages: list[dict], *args):
+        if messages[-1]["content"] == "explode":
+            raise RuntimeError("the chat template cannot render this conversation")
+        return self.inner.answer(task, messages, *args)
+
+
 def test_limits_auth_errors_and_metrics(tmp_path, specialists, upstream):
     upstream_url, _ = upstream
     config = _config(tmp_path, upstream_url, max_request_bytes=2048, upstream_timeout=0.3)
-    app = create_app(Router(specialists.routes), specialists, config)
+    app = create_app(Router(specialists.routes), _Exploding(specialists), config)
     with running(app) as url, httpx.Client() as client:
         assert client.get(f"{url}/health").json() == {"status": "ok", "tasks": 2, "upstream": True}
         assert client.post(f"{url}/v1/chat/completions", json={"messages": _messages("reply")}).status_code == 401
@@ -214,10 +233,7 @@ def test_limits_auth_errors_and_metrics(tmp_path, specialists, upstream):
         bad = _post(client, url, [{"role": "wizard", "content": "hi"}])
         assert bad.status_code == 400 and "messages[0].role" in bad.json()["error"]["message"]
         assert _post(client, url, _messages("reply"), max_tokens=0).status_code == 400
-        history = [*_messages("reply"), {"role": "assistant", "content": None, "tool_calls": [
-            {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}]},
-            {"role": "tool", "tool_call_id": "c1", "content": "found"}]
-        broken = _post(client, url, history)  # SmolLM2's chat template cannot render this history
+        broken = _post(client, url, _messages("reply", "explode"))  # a failing specialist: the upstream answers
         assert broken.status_code == 200 and broken.json()["factory"]["reason"] == "specialist_error"
         assert broken.json()["choices"][0]["message"]["content"] == TEACHER
         rejected = _post(client, url, _messages("summary", "reject"))  # the upstream refuses the server's key
@@ -233,11 +249,240 @@ def test_limits_auth_errors_and_metrics(tmp_path, specialists, upstream):
                                                                    ("below_threshold", "error")]
 
 
-def test_escalation_without_upstream_is_a_clear_503(tmp_path, specialists):
+def test_escalation_without_upstream_is_a_clear_503(tmp_path, specialists, upstream):
     app = create_app(Router(specialists.routes), specialists, _config(tmp_path, None))
     with running(app) as url, httpx.Client() as client:
         response = _post(client, url, _messages("summary"))
+        metrics = client.get(f"{url}/metrics", headers=AUTH).text
     assert response.status_code == 503 and "no upstream is configured" in response.json()["error"]["message"]
+    assert response.headers["x-factory-route"] == "unavailable"
+    assert 'factory_requests_total{reason="below_threshold",route="unavailable",task="summary"} 1.0' in metrics
+    assert 'route="upstream"' not in metrics
+
+    # a request pinned to a task has no upstream model of its own: without --upstream-model it cannot escalate
+    upstream_url, seen = upstream
+    app = create_app(Router(specialists.routes), specialists, _config(tmp_path / "pinned", upstream_url))
+    with running(app) as url, httpx.Client() as client:
+        pinned = _post(client, url, _messages("summary"), model="factory/summary")
+    assert pinned.status_code == 503 and pinned.headers["x-factory-route"] == "unavailable"
+    assert "no upstream model is configured for requests pinned to factory/summary" in pinned.json()["error"]["message"]
+    assert seen == []
+
+
+def _error_shape(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    return error
+
+
+def test_content_parts_are_answered_like_strings_and_other_parts_escalate(tmp_path, specialists, upstream):
+    upstream_url, seen = upstream
+    app = create_app(Router(specialists.routes), specialists, _config(tmp_path, upstream_url))
+    parts = [{"role": "system", "content": [{"type": "text", "text": SYSTEM["reply"]}]},
+             {"role": "user", "content": [{"type": "text", "text": "My parcel"}, {"type": "text", "text": "is late."}]}]
+    image = [parts[0], {"role": "user", "content": [*parts[1]["content"],
+                                                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]}]
+    with running(app) as url, httpx.Client() as client:
+        as_parts = _post(client, url, parts)
+        as_string = _post(client, url, _messages("reply", "My parcel\nis late."))
+        with_image = _post(client, url, image)
+        history = _post(client, url, [*_messages("reply"), {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": [{"type": "text", "text": "found"}]}])
+        metrics = client.get(f"{url}/metrics", headers=AUTH).text
+
+    assert as_parts.status_code == 200, as_parts.text
+    assert as_parts.json()["factory"]["route"] == "specialist" and as_parts.json()["factory"]["reason"] == "confident"
+    # the text parts joined with "\n" are the string the chat template gets
+    assert as_parts.headers["x-factory-confidence"] == as_string.headers["x-factory-confidence"]
+    assert as_parts.json()["choices"] == as_string.json()["choices"]
+    assert with_image.status_code == 200 and with_image.json()["choices"][0]["message"]["content"] == TEACHER
+    assert with_image.json()["factory"] | {"confidence": None} == {
+        "route": "upstream", "task": "reply", "reason": "unsupported_content", "match": "signature", "confidence": None}
+    assert seen[0]["body"]["messages"] == image  # forwarded as sent
+    assert history.status_code == 200 and history.json()["factory"]["task"] == "reply"
+    assert 'factory_requests_total{reason="unsupported_content",route="upstream",task="reply"} 1.0' in metrics
+
+
+REPLY_SYSTEM = {"role": "system", "content": SYSTEM["reply"]}
+MALFORMED = [  # (body fields, the field the 400 names); after the reply task's system prompt unless said
+    ({"messages": [{"role": "user", "content": 42}]}, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": True}]}, "messages[0].content"),
+    ({"messages": [{"role": "system", "content": 3.5}, {"role": "user", "content": "hi"}]}, "messages[0].content"),
+    ({"messages": [REPLY_SYSTEM, {"role": "user", "content": None}]}, "messages[1].content"),
+    ({"messages": [REPLY_SYSTEM, {"role": "user", "content": {"text": "hi"}}]}, "messages[1].content"),
+    ({"messages": [REPLY_SYSTEM, {"role": "user", "content": 7}]}, "messages[1].content"),
+    ({"messages": [REPLY_SYSTEM, {"role": "user", "content": []}]}, "messages[1].content"),
+    ({"messages": [REPLY_SYSTEM, {"role": "user", "content": [{"type": "text"}]}]}, "messages[1].content[0].text"),
+    ({"messages": [REPLY_SYSTEM, {"role": "user", "content": [{"type": "video", "url": "x"}]}]},
+     "messages[1].content[0].type"),
+    ({"messages": [REPLY_SYSTEM, {"role": "tool", "content": "found"}]}, "messages[1].tool_call_id"),
+    ({"messages": [REPLY_SYSTEM, {"role": "assistant", "content": None}]}, "messages[1]"),
+    ({"messages": [REPLY_SYSTEM, {"content": "hi"}]}, "messages[1].role"),
+    ({"messages": [REPLY_SYSTEM], "max_tokens": "8"}, "max_tokens"),
+    ({"messages": [REPLY_SYSTEM], "stream": "yes"}, "stream"),
+    ({"messages": [REPLY_SYSTEM], "tools": [{"type": "function"}]}, "tools[0].function"),
+    ({"messages": [REPLY_SYSTEM], "model": None}, "model"),
+    ({"messages": [REPLY_SYSTEM], "temperature": 7}, "temperature"),
+]
+
+
+def test_malformed_requests_are_400s_that_reach_neither_specialist_nor_upstream(tmp_path, specialists, upstream):
+    upstream_url, seen = upstream
+    app = create_app(Router(specialists.routes), specialists, _config(tmp_path, upstream_url))
+    answered = []
+    with running(app) as url, httpx.Client() as client:
+        for fields, _ in MALFORMED:
+            body = {"model": "gpt-4o"} | fields
+            answered.append(client.post(f"{url}/v1/chat/completions", json=body, headers=AUTH))
+        raw = [client.post(f"{url}/v1/chat/completions", content=content, headers=AUTH | {"content-type": "application/json"})
+               for content in (b'{"model": "gpt-4o", "messages": [', b"[1, 2]", b'{"temperature": NaN}', b"\xff\xfe",
+                               b'{"model": "' + b"[" * 300 + b'"}', b"[" * 300 + b"]" * 300)]
+        good = _post(client, url, _messages("reply"))  # on the same connections, after all of them
+        metrics = client.get(f"{url}/metrics", headers=AUTH).text
+
+    for response, (_, param) in zip(answered, MALFORMED):
+        error = _error_shape(response, 400)
+        assert error["param"] == param and error["message"].startswith(param), error
+    for response in raw:
+        _error_shape(response, 400)
+    assert good.status_code == 200 and good.headers["x-factory-route"] == "specialist"
+    assert seen == [] and "factory_route_decision_seconds_count 1.0" in metrics  # only the good one was routed
+    logged = [json.loads(line) for p in (tmp_path / "logs").glob("*.jsonl") for line in p.read_text().splitlines()]
+    assert len(logged) == 1
+
+
+def test_model_pins_a_task_and_any_other_name_is_the_upstream_model(tmp_path, specialists, upstream):
+    upstream_url, seen = upstream
+    app = create_app(Router(specialists.routes), specialists,
+                     _config(tmp_path, upstream_url, upstream_model="teacher-mini"))
+    with running(app) as url, httpx.Client() as client:
+        reply = _post(client, url, _messages("summary"), model="factory/reply")  # another task's prompt, pinned
+        summary = _post(client, url, _messages("reply"), model="factory/summary")  # pinned, never confident
+        unknown = _post(client, url, _messages("reply"), model="factory/draft-reply")
+        other = _post(client, url, UNMATCHED, model="gpt-4.1", user="u-1")
+        card = client.get(f"{url}/v1/models/factory/reply", headers=AUTH)
+        no_card = client.get(f"{url}/v1/models/gpt-4o", headers=AUTH)
+
+    assert reply.status_code == 200 and reply.json()["model"] == "factory/reply"
+    assert reply.json()["factory"] | {"confidence": None} == {
+        "route": "specialist", "task": "reply", "reason": "confident", "match": "model", "confidence": None}
+    assert summary.json()["factory"]["task"] == "summary" and summary.json()["factory"]["route"] == "upstream"
+    # a pinned escalation asks the configured upstream model; any other name goes upstream as sent
+    assert [s["body"] for s in seen] == [{"model": "teacher-mini", "messages": _messages("reply")},
+                                         {"model": "gpt-4.1", "messages": UNMATCHED, "user": "u-1"}]
+    assert other.json()["factory"]["reason"] == "no_match"
+    error = _error_shape(unknown, 404)
+    assert (error["code"], error["param"]) == ("model_not_found", "model") and "factory/draft-reply" in error["message"]
+    assert card.json() == {"id": "factory/reply", "object": "model", "created": 0, "owned_by": "slm-factory"}
+    assert _error_shape(no_card, 404)["code"] == "model_not_found"
+
+
+def test_errors_are_openai_shaped_and_the_api_docs_are_off_behind_keys(tmp_path, specialists):
+    keyed = create_app(Router(specialists.routes), specialists, _config(tmp_path, None))
+    with running(keyed) as url, httpx.Client() as client:
+        not_found = client.post(f"{url}/v1/chat/complete", json={}, headers=AUTH)
+        wrong_method = client.get(f"{url}/v1/chat/completions", headers=AUTH)
+        docs = [client.get(f"{url}{path}", headers=AUTH).status_code for path in ("/docs", "/redoc", "/openapi.json")]
+    assert _error_shape(not_found, 404)["code"] == "not_found"
+    assert _error_shape(wrong_method, 405)["code"] == "method_not_allowed" and wrong_method.headers["allow"] == "POST"
+    assert docs == [404, 404, 404]
+
+    open_app = create_app(Router(specialists.routes), specialists, ServeConfig(log_dir=tmp_path / "open"))
+    with running(open_app) as url, httpx.Client() as client:
+        schema = client.get(f"{url}/openapi.json").json()
+        page = client.get(f"{url}/docs")
+    body = schema["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body["required"] == ["model", "messages"] and "UserMessage" in schema["components"]["schemas"]
+    assert page.status_code == 200 and "swagger" in page.text.lower()
+
+
+def test_a_handler_bug_is_a_logged_json_500_and_the_connection_stays_open(tmp_path, specialists, caplog):
+    class Buggy(Router):
+        def match(self, messages, *args, **kwargs):
+            if messages[-1]["content"] == "crash":
+                raise RuntimeError("a routing bug")
+            return super().match(messages, *args, **kwargs)
+
+    app = create_app(Buggy(specialists.routes), specialists, _config(tmp_path, None))
+    with running(app) as url:
+        connection = http.client.HTTPConnection(urlsplit(url).hostname, urlsplit(url).port, timeout=30)
+        connection.connect()
+        connection.auto_open = 0  # a closed connection raises instead of being reopened
+        answers = []
+        for user in ("crash", "My parcel is late."):
+            body = json.dumps({"model": "gpt-4o", "messages": _messages("reply", user)})
+            connection.request("POST", "/v1/chat/completions", body, AUTH | {"Content-Type": "application/json"})
+            response = connection.getresponse()
+            answers.append((response.status, json.loads(response.read())))
+        connection.close()
+    assert answers[0] == (500, {"error": {"message": "the server had an error while processing the request",
+                                          "type": "server_error", "param": None, "code": "internal_error"}})
+    assert answers[1][0] == 200 and answers[1][1]["factory"]["route"] == "specialist"
+    [record] = [r for r in caplog.records if r.name == "factory.serve.app" and r.exc_info]
+    assert "a routing bug" in caplog.text and record.exc_info[0] is RuntimeError
+
+
+def test_prompts_on_disk_are_private(tmp_path):
+    from factory.serve.requestlog import RequestLog, log_entry
+
+    logs = tmp_path / "logs"
+    log = RequestLog(logs / "serve")
+    log.write(log_entry("c1", {"model": "gpt-4o", "messages": _messages("reply")},
+                        {"choices": [{"message": {"role": "assistant", "content": "ok"}}]}, agent="a", step="s",
+                        session_id="", route="upstream", task="reply", confidence=0.5, reason="below_threshold",
+                        match="signature", latency_ms=1.0))
+    log.close()
+    (logs / "broken.jsonl").write_text('{"messages": [\n')
+    ingest([logs], tmp_path / "records" / "raw", tmp_path / "quarantine" / "ingest")
+    folders = [logs / "serve", tmp_path / "records" / "raw", tmp_path / "quarantine" / "ingest"]
+    files = [next(folder.iterdir()) for folder in folders]
+    assert [stat.S_IMODE(p.stat().st_mode) for p in folders] == [0o700] * 3
+    assert [stat.S_IMODE(p.stat().st_mode) for p in files] == [0o600] * 3, files
+    assert [p.suffix for p in files] == [".jsonl", ".parquet", ".jsonl"]
+
+
+def test_routes_name_every_task_that_lost_its_champion(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+    from mlflow.entities.model_registry import RegisteredModel, RegisteredModelAlias
+    from typer.testing import CliRunner
+
+    from factory.cli import app as cli
+    from factory.registry import HISTORY_TAG, TASK_TAG, _lost_champion
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("FACTORY_REGISTRY_DIR", str(tmp_path / "registry"))
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+    def task(name: str, versions: int, champions: list[str]) -> None:
+        client.create_registered_model(name, tags={TASK_TAG: name, HISTORY_TAG: json.dumps(champions)})
+        for _ in range(versions):
+            client.create_model_version(name, source=str(tmp_path))
+        if champions:
+            client.set_registered_model_alias(name, "champion", champions[-1])
+
+    task("fresh", 0, [])  # nothing registered yet: nothing lost
+    task("never-promoted", 1, [])
+    task("alias-deleted", 1, ["1"])
+    client.delete_registered_model_alias("alias-deleted", "champion")  # as the MLflow UI does
+    task("version-deleted", 2, ["1", "2"])
+    client.delete_model_version("version-deleted", "2")
+    runner = CliRunner()
+    plain, strict = runner.invoke(cli, ["routes"]), runner.invoke(cli, ["routes", "--strict"])
+
+    assert plain.exit_code == 0, plain.output
+    text = " ".join(plain.output.split())
+    assert "never-promoted: no 'champion' alias: no version was ever promoted" in text
+    assert "alias-deleted: no 'champion' alias (the last champion was v1; the alias was deleted)" in text
+    assert "version-deleted: no 'champion' alias (the last champion was v2; that version was deleted)" in text
+    assert "fresh" not in text
+    assert strict.exit_code == 1 and "3 task(s) without a champion" in " ".join(strict.output.split())
+    assert json.loads((tmp_path / "registry" / "routes.json").read_text()) == {"tasks": {}}
+    # a store that keeps the alias of a deleted version (sqlite drops it with the version)
+    dangling = RegisteredModel("kept-alias", aliases=[RegisteredModelAlias("champion", "3")])
+    assert _lost_champion(client, dangling) == "its 'champion' alias points at v3, which no longer exists"
 
 
 def test_concurrent_requests_keep_their_own_adapter(tmp_path, specialists, upstream):

@@ -40,12 +40,16 @@ class _ChosenLogprobs(LogitsProcessor):
 @torch.inference_mode()
 def generate(model, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int,
              batch_size: int = 16, desc: str = "generate") -> list[Generation]:
-    """Greedy completions for `prompts`, in input order (a progress bar per batch, labelled `desc`)."""
+    """Greedy completions for `prompts`, in input order.
+
+    A progress bar labelled `desc` counts the batches when there is more than one: a single
+    batch (one server request, one pyfunc prediction) would print a bar that says nothing.
+    """
     tokenizer.padding_side = "left"
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list[Generation | None] = [None] * len(prompts)
     eos = tokenizer.eos_token_id
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch"):
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, unit="batch", disable=len(order) <= batch_size):
         idx = order[start:start + batch_size]
         batch = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
         chosen = _ChosenLogprobs()  # last processor: sees the scores greedy decoding takes the argmax of

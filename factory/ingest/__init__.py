@@ -25,6 +25,9 @@ does not parse is quarantined but not consumed, so a line being written is read
 again once complete. Rewriting a partition first forgets its ids, so re-running
 after a crash between the partition and the watermark write is idempotent.
 
+Private: the records and the quarantine hold the logs' prompts verbatim, so both folders
+are made 0700 and every partition and quarantine file is created 0600 (`_private_file`).
+
 Memory is bounded by one row group (`ROW_GROUP` records or `ROW_GROUP_BYTES`), one
 item and the set of stored ids (an int per record).
 """
@@ -51,6 +54,7 @@ import pyarrow.parquet as pq
 from factory.ingest.common import BadRecord
 from factory.ingest.formats import FORMATS, detect
 from factory.ingest.reader import CONTAINER_KEYS, MAX_RECORD_BYTES, Item, open_log, read_document, read_jsonl, sniff
+from factory.io import private_dir
 from factory.records import SCHEMA, Record, from_table, to_table
 from factory.resources import check_disk
 
@@ -119,6 +123,13 @@ def _write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def _private_file(path: Path) -> IO[bytes]:
+    """`path` truncated and opened for writing, readable by its owner alone (0600)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # a leftover of an interrupted run would keep its old mode
+    return os.fdopen(fd, "wb")
+
+
 def _short_reason(error: str) -> str:
     """A count key for a reason: the part before its first colon (the field, or the kind of
     failure), with list indices and other numbers dropped."""
@@ -158,7 +169,7 @@ class _Partition:
     def reject(self, item: Item | None, reason: str, location: str | None = None, value: Any = None) -> None:
         """Quarantine one unit: where it was (file, line, byte offset, location), why, and an excerpt."""
         if self.rejects is None:
-            self.rejects = open(self.quarantine_tmp, "wb")
+            self.rejects = _private_file(self.quarantine_tmp)
         excerpt = item.excerpt if item is not None else ""
         if not excerpt and value is not None:
             try:
@@ -174,6 +185,7 @@ class _Partition:
     def _flush(self) -> None:
         if self.batch:
             if self.writer is None:
+                _private_file(self.tmp).close()  # pyarrow truncates and writes it, keeping the mode
                 self.writer = pq.ParquetWriter(self.tmp, SCHEMA)
             try:
                 table = to_table(self.batch)
@@ -220,8 +232,8 @@ class _Run:
     def __init__(self, records_dir: Path, quarantine_dir: Path, watermarks: Path | None, fmt: str | None):
         if fmt is not None and fmt not in FORMATS:
             raise KeyError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
-        records_dir.mkdir(parents=True, exist_ok=True)
-        quarantine_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(records_dir)
+        private_dir(quarantine_dir)
         self.records_dir, self.quarantine_dir, self.fmt = records_dir, quarantine_dir, fmt
         self.watermarks = watermarks or records_dir.parent / "watermarks.json"
         self.marks: dict[str, dict[str, Any]] = (

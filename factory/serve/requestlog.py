@@ -6,12 +6,15 @@ One JSON object per line:
      "metadata": {"agent", "step", "session_id", "route", "task", "confidence", "reason", "match"},
      "request": <the request body as received>, "response": <the body returned, or {"error": ...}>}
 
-`route` is "specialist" or "upstream"; escalated calls carry the teacher's answer and so
-become the next round's training examples. Specialist-served calls carry the
-specialist's own answer: a later stage must not train on them as teacher labels (they
-are marked by `metadata.route`, which ingest keeps in the record's metadata).
+`route` is "specialist", "upstream" or "unavailable" (an escalation with no upstream to go
+to); escalated calls carry the teacher's answer and so become the next round's training
+examples. Specialist-served calls carry the specialist's own answer: a later stage must
+not train on them as teacher labels (they are marked by `metadata.route`, which ingest
+keeps in the record's metadata).
 
-Nothing from the HTTP headers is written (no Authorization header, no upstream key).
+Nothing from the HTTP headers is written (no Authorization header, no upstream key). The
+prompts are written as the agents sent them, so the folder is made 0700 and every segment
+is created 0600 (`factory.io`): only the server's user can read them.
 
 Files are segments: lines are appended and flushed to `serve-<time>-<pid>-<n>.jsonl.open`,
 a name ingest does not read, and the segment is renamed to `.jsonl` (atomic) when it
@@ -30,6 +33,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
+
+from factory.io import private_dir, write_atomic
 
 OPEN_SUFFIX = ".open"
 
@@ -54,9 +59,7 @@ def _finalise(path: Path) -> None:
     complete = data[: data.rfind(b"\n") + 1]
     final = path.with_name(path.name.removesuffix(OPEN_SUFFIX))
     if complete:
-        tmp = final.with_name(f".{final.name}.tmp")
-        tmp.write_bytes(complete)
-        os.replace(tmp, final)
+        write_atomic(final, complete, private=True)
     path.unlink()
 
 
@@ -73,7 +76,7 @@ class RequestLog:
         self._count = 0
         self._opened = 0.0
         self._segments = 0
-        log_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(log_dir)
         for leftover in sorted(log_dir.glob(f"*.jsonl{OPEN_SUFFIX}")):
             _finalise(leftover)
 
@@ -84,7 +87,8 @@ class RequestLog:
                 self._segments += 1
                 stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
                 self._path = self.log_dir / f"serve-{stamp}-{os.getpid()}-{self._segments}.jsonl{OPEN_SUFFIX}"
-                self._file = open(self._path, "a", encoding="utf-8")
+                fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                self._file = os.fdopen(fd, "a", encoding="utf-8")
                 self._count, self._opened = 0, time.monotonic()
             self._file.write(line)
             self._file.flush()
