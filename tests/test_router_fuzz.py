@@ -109,10 +109,9 @@ bodies = st.one_of(
                                    + b"x" * size + b'"}]}'),  # over the size limit
     st.just(b'{"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}], "temperature": NaN}'))
 keys = st.sampled_from([AUTH] * 6 + [{}, {"Authorization": "Bearer wrong"}, {"Authorization": f"Basic {CLIENT_KEY}"}])
-chat_requests = st.builds(lambda body, key: ("POST", "/v1/chat/completions", key | {"Content-Type": "application/json"},
-                                             body), bodies, keys)
-valid_requests = valid_chat.map(lambda body: ("POST", "/v1/chat/completions", AUTH | {"Content-Type": "application/json"},
-                                            _dumps(body)))
+JSON_TYPE = {"Content-Type": "application/json"}
+chat_requests = st.builds(lambda body, key: ("POST", "/v1/chat/completions", key | JSON_TYPE, body), bodies, keys)
+valid_requests = valid_chat.map(lambda body: ("POST", "/v1/chat/completions", AUTH | JSON_TYPE, _dumps(body)))
 paths = st.sampled_from(["/v1/chat/completions", "/v1/models", "/v1/models/factory/reply", "/v1/models/x/y",
                          "/health", "/metrics", "/docs", "/openapi.json", "/v1/completions"]) | st.text(
     alphabet="abcdefghijklmnopqrstuvwxyz0123456789/-_.~", max_size=24).map(lambda path: "/" + path)

@@ -281,8 +281,8 @@ def test_content_parts_are_answered_like_strings_and_other_parts_escalate(tmp_pa
     app = create_app(Router(specialists.routes), specialists, _config(tmp_path, upstream_url))
     parts = [{"role": "system", "content": [{"type": "text", "text": SYSTEM["reply"]}]},
              {"role": "user", "content": [{"type": "text", "text": "My parcel"}, {"type": "text", "text": "is late."}]}]
-    image = [parts[0], {"role": "user", "content": [*parts[1]["content"],
-                                                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}]}]
+    picture = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AA=="}}
+    image = [parts[0], {"role": "user", "content": [*parts[1]["content"], picture]}]
     with running(app) as url, httpx.Client() as client:
         as_parts = _post(client, url, parts)
         as_string = _post(client, url, _messages("reply", "My parcel\nis late."))
@@ -336,7 +336,8 @@ def test_malformed_requests_are_400s_that_reach_neither_specialist_nor_upstream(
         for fields, _ in MALFORMED:
             body = {"model": "gpt-4o"} | fields
             answered.append(client.post(f"{url}/v1/chat/completions", json=body, headers=AUTH))
-        raw = [client.post(f"{url}/v1/chat/completions", content=content, headers=AUTH | {"content-type": "application/json"})
+        json_type = AUTH | {"content-type": "application/json"}
+        raw = [client.post(f"{url}/v1/chat/completions", content=content, headers=json_type)
                for content in (b'{"model": "gpt-4o", "messages": [', b"[1, 2]", b'{"temperature": NaN}', b"\xff\xfe",
                                b'{"model": "' + b"[" * 300 + b'"}', b"[" * 300 + b"]" * 300)]
         good = _post(client, url, _messages("reply"))  # on the same connections, after all of them

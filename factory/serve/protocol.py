@@ -259,7 +259,8 @@ def _text(content: str | list[BaseModel] | None) -> tuple[str | None, bool]:
     """(the content as one string, whether non-text parts were dropped)."""
     if not isinstance(content, list):
         return content, False
-    texts = [p.text if isinstance(p, TextPart) else p.refusal for p in content if isinstance(p, (TextPart, RefusalPart))]
+    texts = [p.text if isinstance(p, TextPart) else p.refusal
+             for p in content if isinstance(p, (TextPart, RefusalPart))]
     return "\n".join(texts), len(texts) < len(content)
 
 
