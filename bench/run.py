@@ -3,6 +3,8 @@
 Each stage module in this folder has `run() -> dict[str, float]`: it measures its
 figures and its baseline in the same run and returns them under the keys the issues
 name. Stages run in pipeline order; `python -m bench.run ingest mine` runs a subset.
+`calibration` needs trained specialists: it uses the ones `make demo` left, and trains
+the sample tasks first when there are none (see bench/calibration.py).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-STAGES = ["ingest", "mine", "train", "evaluate", "serve"]
+STAGES = ["ingest", "mine", "train", "evaluate", "calibration", "serve", "real_logs"]
 RESULTS = Path(__file__).parent / "results" / "latest.json"
 
 

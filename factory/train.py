@@ -41,7 +41,7 @@ below was kept because it measured faster; the trade-off is stated with it:
   are longer. Trade-off: the rest of each example runs attention with an explicit mask.
   Throughput still counts every example's tokens (`num_input_tokens_seen`), the tokens
   actually run are in `computed_tokens`.
-* MKL's own fast kernels on AMD CPUs (`factory.mkl`, loaded by `import factory`): PyTorch's
+* MKL's own fast kernels on AMD CPUs (`factory.mkl`, loaded above torch's import): PyTorch's
   MKL otherwise gives them its generic matmul kernels; +10-12% tokens/s here.
 * fp32, no gradient checkpointing: this CPU has no bf16 matmul units (a bf16 matmul
   runs at ~0.3x the fp32 speed) and the 135M model fits in memory many times over.
@@ -61,6 +61,7 @@ import functools
 import itertools
 import json
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -70,6 +71,10 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from factory import mkl
+
+mkl.load_on_amd()  # before torch is first imported: MKL's fast kernels on AMD CPUs (factory/mkl.py)
 
 import mlflow
 import numpy as np
@@ -278,12 +283,14 @@ def setup_data(rows: list[dict], tokenizer: PreTrainedTokenizerBase, recipe: Rec
     Prompt and completion are tokenized separately, as at inference (the prompt is
     tokenized alone and generation continues it). The sequence budget is `budget`, else
     `sequence_budget` over these rows; a longer example is shortened by dropping earlier
-    turns, never by cutting the answer, and skipped (counted) when it cannot be. The first
-    rows are kept, up to max_train_samples rows and max_train_tokens computed tokens.
+    turns, never by cutting the answer, and skipped (counted) when it cannot be. Rows are
+    taken in a seeded random order (`recipe.seed`), up to max_train_samples rows and
+    max_train_tokens computed tokens: a budget that holds a fraction of the split then
+    samples the whole of it, not the first dialogues logged (turns of one dialogue are
+    logged together and alike).
     Raises DataError when no example renders and fits, before any training time is spent.
     """
-    if recipe.max_train_samples:
-        rows = rows[: recipe.max_train_samples]
+    rows = random.Random(recipe.seed).sample(rows, len(rows))[: recipe.max_train_samples or len(rows)]
     report, skipped = DataReport(), Counter()
     tokenized = []
     for row in rows:

@@ -385,3 +385,15 @@ def test_a_malformed_catalog_is_reported_with_its_file(tmp_path):
     path.write_text("tasks:\n  a:\n    signature: {}\n    merged_into: b\n")
     with pytest.raises(ValueError, match=r"tasks\.a\.merged_into"):
         load_catalog(path)
+
+
+def test_the_second_sample_agent_gives_one_task_per_step(tmp_path):
+    """acme-desk: per-request tool lists (call_tool) and a multi-turn policy dialogue that calls or answers
+    (respond) are one task each, every curated-kind record of them in it."""
+    ingest.ingest(sorted((SAMPLES / "logs").glob("desk-agent-*.jsonl")), tmp_path / "raw", tmp_path / "quarantine")
+    records = [r for r in ingest.read_records(tmp_path / "raw") if r.outcome == "ok"]
+    catalog = mine(records, tmp_path / "data")
+    kinds = {e["signature"]["step"]: (e["kind"], e["size"], e["status"]) for e in catalog.values()}
+    steps = Counter(r.step for r in records)
+    assert kinds == {"call_tool": ("tool_call", steps["call_tool"], "ready"),
+                     "respond": ("agent_turn", steps["respond"], "ready")}
