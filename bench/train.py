@@ -22,9 +22,9 @@ one. All sides use the same base model, LoRA (rank, alpha, targets) and batch si
   counts every example's tokens, as the other sides do; `train_computed_tokens_per_s`
   counts the tokens the model actually ran (the shared prefix once per batch).
 
-Every side imports `factory` before torch, so every side runs MKL's own fast kernels
-where `factory.mkl` applies (AMD CPUs; `train_mkl_on_amd` says whether it did): the
-ratios compare training setups on the same matmul library.
+Every side runs as `python -m bench.train`, whose package (bench/__init__.py) loads MKL's
+own fast kernels before torch where `factory.mkl` applies (AMD CPUs; `train_mkl_on_amd` says
+whether it did), so the ratios compare training setups on the same matmul library.
 
 Each side runs in its own process (so `*_peak_rss_mb` is that side's peak RSS), in the
 order factory, baseline, TRL fp32, factory; the factory figure is the mean of its two
@@ -45,7 +45,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import factory  # first: MKL's fast kernels before torch is imported (factory/mkl.py)
+from bench import MKL_ON_AMD
 
 ROOT = Path(__file__).resolve().parents[1]
 LOGS = ROOT / "datasets" / "samples" / "logs"
@@ -148,7 +148,7 @@ def run(examples: int = EXAMPLES, base: str | None = None) -> dict[str, float]:
         "train_baseline_peak_rss_mb": round(baseline["peak_rss_mb"], 1),
         "train_trl_fp32_peak_rss_mb": round(trl_fp32["peak_rss_mb"], 1),
         "train_bench_examples": float(examples),
-        "train_mkl_on_amd": float(factory.MKL_ON_AMD),
+        "train_mkl_on_amd": float(MKL_ON_AMD),
     }
 
 

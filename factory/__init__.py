@@ -1,6 +1,7 @@
-"""SLM Factory: agent logs in, specialist small language models out."""
+"""SLM Factory: agent logs in, specialist small language models out.
 
-from factory import mkl
+A newcomer's map of the stages, the modules and where a new log format, task kind, recipe
+or export goes: docs/architecture.md.
+"""
 
 __version__ = "0.1.0"
-MKL_ON_AMD = mkl.load_on_amd()  # before anything imports torch: see factory/mkl.py

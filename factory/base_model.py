@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import importlib.util
 import json
 import os
@@ -52,6 +51,8 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+
+from factory.io import sha256_file
 
 EMBEDDED_NAME = "embedded:smollm2-135m-instruct"
 """The base-model name recipes use for the embedded default."""
@@ -119,22 +120,11 @@ def checkpoint_dir() -> Path:
 # ---------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=8)
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
-    # size/mtime are part of the cache key so a changed file is hashed again.
-    # Hashing the 98 MB GGUF takes ~0.1 s warm, so we always hash (no size+mtime
-    # shortcut); the lru_cache makes repeated calls in one process free.
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _source_fingerprint(gguf: Path) -> dict:
     st = gguf.stat()
     return {
-        "gguf_sha256": _sha256(str(gguf), st.st_size, st.st_mtime_ns),
+        # hashed afresh in each process (~0.1 s for the 98 MB GGUF, warm), no size+mtime shortcut
+        "gguf_sha256": sha256_file(gguf),
         "gguf_size": st.st_size,
         "converter_version": CONVERTER_VERSION,
     }

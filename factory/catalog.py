@@ -13,6 +13,8 @@ from typing import Any
 
 import yaml
 
+from factory.errors import FactoryError
+
 TASK_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 CATALOG_HEADER = """\
 # Task catalog, written by `factory mine`. Human-editable: rename a task (its key) or edit
@@ -21,33 +23,38 @@ CATALOG_HEADER = """\
 """
 
 
+class CatalogError(FactoryError, ValueError):
+    """A task name or task catalog that cannot be used; the message names the file and field
+    (also a ValueError, as it was before `FactoryError`, for callers that catch that)."""
+
+
 def check_task_name(name: str) -> str:
-    """Raise ValueError unless `name` is a safe slug (it becomes a folder and a model name)."""
+    """Raise CatalogError unless `name` is a safe slug (it becomes a folder and a model name)."""
     if not TASK_NAME.match(name):
-        raise ValueError(f"invalid task name {name!r}: use 1-64 lower-case letters, digits, '-' or '_'")
+        raise CatalogError(f"invalid task name {name!r}: use 1-64 lower-case letters, digits, '-' or '_'")
     return name
 
 
-
 def load_catalog(path: Path) -> dict[str, dict[str, Any]]:
-    """Read `tasks.yaml`; raises ValueError naming the file when it is not a mapping of tasks."""
+    """Read `tasks.yaml` ({} when there is none); raises CatalogError naming the file and field when
+    it is not a mapping of tasks."""
     if not path.exists():
         return {}
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ValueError(f"{path}: invalid YAML: {err}") from None
+        raise CatalogError(f"{path}: invalid YAML: {err}") from None
     tasks = data.get("tasks") if isinstance(data, dict) else None
     if not isinstance(tasks, dict):
-        raise ValueError(f"{path}: expected a top-level 'tasks' mapping")
+        raise CatalogError(f"{path}: expected a top-level 'tasks' mapping")
     for name, entry in tasks.items():
         try:
             check_task_name(str(name))
-        except ValueError as err:
-            raise ValueError(f"{path}: tasks: {err}") from None
+        except CatalogError as err:
+            raise CatalogError(f"{path}: tasks: {err}") from None
         if not isinstance(entry, dict) or not isinstance(entry.get("signature"), dict):
-            raise ValueError(f"{path}: tasks.{name}: expected a mapping with a 'signature' mapping")
+            raise CatalogError(f"{path}: tasks.{name}: expected a mapping with a 'signature' mapping")
         target = entry.get("merged_into")
         if target is not None and (target not in tasks or target == name):
-            raise ValueError(f"{path}: tasks.{name}.merged_into: {target!r} is not another task of the catalog")
+            raise CatalogError(f"{path}: tasks.{name}.merged_into: {target!r} is not another task of the catalog")
     return tasks

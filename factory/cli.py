@@ -11,27 +11,53 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
+import click
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
 from factory import ingest as ingest_stage
 from factory import kinds
 from factory import mine as mine_stage
+from factory import mkl, schedule
 from factory.catalog import load_catalog
 from factory.errors import FactoryError
 from factory.paths import Paths
 from factory.records import from_table
 
+
+class _Commands(TyperGroup):
+    """The command group: a FactoryError (bad input, settings or resources) that any command raises
+    ends it with one line naming what to fix and exit code 1, under `factory` and typer's test
+    runner alike; any other exception is a bug and keeps its traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except FactoryError as err:
+            raise _fail(str(err)) from None
+
+
 app = typer.Typer(help="SLM Factory: agent logs in, specialist small language models out.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+                  no_args_is_help=True, pretty_exceptions_enable=False, cls=_Commands)
 console = Console(width=None if sys.stdout.isatty() else 120)  # logs and pipes get whole tables
 # library notices that say nothing to a factory user, once per training run
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted", category=UserWarning)
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per file when routes download adapters
+# the commands whose process runs torch's heavy math (training, generation, embeddings)
+TORCH_COMMANDS = frozenset({"mine", "train", "eval", "finetune", "register", "demo", "nightly", "serve", "simulate"})
+
+
+@app.callback()
+def _before_command(ctx: typer.Context) -> None:
+    # before any module imports torch: some of these commands reach it through spaCy or the
+    # evaluator before `factory.train` / `factory.models` could load MKL's AMD fix (factory/mkl.py)
+    if ctx.invoked_subcommand in TORCH_COMMANDS:
+        mkl.load_on_amd()
 
 
 def paths() -> Paths:
@@ -72,10 +98,7 @@ def _fail(message: str) -> typer.Exit:
 
 
 def _catalog() -> dict:
-    try:
-        catalog = load_catalog(data_dir() / "tasks.yaml")
-    except ValueError as err:
-        raise _fail(str(err)) from None
+    catalog = load_catalog(data_dir() / "tasks.yaml")
     if not catalog:
         raise _fail(f"no task catalog at {data_dir() / 'tasks.yaml'}: run `factory mine` first")
     return catalog
@@ -158,10 +181,10 @@ def mine(seed: int = 0, min_examples: int = 50) -> None:
     if not path.exists():
         raise _fail("no curated records: run `factory curate` first")
     try:
-        catalog = mine_stage.mine(from_table(pq.read_table(path)), data_dir(),
-                                  mine_stage.MineConfig(seed=seed, min_examples=min_examples))
-    except ValueError as err:
-        raise _fail(str(err)) from None
+        records = from_table(pq.read_table(path))
+    except (OSError, ValueError) as err:  # pyarrow's errors for a file that is not our Parquet
+        raise _fail(f"{path}: {err}") from None
+    catalog = mine_stage.mine(records, data_dir(), mine_stage.MineConfig(seed=seed, min_examples=min_examples))
     table = Table("task", "kind", "size", "status", "dataset version", title="Mined tasks")
     for name, entry in catalog.items():
         status = {"not_enough_data": f"not enough data (< {min_examples})",
@@ -171,25 +194,25 @@ def mine(seed: int = 0, min_examples: int = 50) -> None:
     console.print(f"catalog: {data_dir() / 'tasks.yaml'} (rename tasks or set merged_into there; edits survive)")
 
 
-def _recipe(task: str, recipe: str | None, overrides: list[str]):
-    from factory.recipe import RecipeError, load_recipe
+def _task_recipe(task: str, recipe_name: str | None, overrides: list[str]):
+    """(catalog entry, recipe, its raw mapping) of a task, with MLflow's store set up; FactoryError
+    for an unknown task or a recipe that does not validate (RecipeError)."""
+    from factory.recipe import load_recipe
 
-    try:
-        return load_recipe(task, recipe, overrides)
-    except RecipeError as err:
-        raise _fail(str(err)) from None
+    entry = _entry(task)
+    recipe, raw = load_recipe(task, recipe_name, overrides)
+    _tracking()
+    return entry, recipe, raw
 
 
 def _train(task: str, recipe_name: str | None, overrides: list[str]):
     from factory.train import train as train_task
 
-    entry = _entry(task)
-    recipe, raw = _recipe(task, recipe_name, overrides)
-    _tracking()
+    entry, recipe, raw = _task_recipe(task, recipe_name, overrides)
     console.rule(f"train {task}")
     try:
         return entry, recipe, train_task(task, entry, recipe, raw, paths().data, paths().registry)
-    except ValueError as err:
+    except ValueError as err:  # train's own checks: no dataset ready, no GPU for the recipe, a base it cannot load
         raise _fail(str(err)) from None
 
 
@@ -197,9 +220,7 @@ def _trained(task: str, recipe_name: str | None, overrides: list[str]):
     """(entry, recipe, finished training); FactoryError "train first" when the task has none."""
     from factory.pipeline import finished_training
 
-    entry = _entry(task)
-    recipe, _ = _recipe(task, recipe_name, overrides)
-    _tracking()
+    entry, recipe, _ = _task_recipe(task, recipe_name, overrides)
     return entry, recipe, finished_training(task, entry, recipe, paths())
 
 
@@ -209,7 +230,7 @@ def _eval(task: str, entry, recipe, trained, truth: Path | None) -> dict:
     console.rule(f"evaluate {task}")
     try:
         return evaluate_trained(task, entry, recipe, trained, paths(), truth)
-    except ValueError as err:
+    except ValueError as err:  # the evaluator's: an empty or unrenderable test split, a malformed truth file
         raise _fail(str(err)) from None
 
 
@@ -236,13 +257,12 @@ def eval_(task: str, recipe: RecipeOpt = None, set_: SetOpt = None, truth: Truth
 def _finetune(task: str, entry: dict, recipe: str | None, overrides: list[str], truth: Path | None) -> dict:
     """Train (or reuse), evaluate (or reuse) and register one task; returns the evaluation."""
     from factory.pipeline import finetune as finetune_task
-    from factory.recipe import RecipeError
 
     _tracking()
     console.rule(f"finetune {task}")
     try:
         done = finetune_task(task, entry, paths(), recipe, tuple(overrides), truth)
-    except (RecipeError, ValueError) as err:
+    except ValueError as err:  # the trainer's, evaluator's and registry's checks of data and settings
         raise _fail(str(err)) from None
     aliases = ", ".join(done.version.aliases) or "none"
     console.print(f"{task}: trained in {done.trained.seconds:.0f} s ({done.trained.tokens_per_s:.0f} tokens/s); "
@@ -382,38 +402,21 @@ app.add_typer(schedule_app, name="schedule")
 def schedule_install(logs: Annotated[list[Path], typer.Argument(help="log folders the nightly reads")],
                      at: str = "02:00", systemd: bool = False) -> None:
     """Run `factory nightly LOGS...` every day at --at (HH:MM, local time)."""
-    from factory import schedule
-
     project, logs = Path.cwd(), [p.resolve() for p in logs]
-    try:
-        done = schedule.install_systemd(project, logs, at) if systemd else schedule.install_cron(project, logs, at)
-    except (ValueError, RuntimeError) as err:
-        raise _fail(str(err)) from None
+    done = schedule.install_systemd(project, logs, at) if systemd else schedule.install_cron(project, logs, at)
     console.print(f"scheduled: {done}")
 
 
 @schedule_app.command("show")
 def schedule_show() -> None:
     """Print this project's crontab entry."""
-    from factory import schedule
-
-    try:
-        entry = schedule.show_cron(Path.cwd())
-    except RuntimeError as err:
-        raise _fail(str(err)) from None
-    console.print(entry or "no nightly scheduled for this project")
+    console.print(schedule.show_cron(Path.cwd()) or "no nightly scheduled for this project", soft_wrap=True)
 
 
 @schedule_app.command("remove")
 def schedule_remove() -> None:
     """Remove this project's crontab entry."""
-    from factory import schedule
-
-    try:
-        removed = schedule.remove_cron(Path.cwd())
-    except RuntimeError as err:
-        raise _fail(str(err)) from None
-    console.print("removed" if removed else "no nightly scheduled for this project")
+    console.print("removed" if schedule.remove_cron(Path.cwd()) else "no nightly scheduled for this project")
 
 
 RoutesOpt = Annotated[Optional[Path], typer.Option("--routes", help="routing table (default registry/routes.json)")]
@@ -513,13 +516,8 @@ def print_results(results: list[dict]) -> None:
 
 
 def main() -> None:
-    """The `factory` command: a FactoryError (bad input, settings or resources) is one line naming
-    what to fix and exit code 1; any other exception is a bug and keeps its traceback."""
-    try:
-        app()
-    except FactoryError as err:
-        console.print(f"[red]error:[/red] {err}", soft_wrap=True)
-        raise SystemExit(1) from None
+    """The `factory` command (`_Commands` turns a FactoryError into one line and exit code 1)."""
+    app()
 
 
 if __name__ == "__main__":

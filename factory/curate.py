@@ -55,6 +55,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from spacy.language import Language
 
 from factory.io import private_dir
+from factory.progress import progress
 from factory.records import SCHEMA, Record, content_id, from_table, to_table
 
 REASONS = ("failed", "negative_feedback", "served_by_specialist", "too_long", "duplicate", "near_duplicate")
@@ -596,7 +597,8 @@ def curate_store(
     Memory holds the raw records as one Arrow table (columnar, far smaller than
     Python objects; sorting needs them all), `batch_size` records as Python objects,
     and the duplicate indexes; kept records go out in row groups. Every file is
-    written to a temporary name and renamed. Raises ValueError as `curate` does.
+    written to a temporary name and renamed. A progress bar counts the records on stderr
+    when it is a terminal (`factory.progress`). Raises ValueError as `curate` does.
     """
     config = config or CurateConfig()
     if config.max_tokens is not None and count_tokens is None:
@@ -616,7 +618,8 @@ def curate_store(
     out.parent.mkdir(parents=True, exist_ok=True)
     private_dir(quarantine.parent)
     with pq.ParquetWriter(out_tmp, SCHEMA) as writer, _open_private(quarantine_tmp) as rejects:
-        for record, reason in _decisions(records(), config, count_tokens, pii):
+        decisions = _decisions(records(), config, count_tokens, pii)
+        for record, reason in progress(decisions, table.num_rows, "curate", "record"):
             if reason is None:
                 kept.append(record)
                 if len(kept) >= batch_size:

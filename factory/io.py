@@ -1,4 +1,5 @@
-"""Files every stage writes: atomic replacement, private folders for raw prompts, dataset splits.
+"""Files every stage writes: atomic replacement, private folders for raw prompts, dataset splits,
+and the sha256 that pins a file's content (a base model's weights, the embedded GGUF).
 
 Atomic: a file is written to a temporary sibling and moved into place with `os.replace`, so a
 reader (or a rerun after `kill -9`) sees the old file or the new one, never half of one.
@@ -8,6 +9,8 @@ router's request logs) are created 0600 in 0700 folders, readable by their owner
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -42,3 +45,24 @@ def load_split(data_dir: Path, task: str, version: str, split: str) -> list[dict
     """The examples of one split of a task's dataset version (`factory mine` writes them)."""
     path = data_dir / check_task_name(task) / version / f"{split}.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """The hex sha256 of a file's content, read in 1 MiB blocks (~1 s per GB).
+
+    Remembered for the process by path, size and modification time, so asking again is free
+    until the file changes. Trade-off: a rewrite that keeps both the size and the mtime (within
+    the file system's timestamp resolution) is not noticed. Raises OSError when the file
+    cannot be read.
+    """
+    st = os.stat(path)
+    return _sha256(os.fspath(path), st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -91,12 +91,14 @@ import numpy as np
 import yaml
 
 from factory import kinds
-from factory.catalog import CATALOG_HEADER, check_task_name, load_catalog
+from factory.catalog import CATALOG_HEADER, CatalogError, check_task_name, load_catalog
 from factory.chat import text_of
 from factory.embed import EMBEDDING_MODEL, embed_texts
+from factory.errors import FactoryError
 from factory.io import SPLITS, write_atomic
 from factory.kinds.agent_turn import MIN_CALL_SHARE
 from factory.kinds.base import json_object
+from factory.progress import progress
 from factory.records import Record
 
 _MASKS = [
@@ -110,9 +112,14 @@ _PART_CHARS = 600  # per prompt part: the two parts fit MiniLM's 256 word pieces
 _INCOMPATIBLE = 2.0  # the largest cosine distance
 
 
+class MineError(FactoryError, ValueError):
+    """Mining settings that cannot work; the message names them (also a ValueError, as it was
+    before `FactoryError`, for callers that catch that)."""
+
+
 @dataclass(frozen=True)
 class MineConfig:
-    """Mining settings (see the module docstring); invalid shares or sizes raise ValueError."""
+    """Mining settings (see the module docstring); invalid shares or sizes raise MineError."""
 
     seed: int = 0
     test_share: float = 0.15
@@ -130,13 +137,13 @@ class MineConfig:
 
     def __post_init__(self) -> None:
         if not (0 <= self.test_share and 0 <= self.validation_share and self.test_share + self.validation_share < 1):
-            raise ValueError("test_share and validation_share must be >= 0 and leave a train share")
+            raise MineError("test_share and validation_share must be >= 0 and leave a train share")
         if min(self.min_examples, self.anchors_per_group, self.max_anchors, self.min_group_size,
                self.centroid_sample) < 1:
-            raise ValueError("min_examples, anchors_per_group, max_anchors, min_group_size and centroid_sample "
+            raise MineError("min_examples, anchors_per_group, max_anchors, min_group_size and centroid_sample "
                              "must be >= 1")
         if not 0 < self.template_share < 1:
-            raise ValueError("template_share must be in (0, 1)")
+            raise MineError("template_share must be in (0, 1)")
 
 
 class Group(NamedTuple):
@@ -458,12 +465,12 @@ def _entry_groups(entry: dict[str, Any]) -> set[Group]:
 
 
 def _resolve_merge(old: dict[str, dict[str, Any]], name: str, path: Path) -> str:
-    """The task `name` ends up in by following `merged_into`; raises ValueError on a cycle."""
+    """The task `name` ends up in by following `merged_into`; raises CatalogError on a cycle."""
     seen = [name]
     while old[seen[-1]].get("merged_into"):
         seen.append(old[seen[-1]]["merged_into"])
         if seen[-1] in seen[:-1]:
-            raise ValueError(f"{path}: merged_into forms a cycle: {' -> '.join(seen)}")
+            raise CatalogError(f"{path}: merged_into forms a cycle: {' -> '.join(seen)}")
     return seen[-1]
 
 
@@ -615,9 +622,9 @@ def mine(records: list[Record], data_dir: Path, config: MineConfig = MineConfig(
     """Discover tasks in `records`, write a dataset version per task and the catalog; return the catalog.
 
     One mine at a time per data folder (a file lock, `.mine.lock`); it first deletes the
-    temporary files a killed run left. Raises ValueError when the existing catalog is
-    malformed (naming the file and field), and `resources.ResourceError` (a ValueError)
-    before any work when the disk has no room for the datasets.
+    temporary files a killed run left. Raises CatalogError when the existing catalog is
+    malformed (naming the file and field), and `resources.ResourceError` before any work
+    when the disk has no room for the datasets (both FactoryErrors and ValueErrors).
     """
     from filelock import FileLock
 
@@ -636,7 +643,8 @@ def _mine(records: list[Record], data_dir: Path, config: MineConfig) -> dict[str
     records = sorted(records, key=lambda r: (r.timestamp, r.id))
     keys = group_keys(records, config)
     found = []
-    for cluster in discover(records, config, keys):
+    clusters = discover(records, config, keys)
+    for cluster in progress(clusters, len(clusters), "mine: task centroids", "task"):  # each embeds its prompts
         members = [records[i] for i in cluster.members]
         groups = Counter(keys[i] for i in cluster.members)
         primary = max(groups, key=lambda g: (bool(g.step), bool(g.agent), groups[g], g))

@@ -1,4 +1,4 @@
-"""MKL's own fast kernels on AMD CPUs (loaded by `import factory`, before torch).
+"""MKL's own fast kernels on AMD CPUs, loaded before torch where torch does the heavy math.
 
 PyTorch's x86 wheels run fp32 matmuls in Intel MKL, which picks its kernels by CPU
 vendor and gives AMD CPUs slower generic ones. PyTorch's release engineers name the
@@ -14,6 +14,14 @@ instruction sets as there, so results differ from the generic ones by float roun
 (a test). Nothing happens off Linux x86-64 AMD, once torch is imported (the binding
 is made at that point: importing torch first opts out), without a C compiler, or with
 FACTORY_MKL_ON_AMD=0. Never raises: a failed compile only leaves MKL as it is.
+
+Where: `import factory` does not load it (it costs a compiler run on first use and changes
+float rounding for every torch user of the process). The modules that run torch's heavy
+math call `load_on_amd()` above their own torch import: `factory.train` and
+`factory.models`, and the CLI for the commands that train, evaluate, embed or serve
+(`factory.cli.TORCH_COMMANDS`), since some of those import torch through other modules
+first (`factory.evaluate.generate`, spaCy in curate). The first call decides for the
+process; later calls return its answer.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from factory.base_model import cache_dir
 
 SOURCE = "int mkl_serv_intel_cpu_true(void) { return 1; }\n"
 ENV = "FACTORY_MKL_ON_AMD"
+_loaded: bool | None = None  # the first call's answer: the binding, once made, lasts the process
 
 
 def _amd() -> bool:
@@ -62,7 +71,18 @@ def _library() -> Path | None:
 
 
 def load_on_amd() -> bool:
-    """Make MKL use its own fast kernels on this AMD CPU; True when the library was loaded."""
+    """Make MKL use its own fast kernels on this AMD CPU; True when the library is loaded.
+
+    Call it before the process imports torch: once torch is imported the call does nothing
+    and returns False. Only the first call acts; every later one returns its answer.
+    """
+    global _loaded
+    if _loaded is None:
+        _loaded = _load()
+    return _loaded
+
+
+def _load() -> bool:
     if os.environ.get(ENV, "1") == "0" or "torch" in sys.modules or not _amd():
         return False
     try:

@@ -6,6 +6,10 @@ training-time attention kernels.
 
 from __future__ import annotations
 
+from factory import mkl
+
+mkl.load_on_amd()  # before transformers imports torch: MKL's fast kernels on AMD CPUs (factory/mkl.py)
+
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 

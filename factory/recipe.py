@@ -25,6 +25,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from factory.catalog import check_task_name
+from factory.errors import FactoryError
 
 RECIPES_DIR = Path("recipes")
 DEFAULT_RECIPE = "cpu-lora"
@@ -126,8 +127,9 @@ class Recipe(_Strict):
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
-class RecipeError(ValueError):
-    """A recipe that does not validate; the message names the file and the field."""
+class RecipeError(FactoryError, ValueError):
+    """A recipe that does not validate; the message names the file and the field (also a
+    ValueError, as it was before `FactoryError`, for callers that catch that)."""
 
 
 def _read(path: Path) -> dict[str, Any]:

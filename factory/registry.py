@@ -42,7 +42,6 @@ Gates (`Gates`)
 
 from __future__ import annotations
 
-import functools
 import getpass
 import hashlib
 import json
@@ -62,7 +61,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
-from factory.io import load_split, write_atomic
+from factory.io import load_split, sha256_file, write_atomic
 from factory.paths import Paths
 from factory.recipe import Recipe
 from factory.tracking import resume_run
@@ -123,15 +122,6 @@ class Gates:
 # --- the base model's identity ------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=64)
-def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def base_fingerprint(name: str) -> str:
     """A digest pinning the base weights a recipe's `base_model` name stands for.
 
@@ -150,8 +140,7 @@ def base_fingerprint(name: str) -> str:
     if path.is_dir():
         digest = hashlib.sha256()
         for file in sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")):
-            st = file.stat()
-            digest.update(f"{file.name}\0{_file_sha256(str(file), st.st_size, st.st_mtime_ns)}\n".encode())
+            digest.update(f"{file.name}\0{sha256_file(file)}\n".encode())
         return "sha256:" + digest.hexdigest()
     from huggingface_hub import try_to_load_from_cache
 

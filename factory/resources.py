@@ -7,8 +7,8 @@ has room for what a stage is about to write, plus a reserve (`FACTORY_MIN_FREE_M
 default 200). The stages call them first: ingest (need: the input not read yet),
 mine (the curated records), training (the base model's size, `training_disk_bytes`).
 
-Both raise `ResourceError`: a ValueError, which the CLI prints as a one-line error, and
-also an OSError, so callers that report I/O failures (`factory ingest`) do the same.
+Both raise `ResourceError`, a `FactoryError`, which the CLI prints as a one-line error (and a
+ValueError, as it was before that base existed, for callers that catch ValueError).
 
 The memory estimate is deliberately coarse (it ignores sequence length and batch size,
 which the overhead factors cover for the small batches this factory trains with): its job
@@ -23,6 +23,8 @@ import os
 import shutil
 from pathlib import Path
 from typing import Any
+
+from factory.errors import FactoryError
 
 MIN_FREE_ENV = "FACTORY_MIN_FREE_MB"
 DEFAULT_MIN_FREE_MB = 200
@@ -41,8 +43,8 @@ GiB = 1 << 30
 MiB = 1 << 20
 
 
-class ResourceError(ValueError, OSError):
-    """Not enough memory or disk for what a stage is about to do (a ValueError and an OSError)."""
+class ResourceError(FactoryError, ValueError):
+    """Not enough memory or disk for what a stage is about to do, or an invalid reserve setting."""
 
 
 def _size(n: float) -> str:
@@ -209,7 +211,7 @@ def check_memory(base: str | Path, method: str, precision: str) -> int | None:
 def min_free_bytes() -> int:
     """The free space every write must leave: `FACTORY_MIN_FREE_MB` MiB (default 200).
 
-    Raises ValueError when the variable is not a non-negative number.
+    Raises ResourceError when the variable is not a non-negative number.
     """
     raw = os.environ.get(MIN_FREE_ENV, str(DEFAULT_MIN_FREE_MB))
     try:
@@ -217,7 +219,7 @@ def min_free_bytes() -> int:
     except ValueError:
         value = -1.0
     if not value >= 0 or math.isinf(value):
-        raise ValueError(f"{MIN_FREE_ENV}={raw!r}: expected a number of MiB >= 0")
+        raise ResourceError(f"{MIN_FREE_ENV}={raw!r}: expected a number of MiB >= 0")
     return int(value * MiB)
 
 
@@ -234,7 +236,7 @@ def check_disk(path: str | Path, need_bytes: int) -> int:
 
     `path` need not exist yet: the nearest existing parent is measured
     (`shutil.disk_usage`). The error names the path, the need, the reserve and the free
-    space. Raises ValueError for an invalid `FACTORY_MIN_FREE_MB`.
+    space, or the invalid `FACTORY_MIN_FREE_MB`.
     """
     reserve = min_free_bytes()
     free = shutil.disk_usage(_existing(Path(path))).free
@@ -281,7 +283,7 @@ def preflight_training(base: str | Path, method: str, precision: str, out_dir: s
     """`check_memory` for the run, then `check_disk` of `out_dir` for `training_disk_bytes`.
 
     Called by `train.train` before the tokenizer or any weight is loaded; raises
-    ResourceError (a ValueError) naming what does not fit. With CUDA the weights go to GPU
+    ResourceError naming what does not fit. With CUDA the weights go to GPU
     memory, which is not checked: an oversized model fails there with torch's
     OutOfMemoryError while loading.
     """

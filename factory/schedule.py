@@ -1,10 +1,15 @@
 """Schedule the nightly run: a crontab entry (default) or a systemd user timer.
 
-The crontab entry is one line tagged with a marker comment naming this project
-folder, so `install` replaces it, `remove` deletes it and other entries are left
-alone. The systemd variant writes a service and a timer unit under
+The crontab entry is one line that ends with a marker comment naming this project folder
+(cron hands the whole line to /bin/sh, for which ` # ...` is a comment), so `install`
+replaces it, `remove` deletes it and other entries are left alone: a line is this project's
+only if it carries the marker itself. Earlier versions put the marker on a line of its own
+above the job; such a marker line is removed, and the line after it too only when it is this
+project's nightly (it starts with `cd <this folder> &&`), so an unrelated job a user wrote
+under a stale marker survives. The systemd variant writes a service and a timer unit under
 ~/.config/systemd/user/ and enables the timer with `systemctl --user`. Both raise
-RuntimeError with the command to install when the tool is missing.
+ScheduleError (a FactoryError: the CLI prints it) for a bad time, or with the command to
+install when the tool is missing.
 """
 
 from __future__ import annotations
@@ -16,7 +21,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from factory.errors import FactoryError
+
 UNIT = "slm-factory-nightly"
+
+
+class ScheduleError(FactoryError):
+    """A time that is not HH:MM, or no crontab / systemctl to schedule with."""
 
 
 def _marker(project: Path) -> str:
@@ -33,17 +44,17 @@ def command(project: Path, logs: list[Path]) -> str:
 
 
 def parse_at(at: str) -> tuple[int, int]:
-    """'HH:MM' -> (hour, minute); raises ValueError naming the bad value."""
+    """'HH:MM' -> (hour, minute); raises ScheduleError naming the bad value."""
     match = re.fullmatch(r"(\d{1,2}):(\d{2})", at)
     if not match or int(match[1]) > 23 or int(match[2]) > 59:
-        raise ValueError(f"--at {at!r}: expected HH:MM (24-hour)")
+        raise ScheduleError(f"--at {at!r}: expected HH:MM (24-hour)")
     return int(match[1]), int(match[2])
 
 
 def _crontab_bin() -> str:
     path = shutil.which("crontab")
     if path is None:
-        raise RuntimeError("crontab not found: install cron (Debian: apt-get install cron) or use --systemd")
+        raise ScheduleError("crontab not found: install cron (Debian: apt-get install cron) or use --systemd")
     return path
 
 
@@ -56,38 +67,41 @@ def _write_crontab(lines: list[str]) -> None:
     subprocess.run([_crontab_bin(), "-"], input="\n".join(lines) + "\n", text=True, check=True)
 
 
-def _without_ours(lines: list[str], project: Path) -> list[str]:
-    marker, kept, skip = _marker(project), [], False
-    for line in lines:
-        if line == marker:
-            skip = True
-            continue
-        if skip:
-            skip = False
-            continue
-        kept.append(line)
-    return kept
+def _ours(line: str, previous: str, project: Path) -> bool:
+    """Whether a crontab line belongs to this project's nightly: it ends with the marker (the
+    marker alone included), or it is the job under a marker line of an earlier version."""
+    marker = _marker(project)
+    return line.endswith(marker) or (previous == marker and f" cd {shlex.quote(str(project))} && " in line)
+
+
+def _split(lines: list[str], project: Path) -> tuple[list[str], list[str]]:
+    """(this project's lines, every other line), each in crontab order."""
+    ours, others = [], []
+    for previous, line in zip(["", *lines], lines):
+        (ours if _ours(line, previous, project) else others).append(line)
+    return ours, others
 
 
 def install_cron(project: Path, logs: list[Path], at: str) -> str:
+    """Install (or replace) this project's nightly job; returns its crontab line."""
     hour, minute = parse_at(at)
-    entry = f"{minute} {hour} * * * {command(project, logs)}"
-    _write_crontab(_without_ours(_read_crontab(), project) + [_marker(project), entry])
+    entry = f"{minute} {hour} * * * {command(project, logs)}  {_marker(project)}"
+    _write_crontab(_split(_read_crontab(), project)[1] + [entry])
     return entry
 
 
 def show_cron(project: Path) -> str | None:
-    lines = _read_crontab()
-    marker = _marker(project)
-    return next((lines[i + 1] for i, line in enumerate(lines[:-1]) if line == marker), None)
+    """This project's crontab job line, or None when none is installed."""
+    ours = [line for line in _split(_read_crontab(), project)[0] if line != _marker(project)]
+    return ours[-1] if ours else None
 
 
 def remove_cron(project: Path) -> bool:
-    lines = _read_crontab()
-    kept = _without_ours(lines, project)
-    if kept != lines:
-        _write_crontab(kept)
-    return kept != lines
+    """Delete this project's lines from the crontab; False when it had none."""
+    ours, others = _split(_read_crontab(), project)
+    if ours:
+        _write_crontab(others)
+    return bool(ours)
 
 
 def _units_dir() -> Path:
@@ -107,7 +121,7 @@ def install_systemd(project: Path, logs: list[Path], at: str) -> Path:
                      f"[Install]\nWantedBy=timers.target\n")
     systemctl = shutil.which("systemctl")
     if systemctl is None:
-        raise RuntimeError(f"wrote {timer}, but systemctl is not available to enable it")
+        raise ScheduleError(f"wrote {timer}, but systemctl is not available to enable it")
     subprocess.run([systemctl, "--user", "daemon-reload"], check=True)
     subprocess.run([systemctl, "--user", "enable", "--now", f"{UNIT}.timer"], check=True)
     return timer

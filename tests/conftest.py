@@ -8,6 +8,12 @@ Base models
                     unit tests of training / evaluation code.
 ``too_large_config`` a config.json mapping (no weights) too large to train on this machine.
 
+Streams
+-------
+``stderr``          a buffer for sys.stderr, once a terminal and once not (progress bars
+                    are drawn only on a terminal); the test installs it with monkeypatch,
+                    since pytest's own capture sets sys.stderr again after the fixtures.
+
 ``smollm2_dir`` uses the normal cache (``$FACTORY_CACHE_DIR`` or
 ``~/.cache/slm-factory``) instead of a per-run temp dir: converting takes ~30 s
 and ~540 MB, and the cache is keyed by the GGUF's sha256 and the converter
@@ -17,6 +23,7 @@ scratch run ``FACTORY_CACHE_DIR=$(mktemp -d) pytest``.
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -87,3 +94,18 @@ def too_large_config() -> tuple[dict, float]:
         config["num_hidden_layers"] *= 2
         parameters = config_parameters(config)
     return config, parameters
+
+
+class _Buffer(io.StringIO):
+    def __init__(self, terminal: bool):
+        super().__init__()
+        self.terminal = terminal
+
+    def isatty(self) -> bool:
+        return self.terminal
+
+
+@pytest.fixture(params=[True, False], ids=["terminal", "pipe"])
+def stderr(request) -> _Buffer:
+    """A buffer whose `terminal` (its isatty) is True in one run of the test, False in the other."""
+    return _Buffer(request.param)

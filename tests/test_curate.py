@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 
@@ -461,3 +462,19 @@ def test_cli_curate_loads_the_tokenizer_only_for_max_tokens(tmp_path, monkeypatc
     assert loaded == [str(tiny_model_dir)]
     report = json.loads((tmp_path / "datasets" / "curate-report.json").read_text())
     assert report["removed"]["too_long"] >= 1 and report["kept"] + sum(report["removed"].values()) == 4
+
+
+def test_curate_store_counts_records_on_stderr_only_when_it_is_a_terminal(tmp_path, monkeypatch, capsys, stderr):
+    import pyarrow.parquet as pq
+
+    from factory.curate import curate_store
+    from factory.records import to_table
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    pq.write_table(to_table([chat(f"Where is order A1234{i}?") for i in range(3)]), raw / "a.parquet")
+    monkeypatch.setattr(sys, "stderr", stderr)
+    curate_store(raw, tmp_path / "curated.parquet", tmp_path / "curate.jsonl", tmp_path / "report.json")
+    drawn = stderr.getvalue()
+    assert ("curate:" in drawn and "/3 " in drawn) is stderr.terminal and (drawn == "") is not stderr.terminal
+    assert capsys.readouterr().out == ""  # never on stdout, where the summaries go

@@ -6,6 +6,7 @@ import gzip
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -282,3 +283,14 @@ def test_a_record_that_cannot_be_stored_is_quarantined_when_its_batch_is_written
     (reject,) = store.rejects()
     assert reject["reason"].startswith("record: cannot be stored") and reject["location"].endswith(":2:data.spans[1]")
     assert len(read_records(store.records)) == 1
+
+
+def test_ingest_counts_files_on_stderr_only_when_it_is_a_terminal(store, tmp_path, monkeypatch, stderr):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    for i in range(2):
+        (logs / f"calls-{i}.jsonl").write_bytes(line(call(i)))
+    monkeypatch.setattr(sys, "stderr", stderr)
+    assert store.ingest(logs).accepted == 2
+    drawn = stderr.getvalue()
+    assert ("ingest:" in drawn and "/2 " in drawn) is stderr.terminal and (drawn == "") is not stderr.terminal

@@ -107,7 +107,7 @@ def ws(tmp_path_factory, tiny_model_dir):
         cli("mine", "--min-examples", "20")
         first = dataset_version(root / "datasets")
         refused = cli("register", TASK, *recipe_args(tiny_model_dir, 0), ok=False)
-        assert refused.exit_code == 1 and f"run `factory train {TASK}` first" in str(refused.exception)
+        assert refused.exit_code == 1 and f"run `factory train {TASK}` first" in refused.text
         cli("train", TASK, *recipe_args(tiny_model_dir, 0))
         cli("register", TASK, *recipe_args(tiny_model_dir, 0))
         again = cli("register", TASK, *recipe_args(tiny_model_dir, 0)).text  # the same training run

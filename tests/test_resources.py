@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from factory import resources
+from factory.errors import FactoryError
 from factory.resources import (MIN_FREE_ENV, ResourceError, check_disk, check_memory, config_parameters,
                                parameter_count, training_memory_bytes)
 
@@ -79,7 +80,7 @@ def test_check_memory_refuses_a_model_too_large_naming_it_and_passes_the_tiny_on
         check_memory(str(tmp_path), "lora", "fp32")
     message = str(err.value)
     assert str(tmp_path) in message and f"{parameters / 1e9:.2f}B parameters" in message and "is available" in message
-    assert isinstance(err.value, ValueError) and isinstance(err.value, OSError)
+    assert isinstance(err.value, FactoryError) and isinstance(err.value, ValueError)  # the CLI's one-line error
     assert 0 < check_memory(str(tiny_model_dir), "full", "fp32") < resources.available_memory_bytes()
 
 
@@ -95,7 +96,7 @@ def test_check_disk_against_the_real_free_space(tmp_path, monkeypatch):
         check_disk(target, 0)
     assert str(target) in str(err.value) and "is free there" in str(err.value)
     monkeypatch.setenv(MIN_FREE_ENV, "lots")
-    with pytest.raises(ValueError, match="FACTORY_MIN_FREE_MB='lots'"):
+    with pytest.raises(ResourceError, match="FACTORY_MIN_FREE_MB='lots'"):
         check_disk(target, 0)
     assert not (tmp_path / "not").exists()
 

@@ -51,3 +51,20 @@ def test_a_bad_time_is_refused(crontab, tmp_path, monkeypatch):
     result = CliRunner().invoke(app, ["schedule", "install", str(tmp_path), "--at", "25:00"])
     assert result.exit_code != 0 and "expected HH:MM" in result.output
     assert "slm-factory nightly" not in crontab()
+
+
+def test_an_unrelated_job_under_a_stale_marker_survives(crontab, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    marker = f"# slm-factory nightly: {tmp_path}"
+    legacy = f"0 2 * * * cd {tmp_path} && mkdir -p registry/nightly && factory nightly logs"
+    subprocess.run(["crontab", "-"], text=True, check=True,  # a user deleted our job and kept the marker above theirs
+                   input=f"{marker}\n5 5 * * * /usr/bin/backup\n{marker}\n{legacy}\n15 4 * * * /bin/true\n")
+    runner = CliRunner()
+    assert runner.invoke(app, ["schedule", "show"]).output.strip() == legacy  # an earlier version's layout
+    assert runner.invoke(app, ["schedule", "install", str(tmp_path), "--at", "01:00"]).exit_code == 0
+    table = crontab().splitlines()
+    assert table[:2] == ["5 5 * * * /usr/bin/backup", "15 4 * * * /bin/true"] and len(table) == 3
+    assert table[2].startswith("0 1 * * * ") and table[2].endswith(f"  {marker}")
+    assert runner.invoke(app, ["schedule", "remove"]).output.strip() == "removed"
+    assert crontab().splitlines() == ["5 5 * * * /usr/bin/backup", "15 4 * * * /bin/true"]
+    assert runner.invoke(app, ["schedule", "remove"]).output.strip() == "no nightly scheduled for this project"

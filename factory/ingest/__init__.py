@@ -55,6 +55,7 @@ from factory.ingest.common import BadRecord
 from factory.ingest.formats import FORMATS, detect
 from factory.ingest.reader import CONTAINER_KEYS, MAX_RECORD_BYTES, Item, open_log, read_document, read_jsonl, sniff
 from factory.io import private_dir
+from factory.progress import progress
 from factory.records import SCHEMA, Record, from_table, to_table
 from factory.resources import check_disk
 
@@ -446,14 +447,16 @@ def ingest(paths: Iterable[Path], records_dir: Path, quarantine_dir: Path, fmt: 
     Raises FileNotFoundError for a missing input path, KeyError for an unknown
     `fmt`, and OSError when a file cannot be read (a corrupt gzip stream
     included); sources finished before the error keep their partitions and marks.
-    Before anything is written, `resources.ResourceError` (an OSError) when the disk
-    has no room for the bytes not ingested yet (`_unread_bytes`).
+    Before anything is written, `resources.ResourceError` (a FactoryError) when the disk
+    has no room for the bytes not ingested yet (`_unread_bytes`), or for an invalid
+    `FACTORY_MIN_FREE_MB`. A progress bar counts the files on stderr when it is a
+    terminal (`factory.progress`).
     """
     files = find_log_files(paths)
     check_disk(records_dir, _unread_bytes(files, watermarks or records_dir.parent / "watermarks.json"))
     run = _Run(records_dir, quarantine_dir, watermarks, fmt)
     with _fewer_gc_passes():
-        for path in files:
+        for path in progress(files, len(files), "ingest", "file"):
             _ingest_file(run, path)
     return run.stats
 

@@ -426,6 +426,16 @@ def feedback(scores: Iterable[Any], field: str) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def agent_step(metadata: Mapping[str, Any], metadata_field: str, name: Any) -> dict[str, str]:
+    """The agent and step of an LLM call a tracing tool (Langfuse, LangSmith) logged inside an
+    agent's trace, as `make_record` fields: the agent from `metadata.agent`; the step from
+    LangGraph's node name (`metadata.langgraph_node`, the same for every call of that node),
+    else the observation's or run's `name`. Raises BadRecord for a value that is neither a
+    string nor a number."""
+    return {"agent": text(metadata.get("agent"), f"{metadata_field}.agent"),
+            "step": text(metadata.get("langgraph_node") or name, "name")}
+
+
 def make_record(messages: list[dict[str, Any]], tools: list[dict[str, Any]], output_text: str | None,
                 output_tool_calls: list[dict[str, Any]], **fields: Any) -> Record:
     """A Record whose id is the content hash of its messages, tools and output.

@@ -21,6 +21,7 @@ import re
 from typing import Any
 
 from factory.ingest.common import (
+    agent_step,
     expect,
     feedback,
     latency_between,
@@ -76,8 +77,7 @@ def parse(obj: dict[str, Any], location: str) -> Record | None:
         location=location,
         source_id=text(obj.get("id"), "id"),
         timestamp=start,
-        agent=text(metadata.get("agent"), "metadata.agent"),
-        step=text(metadata.get("langgraph_node") or obj.get("name"), "name"),
+        **agent_step(metadata, "metadata", obj.get("name")),
         session_id=text(_get(obj, "sessionId") or trace_id, "sessionId"),
         model=text(obj.get("model") or model, "model"),
         messages=history,

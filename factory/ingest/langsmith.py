@@ -25,6 +25,7 @@ from __future__ import annotations
 from typing import Any
 
 from factory.ingest.common import (
+    agent_step,
     expect,
     feedback,
     latency_between,
@@ -82,8 +83,7 @@ def parse(run: dict[str, Any], location: str) -> Record | None:
         location=location,
         source_id=text(run.get("id"), "id"),
         timestamp=start,
-        agent=text(metadata.get("agent"), "extra.metadata.agent"),
-        step=text(metadata.get("langgraph_node") or run.get("name"), "name"),
+        **agent_step(metadata, "extra.metadata", run.get("name")),
         session_id=text(session or trace_id, "extra.metadata.thread_id"),
         model=text(metadata.get("ls_model_name") or params.get("model") or params.get("model_name") or model
                    or llm_output.get("model_name"), "extra.metadata.ls_model_name"),
