@@ -502,16 +502,44 @@ def simulate(logs: Annotated[Optional[list[Path]], typer.Argument(help="log file
     console.print(f"wrote {out / 'simulate.json'} and {out / 'simulate.png'}")
 
 
+def served_relative(result: dict) -> float | None:
+    """The quality of the test answers a task's specialist serves, relative to its teacher's test score
+    (1.0: as good as the teacher); None when it serves none or the teacher scores 0."""
+    cal, teacher = result["calibration"], result["columns"]["teacher"]["score"]
+    return cal["quality"] / teacher if cal["quality"] is not None and teacher else None
+
+
+def served_overall(results: list[dict]) -> tuple[float, float | None]:
+    """(served share, served quality relative to the teacher) over all tasks, out of sample.
+
+    Each task weighs as many invocations as its test split has examples: the served share
+    is all kept test answers over all test examples, the relative quality each task's
+    `served_relative` weighted by its kept answers (None when nothing is served). Raises
+    ZeroDivisionError for no results.
+    """
+    share = sum(r["calibration"]["kept"] for r in results) / sum(r["calibration"]["n"] for r in results)
+    weighted = [(r["calibration"]["kept"], q) for r in results if (q := served_relative(r)) is not None]
+    served = sum(k for k, _ in weighted)
+    return share, sum(k * q for k, q in weighted) / served if served else None
+
+
 def print_results(results: list[dict]) -> None:
     table = Table("task", "kind", "score", "base", "specialist", "teacher", "threshold", "served",
-                  title="Specialists on the held-out test split", caption="served: share of the test set "
-                  "the specialist answers at the threshold; the rest escalates to the LLM")
+                  "served quality vs teacher",
+                  title="Specialists on the held-out test split (escalation threshold certified on validation)",
+                  caption="served: share of the test split the specialist answers at the threshold (the rest "
+                  "escalates to the LLM); served quality vs teacher: mean score of those answers over the "
+                  "teacher's test score. 'all' weighs each task by its test calls.")
     for r in results:
         cols, cal = r["columns"], r["calibration"]
-        threshold = cal["threshold"]
+        relative = served_relative(r)
         table.add_row(r["task"], r["kind"], kinds.get(r["kind"]).score_name,
                       *(f"{cols[c]['score']:.3f}" for c in ("base", "specialist", "teacher")),
-                      "-" if threshold in (None, float("inf")) else f"{threshold:.3f}", f"{cal['coverage']:.0%}")
+                      "-" if cal["threshold"] is None else f"{cal['threshold']:.3f}", f"{cal['coverage']:.0%}",
+                      "-" if relative is None else f"{relative:.3f}")
+    if results:
+        share, relative = served_overall(results)
+        table.add_row("all", "", "", "", "", "", "", f"{share:.0%}", "-" if relative is None else f"{relative:.3f}")
     console.print(table)
 
 

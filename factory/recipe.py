@@ -30,7 +30,7 @@ from factory.errors import FactoryError
 RECIPES_DIR = Path("recipes")
 DEFAULT_RECIPE = "cpu-lora"
 
-EVAL_FIELDS = {"max_eval_samples", "max_new_tokens", "eval_batch_size", "target_quality"}
+EVAL_FIELDS = {"max_eval_samples", "max_new_tokens", "eval_batch_size", "target_quality", "escalation_delta"}
 # fields that change how fast a run goes, not what it learns: left out of the digest
 _SPEED_FIELDS = {"torch_threads", "shared_prefix"}
 
@@ -95,6 +95,9 @@ class Recipe(_Strict):
     max_new_tokens: int = Field(96, gt=0)
     eval_batch_size: int = Field(16, gt=0)
     target_quality: float = Field(0.95, gt=0, le=1)
+    # the escalation threshold is certified on validation: its kept quality reaches the target
+    # on new traffic with probability >= 1 - escalation_delta (factory.evaluate.calibrate)
+    escalation_delta: float = Field(0.1, gt=0, lt=1)
 
     @field_validator("optimizer")
     @classmethod

@@ -10,12 +10,14 @@ stored; the base is referenced by name and pinned by a digest (`base_fingerprint
 the embedded model by its GGUF's sha256, a local checkpoint folder by the sha256 of
 its files, a hub id by the cached snapshot's commit (recorded, not re-checked when the
 pyfunc loads: hashing a large local base on every load would cost ~1 s/GB). The routing
-metadata (task signature, kind, output schema, threshold, coverage, escalation target,
-the input example, ...) is the JSON artifact `routing.json` at the root of the
-version's artifacts (read it with `version_routing`), also packed inside the pyfunc and
-mirrored, without the example, in the `routing` tag.
+metadata (task signature, kind, output schema, the threshold certified on validation,
+the test split's coverage at it, the calibration map, escalation target, the input
+example, ...) is the JSON artifact `routing.json` at the root of the version's artifacts
+(read it with `version_routing`), also packed inside the pyfunc and mirrored, without the
+example, in the `routing` tag.
 Other tags: kind, dataset_version, recipe_digest, base_model, base_digest, the three
-columns' scores and metrics, threshold, coverage, n_test, run_id.
+columns' scores and metrics (test split), threshold, coverage and quality_test (test
+split), coverage_validation, ece_raw and ece_calibrated (test split), n_test, run_id.
 
 Aliases
 -------
@@ -29,6 +31,9 @@ next promotion).
 
 Gates (`Gates`)
 ---------------
+Both compare specialist scores on held-out test data; the escalation threshold plays no
+part (it is certified on validation and recorded, not gated).
+
 1. At least `min_teacher_share` x the teacher's score on the challenger's test split.
 2. Not below the champion's score by more than `tolerance`, on the same test set. When
    both were evaluated on the same dataset version (and number of examples), their
@@ -156,11 +161,23 @@ def base_fingerprint(name: str) -> str:
 def routing_metadata(entry: dict[str, Any], trained: TrainResult, evaluation: dict[str, Any],
                      recipe: Recipe, escalation_target: str, base_digest: str,
                      example: dict[str, Any]) -> dict[str, Any]:
+    """What a router needs to serve the version, from its held-out evaluation (`evaluate.run`).
+
+    `threshold` was certified on the validation split (None: never answer, every request
+    escalates); `coverage` is the share of the test split it keeps (`coverage_split`), an
+    out-of-sample figure. `calibration_map` (None without validation examples) turns a raw
+    confidence into a calibrated probability (`calibrate.apply_map`); the router compares
+    the raw confidence with the threshold. `calibration` holds the test quality and target,
+    delta, ECE and the validation figures. Raises KeyError for an evaluation without them
+    (one from before held-out calibration).
+    """
     cal = evaluation["calibration"]
-    threshold = cal["threshold"] if cal["threshold"] not in (None, float("inf")) else None
     return {
         "task": trained.task, "kind": trained.kind, "signature": entry["signature"],
-        "output_schema": entry["output_schema"], "threshold": threshold, "coverage": cal["coverage"],
+        "output_schema": entry["output_schema"], "threshold": cal["threshold"], "coverage": cal["coverage"],
+        "coverage_split": cal["split"], "calibration_map": cal["map"],
+        "calibration": {"split": cal["split"], "quality": cal["quality"], "target": cal["target"],
+                        "delta": cal["delta"], "ece": cal["ece"], "validation": cal["validation"]},
         "escalation_target": escalation_target, "base_model": trained.base_model, "base_digest": base_digest,
         "max_new_tokens": recipe.max_new_tokens, "dataset_version": trained.dataset_version,
         "seq_budget": trained.seq_budget or recipe.max_seq_length, "example": example,
@@ -175,6 +192,10 @@ def _version_tags(trained: TrainResult, evaluation: dict[str, Any], routing: dic
         "base_digest": routing["base_digest"], "score": str(columns["specialist"]["score"]),
         "teacher_score": str(columns["teacher"]["score"]), "base_score": str(columns["base"]["score"]),
         "threshold": str(routing["threshold"]), "coverage": str(routing["coverage"]),
+        "quality_test": str(routing["calibration"]["quality"]),
+        "coverage_validation": str(routing["calibration"]["validation"]["coverage"]),
+        "ece_raw": str(routing["calibration"]["ece"]["raw"]),
+        "ece_calibrated": str(routing["calibration"]["ece"]["calibrated"]),
         "n_test": str(evaluation["n_test"]), "escalation_target": routing["escalation_target"],
         "run_id": trained.run_id,
     }

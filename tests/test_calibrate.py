@@ -14,10 +14,12 @@ from factory.evaluate.calibrate import (
     apply_map,
     calibrate,
     certify_threshold,
+    coverage_curve,
     evaluate_threshold,
     expected_calibration_error,
     fit_calibration_map,
     mean_lower_bound,
+    reliability_bins,
 )
 
 
@@ -349,3 +351,94 @@ def test_evaluate_threshold_on_held_out_set():
 def test_new_functions_reject_bad_input(call):
     with pytest.raises(ValueError):
         call()
+
+
+# --- the evaluation's calibration: chosen on validation, measured on test ---------------------------------
+
+
+def test_evaluation_result_on_the_synthetic_task():
+    """held_out_calibration on the synthetic task: the right threshold is 0.6 (kept quality (1 + t) / 2 = 0.8)."""
+    from factory.evaluate.run import held_out_calibration
+
+    thresholds, test_quality, coverage = [], [], []
+    for seed in range(100):
+        rng = np.random.default_rng(seed)
+        val, test = draw(rng, 500), draw(rng, 5000)
+        cal = held_out_calibration(*val, *test, val_target=TARGET, test_target=TARGET, delta=DELTA, binary=True)
+        if cal["threshold"] is None:
+            continue
+        point = evaluate_threshold(cal["threshold"], *test)
+        assert (cal["coverage"], cal["quality"], cal["kept"], cal["n"]) == (point.coverage, point.quality,
+                                                                           point.kept, 5000)
+        thresholds.append(cal["threshold"])
+        test_quality.append(cal["quality"])
+        coverage.append(cal["coverage"])
+    # measured: 95 of 100 certified, 6.3% below 0.6 (lowest 0.524), 3.2% with test quality under 0.79,
+    # mean test coverage 0.30 of the possible 0.40
+    assert len(thresholds) >= 90
+    # certified thresholds sit at or above the true 0.6 in about 1 - delta of the seeds, never far below
+    assert np.mean(np.array(thresholds) < TRUE_THRESHOLD) <= DELTA + 0.05
+    assert min(thresholds) > TRUE_THRESHOLD - 0.1
+    assert np.mean(np.array(test_quality) < TARGET - 0.01) <= DELTA + 0.05  # 0.01: the test draw's own noise
+    assert 0.2 <= np.mean(coverage) <= 0.4 + 0.02
+
+
+def test_evaluation_result_names_its_splits_and_fixes_overconfidence():
+    from factory.evaluate.run import held_out_calibration
+
+    rng = np.random.default_rng(9)
+    val, test = overconfident(rng, 600), overconfident(rng, 3000)
+    cal = held_out_calibration(*val, *test, val_target=0.7, test_target=0.72, delta=0.05, binary=True)
+    json.dumps(cal, allow_nan=False)
+    assert cal["split"] == "test" and cal["target"] == 0.72 and cal["delta"] == 0.05
+    assert cal["validation"]["n"] == 600 and cal["validation"]["target"] == 0.7
+    assert cal["validation"]["lower_bound"] >= 0.7
+    cert = certify_threshold(*val, 0.7, 0.05, binary_scores=True)
+    assert cal["threshold"] == cert.threshold and [tuple(p) for p in cal["curve"]] == list(cert.curve)
+    assert cal["map"] == fit_calibration_map(*val)
+    assert cal["ece"]["raw"] == pytest.approx(expected_calibration_error(*test))
+    assert cal["ece"]["calibrated"] < cal["ece"]["raw"] / 3
+    assert sum(b[2] for b in cal["reliability"]["raw"]) == 3000
+    assert cal["test_curve"][-1][1] == 1.0  # the lowest threshold keeps every test answer
+
+
+def test_too_little_validation_escalates_everything():
+    from factory.evaluate.run import held_out_calibration
+
+    test = draw(np.random.default_rng(10), 200)
+    few = held_out_calibration([0.99, 0.98, 0.97, 0.96, 0.95], [1.0] * 5, *test, val_target=TARGET,
+                               test_target=TARGET, delta=DELTA, binary=True)
+    assert few["threshold"] is None and few["coverage"] == 0.0 and few["kept"] == 0 and few["quality"] is None
+    assert few["validation"]["min_kept"] == 11 and few["map"]["method"] == "platt"
+    none = held_out_calibration([], [], *test, val_target=None, test_target=TARGET, delta=DELTA, binary=True)
+    assert none["threshold"] is None and none["map"] is None and none["curve"] == []
+    assert none["ece"]["calibrated"] is None and none["reliability"]["calibrated"] is None
+    assert none["validation"] == {"n": 0, "coverage": 0.0, "quality": None, "lower_bound": None, "target": None,
+                                  "min_kept": None}
+    json.dumps(none, allow_nan=False)
+
+
+def test_reliability_bins_and_coverage_curve():
+    bins = reliability_bins([0.05, 0.15, 0.12, 0.95, 1.0], [0, 1, 0, 1, 1], bins=10)
+    assert bins == [(0.05, 0.0, 1), (pytest.approx(0.135), 0.5, 2), (pytest.approx(0.975), 1.0, 2)]
+    assert expected_calibration_error([0.05, 0.15, 0.12, 0.95, 1.0], [0, 1, 0, 1, 1]) == pytest.approx(
+        (0.05 + 2 * 0.365 + 2 * 0.025) / 5)
+    curve = coverage_curve([0.2, 0.9, 0.5, 0.5], [0, 1, 1, 0])
+    assert curve == ((0.9, 0.25, 1.0), (0.5, 0.75, pytest.approx(2 / 3)), (0.2, 1.0, 0.5))
+    with pytest.raises(ValueError):
+        reliability_bins([1.5], [1.0])
+
+
+def test_bench_resampling_separates_certified_from_in_sample():
+    """bench/calibration.py's draws on synthetic tasks: the certified threshold keeps its promise far more often."""
+    from bench.calibration import Scored, resample
+
+    rng = np.random.default_rng(11)
+    tasks = [Scored(f"t{i}", *draw(rng, n), n_validation=n // 2, target=TARGET, binary=True) for i, n in
+             enumerate((400, 600))]
+    figures = resample(tasks, seeds=20, delta=DELTA)
+    assert figures["calibration_draws"] == 40 and figures["calibration_draws_served"] >= 30
+    assert figures["calibration_guarantee_holds_share"] >= 0.8
+    assert figures["calibration_guarantee_holds_share_in_sample"] <= 0.7
+    assert 0.1 <= figures["served_share_out_of_sample"] < figures["served_share_in_sample"] <= 0.5
+    assert figures["ece_raw"] < 0.1 and figures["ece_calibrated"] < 0.1  # confidences calibrated already

@@ -11,23 +11,27 @@ fit_calibration_map / apply_map   a monotone map from raw confidence to the
                                   expected score of the answer (the probability
                                   that it is right, for 0/1 scores); JSON-safe,
                                   applied with numpy alone.
-expected_calibration_error        how far confidences are from observed scores.
+expected_calibration_error        how far confidences are from observed scores;
+reliability_bins                  the per-bin figures behind it (reliability diagram).
 certify_threshold                 the threshold whose kept quality on new traffic
                                   reaches the target with probability >= 1 - delta
                                   (Learn-then-Test, fixed-sequence testing).
 mean_lower_bound                  the finite-sample lower confidence bound it uses.
 evaluate_threshold                coverage and quality at a threshold on a held-out set.
-calibrate                         the older in-sample search (below).
+coverage_curve                    coverage and kept quality at every threshold of a set.
+calibrate                         the in-sample search, kept as the baseline (below).
 
 `calibrate` picks the threshold on a split and reports coverage and quality on
 that same split, so its figures are optimistic and nothing bounds the quality
-served on new traffic; it stays for its current callers. The evaluation should
-instead run the specialist on both the validation and the test split, then:
-fit the map and certify the threshold on validation (per task); report on test
-the coverage and quality at the certified threshold (`evaluate_threshold`) and
-the ECE of the raw and the mapped confidences. The router keeps comparing the raw
-confidence with the threshold, so serving needs no change; the map adds a
-calibrated probability for reports and for callers that want one.
+served on new traffic; `bench/calibration.py` measures it beside the certified
+threshold. The evaluation (`factory.evaluate.run`) runs the specialist on both
+the validation and the test split, fits the map and certifies the threshold on
+validation (per task), and reports on test the coverage and quality at the
+certified threshold (`evaluate_threshold`) and the ECE of the raw and the mapped
+confidences. The router keeps comparing the raw confidence with the threshold
+(the threshold is certified on raw confidence, and a monotone map keeps the same
+answers); the map adds a calibrated probability for reports and for callers that
+want one.
 
 Fitting imports scikit-learn and scipy inside the functions that fit, so a server
 that only applies a map (`apply_map`) imports numpy alone.
@@ -211,13 +215,31 @@ def expected_calibration_error(probabilities: Sequence[float], outcomes: Sequenc
     Raises ValueError when the inputs are empty, of different lengths, not 1-D, contain
     NaN, a probability lies outside [0, 1], or bins < 1.
     """
+    return sum(count * abs(prob - outcome) for prob, outcome, count in
+               reliability_bins(probabilities, outcomes, bins)) / len(probabilities)
+
+
+def reliability_bins(probabilities: Sequence[float], outcomes: Sequence[float],
+                     bins: int = 10) -> list[tuple[float, float, int]]:
+    """(mean probability, mean outcome, count) of each non-empty bin, lowest bin first.
+
+    The bins of `expected_calibration_error` (equal-width intervals of [0, 1], the last
+    one closed): plotted, mean outcome against mean probability, they are the reliability
+    diagram, on the diagonal when calibrated. A bin of a few examples is noisy; the count
+    says how much to trust it. JSON-safe (plain floats and ints).
+
+    Raises ValueError as `expected_calibration_error`.
+    """
     prob, outcome = _check_pair(probabilities, outcomes)
     _check_unit("probabilities", prob)
     if bins < 1:
         raise ValueError(f"bins must be >= 1, got {bins}")
     index = np.minimum((prob * bins).astype(int), bins - 1)
-    gap = np.bincount(index, weights=prob, minlength=bins) - np.bincount(index, weights=outcome, minlength=bins)
-    return float(np.abs(gap).sum() / prob.size)
+    counts = np.bincount(index, minlength=bins)
+    probs = np.bincount(index, weights=prob, minlength=bins)
+    outcomes_sum = np.bincount(index, weights=outcome, minlength=bins)
+    return [(float(probs[b] / counts[b]), float(outcomes_sum[b] / counts[b]), int(counts[b]))
+            for b in np.flatnonzero(counts)]
 
 
 # --- certified threshold ------------------------------------------------------------------------------
@@ -431,6 +453,20 @@ def evaluate_threshold(threshold: float | None, confidences: Sequence[float], sc
     kept = int(keep.sum())
     return OperatingPoint(threshold=float(threshold), n=int(conf.size), kept=kept, coverage=kept / conf.size,
                           quality=float(score[keep].mean()) if kept else None)
+
+
+def coverage_curve(confidences: Sequence[float], scores: Sequence[float]) -> tuple[tuple[float, float, float], ...]:
+    """(threshold, coverage, kept quality) at every distinct confidence, highest threshold first.
+
+    On the test split it shows what each threshold would have done there, beside the
+    certified one; reading a threshold off it would be the in-sample choice of `calibrate`.
+    Ties are kept or escalated together, as the router does.
+
+    Raises ValueError when the inputs are empty, of different lengths, not 1-D or contain NaN.
+    """
+    conf, score = _check_pair(confidences, scores)
+    thresholds, kept, sums = _kept_curve(conf, score)
+    return tuple(zip(thresholds.tolist(), (kept / conf.size).tolist(), (sums / kept).tolist()))
 
 
 # --- helpers ---------------------------------------------------------------------------------------------

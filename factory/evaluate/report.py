@@ -12,12 +12,22 @@ The `result` dict `write_report` renders (JSON-safe, built by the eval driver):
         "specialist": {...},
         "teacher": {...},
       },
-      "calibration": {                  # `dataclasses.asdict(Calibration)`
+      "n_validation": int,              # validation examples the threshold was certified on
+      "calibration": {                  # `run.held_out_calibration`: chosen on validation,
+        "split": "test",                # measured on test
         "threshold": float | None,      # None: the specialist never answers
-        "coverage": float,
-        "quality": float | None,
-        "target": float,
-        "curve": [[threshold, coverage, quality], ...],
+        "coverage": float, "quality": float | None, "kept": int, "n": int,
+        "target": float,                # test figures at the threshold, and the test target
+        "delta": float,
+        "validation": {"n": int, "coverage": float, "quality": float | None,
+                       "lower_bound": float | None, "target": float | None,
+                       "min_kept": int | None},
+        "map": {"method": str, ...} | None,
+        "ece": {"raw": float, "calibrated": float | None},          # on test
+        "reliability": {"raw": [[mean prob, mean score, count], ...],
+                        "calibrated": [...] | None},               # on test
+        "curve": [[threshold, coverage, quality, lower_bound], ...],  # validation
+        "test_curve": [[threshold, coverage, quality], ...],
       },
       "confusion": {"labels": [...], "matrix": [[int, ...], ...]} | None,
                                         # from `metrics.confusion_matrix`: rows are
@@ -50,9 +60,13 @@ from factory.metrics import INVALID
 from factory.io import write_atomic
 
 CURVE_PNG = "coverage_quality.png"
+RELIABILITY_PNG = "reliability.png"
 CONFUSION_PNG = "confusion.png"
 MAX_CHARS = 4000
 _MD_SPECIAL = re.compile(r"([\\`*_\[\]|])")
+ROUTING_NOTE = ("The specialist answers when its raw confidence >= the threshold. The threshold and the map are "
+                "fitted on the validation split; the test figures are measured on the held-out test split, "
+                "which chose nothing.")
 
 
 def write_report(out_dir: Path, result: dict[str, Any]) -> dict[str, Path]:
@@ -60,21 +74,25 @@ def write_report(out_dir: Path, result: dict[str, Any]) -> dict[str, Path]:
 
     Plots are drawn with matplotlib's object API (no pyplot, so no global
     backend switch and no figure leaks; PNG output uses Agg). The
-    coverage-quality curve is always drawn; the confusion matrix only when
-    result["confusion"] is set (classification). Markdown links the PNG files;
-    HTML embeds the same bytes as base64 so it is one portable file. Each file
-    is written to a temporary sibling and moved into place with os.replace,
-    so a reader never sees a half-written file.
+    coverage-quality curves (validation, where the threshold was certified, with
+    the lower confidence bound; test, where it is measured) and the reliability
+    diagram (test, raw and calibrated confidence) are always drawn; the confusion
+    matrix only when result["confusion"] is set (classification). Markdown links
+    the PNG files; HTML embeds the same bytes as base64 so it is one portable
+    file. Each file is written to a temporary sibling and moved into place with
+    os.replace, so a reader never sees a half-written file.
 
-    Returns {"markdown", "html", "curve", ["confusion"]} -> written paths.
+    Returns {"markdown", "html", "curve", "reliability", ["confusion"]} -> written paths.
     Raises KeyError when a required key of `result` is missing.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    images = {CURVE_PNG: _curve_png(result["calibration"])}
+    images = {CURVE_PNG: _curve_png(result["calibration"]),
+              RELIABILITY_PNG: _reliability_png(result["calibration"])}
     if result.get("confusion"):
         images[CONFUSION_PNG] = _confusion_png(result["confusion"])
-    paths = {"markdown": out_dir / "report.md", "html": out_dir / "report.html", "curve": out_dir / CURVE_PNG}
+    paths = {"markdown": out_dir / "report.md", "html": out_dir / "report.html", "curve": out_dir / CURVE_PNG,
+             "reliability": out_dir / RELIABILITY_PNG}
     if CONFUSION_PNG in images:
         paths["confusion"] = out_dir / CONFUSION_PNG
     for name, data in images.items():
@@ -91,9 +109,9 @@ def _markdown(result: dict[str, Any], images: list[str]) -> str:
     lines += ["", "## Metrics", "", "| metric | " + " | ".join(_md(n) for n in names) + " |"]
     lines.append("|---" * (len(names) + 1) + "|")
     lines += ["| " + " | ".join(_md(cell) for cell in row) + " |" for row in rows]
-    lines += ["", "## Routing calibration", "", "The specialist answers when its confidence >= threshold.", ""]
+    lines += ["", "## Routing calibration", "", _md(ROUTING_NOTE), ""]
     lines += [f"- {_md(k)}: {_md(v)}" for k, v in _calibration_facts(result["calibration"])]
-    lines += ["", f"![coverage-quality curve]({CURVE_PNG})"]
+    lines += ["", f"![coverage-quality curves]({CURVE_PNG})", "", f"![reliability diagram]({RELIABILITY_PNG})"]
     if CONFUSION_PNG in images:
         lines += ["", "## Confusion matrix", "", f"![confusion matrix]({CONFUSION_PNG})"]
     lines += ["", "## Worst examples"]
@@ -121,10 +139,11 @@ def _html(result: dict[str, Any], images: dict[str, bytes]) -> str:
     parts.append("<h2>Metrics</h2><table><tr><th>metric</th>" + "".join(f"<th>{esc(n)}</th>" for n in names) + "</tr>")
     parts += ["<tr>" + "".join(f"<td>{esc(cell)}</td>" for cell in row) + "</tr>" for row in rows]
     parts.append("</table><h2>Routing calibration</h2>")
-    parts.append("<p>The specialist answers when its confidence &gt;= threshold.</p>")
+    parts.append(f"<p>{esc(ROUTING_NOTE)}</p>")
     facts = _calibration_facts(result["calibration"])
     parts.append("<ul>" + "".join(f"<li>{esc(k)}: {esc(v)}</li>" for k, v in facts) + "</ul>")
-    parts.append(_img(images[CURVE_PNG], "coverage-quality curve"))
+    parts.append(_img(images[CURVE_PNG], "coverage-quality curves"))
+    parts.append(_img(images[RELIABILITY_PNG], "reliability diagram"))
     if CONFUSION_PNG in images:
         parts += ["<h2>Confusion matrix</h2>", _img(images[CONFUSION_PNG], "confusion matrix")]
     parts.append("<h2>Worst examples</h2>")
@@ -142,6 +161,7 @@ def _facts(result: dict[str, Any]) -> list[tuple[str, Any]]:
         ("kind", result["kind"]),
         ("dataset version", result["dataset_version"]),
         ("test examples", result["n_test"]),
+        ("validation examples", result["n_validation"]),
     ]
 
 
@@ -150,12 +170,26 @@ def _score_line(example: dict[str, Any]) -> str:
 
 
 def _calibration_facts(cal: dict[str, Any]) -> list[tuple[str, str]]:
-    threshold = "none (every request goes to the teacher)" if cal["threshold"] is None else _fmt(cal["threshold"])
+    val, ece = cal["validation"], cal["ece"]
+    if cal["threshold"] is None:
+        threshold = (f"none certified on {val['n']} validation examples (every request goes to the teacher)")
+    else:
+        threshold = f"{_fmt(cal['threshold'])} (certified on {val['n']} validation examples)"
+    method = (cal["map"] or {}).get("method", "none (no validation examples)")
     return [
-        ("target quality", _fmt(cal["target"])),
         ("threshold", threshold),
-        ("coverage", _fmt(cal["coverage"])),
-        ("quality of kept answers", _fmt(cal["quality"])),
+        ("guarantee", f"kept quality on new traffic >= the validation target with probability "
+                      f">= {1 - cal['delta']:.2f} (delta {cal['delta']:g})"),
+        ("validation target", _fmt(val["target"])),
+        ("validation coverage", _fmt(val["coverage"])),
+        ("validation quality of kept answers", _fmt(val["quality"])),
+        (f"validation lower bound ({1 - cal['delta']:.0%})", _fmt(val["lower_bound"])),
+        ("test target", _fmt(cal["target"])),
+        ("test coverage (held out)", f"{_fmt(cal['coverage'])} ({cal['kept']} of {cal['n']})"),
+        ("test quality of kept answers (held out)", _fmt(cal["quality"])),
+        ("calibration map (fitted on validation)", method),
+        ("test ECE, raw confidence", _fmt(ece["raw"])),
+        ("test ECE, calibrated", _fmt(ece["calibrated"])),
     ]
 
 
@@ -169,19 +203,48 @@ def _table(columns: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str
 
 
 def _curve_png(cal: dict[str, Any]) -> bytes:
-    fig = Figure(figsize=(6.4, 4.2), dpi=100)
+    """Kept quality against coverage on validation (with its lower bound) and on test, the targets and the threshold."""
+    fig = Figure(figsize=(7.2, 4.6), dpi=100)
     ax = fig.add_subplot()
-    curve = cal.get("curve") or []
-    if curve:
-        ax.plot([p[1] for p in curve], [p[2] for p in curve], marker=".", label="kept answers")
-    ax.axhline(cal["target"], color="tab:red", linestyle="--", label=f"target (teacher) {cal['target']:.3f}")
+    val, test = cal.get("curve") or [], cal.get("test_curve") or []
+    if val:
+        ax.plot([p[1] for p in val], [p[2] for p in val], marker=".", color="tab:blue",
+                label=f"validation ({cal['validation']['n']})")
+        ax.plot([p[1] for p in val], [p[3] for p in val], linestyle="--", color="tab:blue", alpha=0.6,
+                label=f"validation lower bound ({1 - cal['delta']:.0%})")
+    if test:
+        ax.plot([p[1] for p in test], [p[2] for p in test], marker=".", color="tab:orange", label=f"test ({cal['n']})")
+    if cal["validation"]["target"] is not None:
+        ax.axhline(cal["validation"]["target"], color="tab:red", linestyle=":",
+                   label=f"validation target {cal['validation']['target']:.3f}")
+    ax.axhline(cal["target"], color="tab:red", linestyle="--", label=f"test target {cal['target']:.3f}")
     if cal["threshold"] is not None:
-        ax.axvline(cal["coverage"], color="tab:green", linestyle=":")
-        ax.plot([cal["coverage"]], [cal["quality"]], "o", color="tab:green", markersize=9,
-                label=f"threshold {cal['threshold']:.3f}: coverage {cal['coverage']:.2f}")
+        ax.plot([cal["validation"]["coverage"]], [cal["validation"]["quality"]], "s", color="tab:blue", markersize=7,
+                label=f"threshold {cal['threshold']:.3f} on validation: coverage {cal['validation']['coverage']:.2f}")
+        if cal["quality"] is not None:
+            ax.plot([cal["coverage"]], [cal["quality"]], "o", color="tab:green", markersize=9,
+                    label=f"threshold {cal['threshold']:.3f} on test: coverage {cal['coverage']:.2f}")
     ax.set(xlabel="coverage (share answered by the specialist)", ylabel="quality of kept answers",
-           xlim=(0, 1.02), title="Coverage vs quality")
-    ax.legend(loc="lower left")
+           xlim=(0, 1.02), title="Coverage vs quality: certified on validation, measured on test")
+    ax.legend(loc="lower left", fontsize=8)
+    return _png(fig)
+
+
+def _reliability_png(cal: dict[str, Any]) -> bytes:
+    """Mean score against mean confidence per bin on test, before and after the map; marker area ~ bin size."""
+    fig = Figure(figsize=(5.2, 5.0), dpi=100)
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], color="gray", linewidth=0.8, label="perfectly calibrated")
+    series = [("raw confidence", cal["reliability"]["raw"], cal["ece"]["raw"], "tab:orange")]
+    if cal["reliability"]["calibrated"] is not None:
+        series.append(("calibrated", cal["reliability"]["calibrated"], cal["ece"]["calibrated"], "tab:green"))
+    for label, bins, ece, color in series:
+        ax.plot([b[0] for b in bins], [b[1] for b in bins], color=color, marker="o", label=f"{label} (ECE {ece:.3f})")
+        ax.scatter([b[0] for b in bins], [b[1] for b in bins], s=[10 + 400 * b[2] / cal["n"] for b in bins],
+                   color=color, alpha=0.3)
+    ax.set(xlabel="mean confidence in bin", ylabel="mean score in bin", xlim=(0, 1), ylim=(0, 1.02),
+           title=f"Reliability on the test split ({cal['n']} examples)")
+    ax.legend(loc="upper left", fontsize=8)
     return _png(fig)
 
 

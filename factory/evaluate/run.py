@@ -1,4 +1,5 @@
-"""Evaluate one specialist: base zero-shot vs specialist vs teacher on the held-out test split.
+"""Evaluate one specialist: base zero-shot vs specialist vs teacher on the held-out test split,
+with the escalation threshold certified on the validation split.
 
 All three columns are scored against the same references: the ground truth where a
 truth file gives one for a call (`{"id": <log call id>, "output": {...}}` per line),
@@ -8,13 +9,25 @@ the base column.
 
 Scores, usability and the confusion matrix come from the task's kind (`factory.kinds`),
 each example judged against the tools its own request offered. Prompts are rendered by
-`factory.chat` within the sequence budget training used (earlier turns dropped first); a
-test example that still cannot be rendered is counted by reason in `skipped`, not scored.
+`factory.chat` within the sequence budget training used (earlier turns dropped first); an
+example that still cannot be rendered is counted by reason in `skipped`, not scored.
 
-The specialist's confidence is zeroed for answers that cannot be used (a label
-outside the label set, no parsable tool call to an offered tool, JSON that is invalid or
-breaks the inferred schema), then the escalation threshold is calibrated so the answers it
-keeps reach `target_quality` x the teacher's score with the largest coverage.
+The specialist answers the validation split too, rendered and judged the same way, with
+its confidence zeroed for answers that cannot be used (a label outside the label set, no
+parsable tool call to an offered tool, JSON that is invalid or breaks the inferred
+schema). Validation chooses; test measures (`held_out_calibration`):
+
+- on validation, `certify_threshold` picks the lowest threshold whose kept quality reaches
+  `target_quality` x the teacher's validation score on new traffic with probability
+  >= 1 - `escalation_delta`, and `fit_calibration_map` fits the map from raw confidence to
+  expected score;
+- on test, the coverage and kept quality at that threshold and the ECE of the raw and the
+  mapped confidences: out-of-sample figures, since test chose nothing.
+
+A validation split too small to certify anything (or with no renderable prompt) leaves the
+threshold None: the task escalates every request. The trade-off: one more generation pass
+(the specialist on validation), and a threshold resting on the validation share (10% of a
+task by default) rather than on the larger test share; the base column stays test only.
 """
 
 from __future__ import annotations
@@ -22,14 +35,18 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlflow
+import numpy as np
 
 from factory import chat, kinds
 from factory.base_model import resolve_base
-from factory.evaluate.calibrate import calibrate
+from factory.evaluate.calibrate import (apply_map, certify_threshold, coverage_curve, evaluate_threshold,
+                                       expected_calibration_error, fit_calibration_map, reliability_bins)
 from factory.evaluate.generate import Generation, generate
 from factory.evaluate.report import write_report
 from factory.embed import embed_texts
@@ -37,6 +54,13 @@ from factory.io import load_split, write_atomic
 from factory.recipe import EVAL_FIELDS, Recipe
 from factory.models import load_specialist
 from factory.tracking import resume_run
+
+# Part of a stored result's key: results of an earlier evaluation method are recomputed.
+# 2: threshold certified on validation, coverage and quality measured on test.
+EVAL_VERSION = 2
+# Kinds whose example scores are 0/1: certified with the exact binomial (Clopper-Pearson)
+# bound; the others (ROUGE-L, field F1, agent turns) with Hoeffding-Bentkus.
+BINARY_SCORE_KINDS = frozenset({"classification", "tool_call"})
 
 
 def load_truth(path: Path | None) -> dict[str, dict[str, Any]]:
@@ -79,18 +103,122 @@ def prompts_within(tokenizer, rows: list[dict], budget: int) -> tuple[list[str],
     return prompts, kept, dict(skipped)
 
 
+def load_for_eval(task: str, recipe: Recipe, adapter_dir: str, dataset_version: str, data_dir: Path,
+                  seq_budget: int | None = None) -> tuple[Any, Any, int, int]:
+    """(model with the adapter, tokenizer, answer token budget, prompt token budget) as evaluation uses them.
+
+    The answer budget fits the task's longest training output (`max_new_tokens`); prompts get
+    the rest of the training run's sequence budget (`seq_budget`, else the recipe's
+    `max_seq_length`), at least 64 tokens. Raises FileNotFoundError when the train split is missing.
+    """
+    model, tokenizer = load_specialist(resolve_base(recipe.base_model), adapter_dir)
+    budget = max_new_tokens(load_split(data_dir, task, dataset_version, "train"), tokenizer, recipe.max_new_tokens)
+    return model, tokenizer, budget, max(64, (seq_budget or recipe.max_seq_length) - budget)
+
+
+@dataclass(frozen=True)
+class Judged:
+    """One split as the specialist answered it: the rows that could be rendered, in order.
+
+    confidences  the generation's confidence, zero where the answer cannot be used
+    scores       the specialist's example scores against `refs`
+    teacher      the logged (teacher) outputs' scores against the same `refs`
+    """
+
+    rows: list[dict[str, Any]]
+    prompts: list[str]
+    skipped: dict[str, int]
+    refs: list[dict[str, Any]]
+    tools: list[list[dict[str, Any]]]
+    generations: list[Generation]
+    outputs: list[dict[str, Any]]
+    scores: list[float]
+    confidences: list[float]
+    teacher: list[float]
+
+
+def judge_split(model, tokenizer, kind: kinds.Kind, schema: dict[str, Any], rows: list[dict[str, Any]],
+                truth: dict[str, dict[str, Any]], token_budget: int, prompt_budget: int, batch_size: int,
+                desc: str) -> Judged:
+    """Render `rows` within `prompt_budget` tokens, let `model` answer greedily, judge each answer.
+
+    The model answers as it is (the adapter enabled). Rows that cannot be rendered are
+    counted in `skipped` and left out; with none left, every list is empty. Raises
+    ValueError when a reference cannot be scored by the kind.
+    """
+    prompts, kept, skipped = prompts_within(tokenizer, rows, prompt_budget)
+    rows = [rows[i] for i in kept]
+    generations = generate(model, tokenizer, prompts, token_budget, batch_size, desc=desc) if prompts else []
+    refs = [truth.get(r["source_id"], r["output"]) for r in rows]
+    tools = [r.get("tools") or [] for r in rows]
+    outputs = [chat.parse_output(g.text) for g in generations]
+    usable = [kind.usable(p, schema, t) for p, t in zip(outputs, tools)]
+    return Judged(
+        rows=rows, prompts=prompts, skipped=skipped, refs=refs, tools=tools, generations=generations, outputs=outputs,
+        scores=[kind.score(p, r, schema, t) for p, r, t in zip(outputs, refs, tools)],
+        confidences=[g.confidence if ok else 0.0 for g, ok in zip(generations, usable)],
+        teacher=[kind.score(r["output"], ref, schema, t) for r, ref, t in zip(rows, refs, tools)],
+    )
+
+
+def held_out_calibration(val_confidences: Sequence[float], val_scores: Sequence[float],
+                         test_confidences: Sequence[float], test_scores: Sequence[float], *, val_target: float | None,
+                         test_target: float, delta: float, binary: bool) -> dict[str, Any]:
+    """Certify the threshold and fit the map on validation, measure them on test: the result's `calibration`.
+
+    Top-level figures are the test split's (`split: "test"`): `coverage`, `quality` (mean
+    score of the kept test answers, None when none is kept), `kept`, `n`, `target` (the
+    test target, `test_target`), `ece` {raw, calibrated} and `reliability` {raw, calibrated}
+    (bins of the test confidences before and after the map), `test_curve` [[threshold,
+    coverage, quality], ...]. From validation: `threshold` (None: nothing certified, every
+    request escalates), `map` (`fit_calibration_map`, None without validation), `delta`,
+    `validation` {n, coverage, quality, lower_bound, target, min_kept} and `curve`
+    [[threshold, coverage, quality, lower bound], ...]. JSON-safe.
+
+    The targets are separate so each split's teacher score sets its own (pass one value
+    for both to judge the guarantee itself); `val_target` is None only when validation is
+    empty, which certifies nothing and fits no map. Raises ValueError when the test set is
+    empty, a confidence or score lies outside [0, 1], or `binary` is set and a validation
+    score is not 0/1; RuntimeError when the Platt fit does not converge.
+    """
+    mapping, threshold, curve = None, None, []
+    validation = {"n": len(val_confidences), "coverage": 0.0, "quality": None, "lower_bound": None,
+                  "target": val_target, "min_kept": None}
+    if len(val_confidences):
+        cert = certify_threshold(val_confidences, val_scores, val_target, delta, binary_scores=binary)
+        mapping = fit_calibration_map(val_confidences, val_scores)
+        threshold, curve = cert.threshold, [list(p) for p in cert.curve]
+        validation.update(coverage=cert.coverage, quality=cert.quality, lower_bound=cert.lower_bound,
+                          min_kept=cert.min_kept)
+    point = evaluate_threshold(threshold, test_confidences, test_scores)
+    mapped = None if mapping is None else apply_map(mapping, np.asarray(test_confidences, dtype=float))
+    bins = None if mapped is None else [list(b) for b in reliability_bins(mapped, test_scores)]
+    return {
+        "split": "test", "threshold": threshold, "coverage": point.coverage, "quality": point.quality,
+        "kept": point.kept, "n": point.n, "target": test_target, "delta": delta, "binary_scores": binary,
+        "validation": validation, "map": mapping,
+        "ece": {"raw": expected_calibration_error(test_confidences, test_scores),
+                "calibrated": None if mapped is None else expected_calibration_error(mapped, test_scores)},
+        "reliability": {"raw": [list(b) for b in reliability_bins(test_confidences, test_scores)],
+                        "calibrated": bins},
+        "curve": curve, "test_curve": [list(p) for p in coverage_curve(test_confidences, test_scores)],
+    }
+
+
 def evaluate(task: str, entry: dict[str, Any], recipe: Recipe, adapter_dir: str, dataset_version: str,
              data_dir: Path, report_dir: Path, truth: dict[str, dict[str, Any]],
              run_id: str | None = None, seq_budget: int | None = None) -> dict[str, Any]:
-    """Score the three columns, calibrate the threshold, write the report; returns the result dict.
+    """Score the three columns on test, certify the threshold on validation, write the report; returns the result.
 
     `seq_budget` is the training run's sequence budget (the recipe's `max_seq_length` when
-    not given); prompts keep room for the answer within it. A stored result for the same
-    adapter, dataset version, evaluation settings and truth is returned as is. With
-    `run_id`, metrics and report files are logged to that MLflow run. Raises ValueError
-    when the test split is empty or no test prompt can be rendered.
+    not given); prompts keep room for the answer within it. Each split is cut to the
+    recipe's `max_eval_samples`. A stored result for the same evaluation version, adapter,
+    dataset version, evaluation settings and truth is returned as is. With `run_id`,
+    metrics and report files are logged to that MLflow run. Raises ValueError when the test
+    split is empty or no test prompt can be rendered.
     """
-    key = {"adapter": str(adapter_dir), "dataset_version": dataset_version, "settings": eval_settings(recipe),
+    key = {"version": EVAL_VERSION, "adapter": str(adapter_dir), "dataset_version": dataset_version,
+           "settings": eval_settings(recipe),
            "truth": hashlib.sha256(json.dumps(truth, sort_keys=True).encode()).hexdigest()[:16]}
     stored = report_dir / "eval.json"
     if stored.exists():
@@ -101,48 +229,53 @@ def evaluate(task: str, entry: dict[str, Any], recipe: Recipe, adapter_dir: str,
     rows = load_split(data_dir, task, dataset_version, "test")[: recipe.max_eval_samples]
     if not rows:
         raise ValueError(f"task {task!r}: the test split of {dataset_version} is empty")
-    model, tokenizer = load_specialist(resolve_base(recipe.base_model), adapter_dir)
-    budget = max_new_tokens(load_split(data_dir, task, dataset_version, "train"), tokenizer, recipe.max_new_tokens)
-    prompts, kept, skipped = prompts_within(tokenizer, rows, max(64, (seq_budget or recipe.max_seq_length) - budget))
-    if not prompts:
-        raise ValueError(f"task {task!r}: no test prompt of {dataset_version} can be rendered ({skipped})")
-    rows = [rows[i] for i in kept]
-    specialist = generate(model, tokenizer, prompts, budget, recipe.eval_batch_size, desc=f"{task}: specialist")
+    model, tokenizer, budget, prompt_budget = load_for_eval(task, recipe, adapter_dir, dataset_version, data_dir,
+                                                            seq_budget)
+    test = judge_split(model, tokenizer, kind, schema, rows, truth, budget, prompt_budget, recipe.eval_batch_size,
+                       f"{task}: specialist")
+    if not test.prompts:
+        raise ValueError(f"task {task!r}: no test prompt of {dataset_version} can be rendered ({test.skipped})")
+    validation = judge_split(model, tokenizer, kind, schema,
+                             load_split(data_dir, task, dataset_version, "validation")[: recipe.max_eval_samples],
+                             truth, budget, prompt_budget, recipe.eval_batch_size, f"{task}: specialist (validation)")
     with model.disable_adapter():
-        base = generate(model, tokenizer, prompts, budget, recipe.eval_batch_size, desc=f"{task}: base")
+        base = generate(model, tokenizer, test.prompts, budget, recipe.eval_batch_size, desc=f"{task}: base")
 
-    refs = [truth.get(r["source_id"], r["output"]) for r in rows]
-    tools = [r.get("tools") or [] for r in rows]
-    teacher = [r["output"] for r in rows]
-    outputs = {"base": [chat.parse_output(g.text) for g in base],
-               "specialist": [chat.parse_output(g.text) for g in specialist], "teacher": teacher}
-    columns = {name: kind.metrics(preds, refs, schema, tools, embed=embed_texts) for name, preds in outputs.items()}
-    scores = [kind.score(p, r, schema, t) for p, r, t in zip(outputs["specialist"], refs, tools)]
-    confidences = [g.confidence if kind.usable(p, schema, t) else 0.0
-                   for g, p, t in zip(specialist, outputs["specialist"], tools)]
-    target = recipe.target_quality * columns["teacher"]["score"]
-    cal = calibrate(confidences, scores, target)
+    outputs = {"base": [chat.parse_output(g.text) for g in base], "specialist": test.outputs,
+               "teacher": [r["output"] for r in test.rows]}
+    columns = {name: kind.metrics(preds, test.refs, schema, test.tools, embed=embed_texts)
+               for name, preds in outputs.items()}
+    cal = held_out_calibration(
+        validation.confidences, validation.scores, test.confidences, test.scores,
+        val_target=recipe.target_quality * float(np.mean(validation.teacher)) if validation.teacher else None,
+        test_target=recipe.target_quality * columns["teacher"]["score"], delta=recipe.escalation_delta,
+        binary=kind.name in BINARY_SCORE_KINDS)
     result = {
         "key": key, "task": task, "kind": kind.name, "dataset_version": dataset_version, "run_id": run_id,
-        "n_test": len(rows), "skipped": skipped, "columns": columns,
-        "calibration": {"threshold": cal.threshold, "coverage": cal.coverage, "quality": cal.quality,
-                        "target": target, "curve": [list(p) for p in cal.curve]},
-        "confusion": kind.confusion(outputs["specialist"], refs, schema),
-        "worst": _worst(rows, refs, outputs["specialist"], specialist, scores),
+        "n_test": len(test.rows), "n_validation": len(validation.rows), "skipped": test.skipped,
+        "skipped_validation": validation.skipped, "columns": columns, "calibration": cal,
+        "confusion": kind.confusion(test.outputs, test.refs, schema),
+        "worst": _worst(test.rows, test.refs, test.outputs, test.generations, test.scores),
     }
     paths = write_report(report_dir, result)
     write_atomic(stored, json.dumps(result, indent=2, ensure_ascii=False))
     if run_id:
         with resume_run(run_id):
             mlflow.log_metrics({f"{col}_{k}": v for col, m in columns.items() for k, v in m.items()})
-            mlflow.log_metrics({"threshold": _finite(cal.threshold), "coverage": cal.coverage})
+            mlflow.log_metrics(calibration_metrics(cal))
             for path in paths.values():
                 mlflow.log_artifact(str(path), "eval")
     return result
 
 
-def _finite(value: float | None) -> float:
-    return 1.0 if value is None or value == float("inf") else float(value)
+def calibration_metrics(cal: dict[str, Any]) -> dict[str, float]:
+    """The MLflow metrics of a `calibration`: test coverage and quality, ECE before and after the map,
+    the threshold, validation coverage. Figures that do not exist (no threshold, nothing kept, no map)
+    are left out rather than logged as a stand-in number."""
+    metrics = {"threshold": cal["threshold"], "coverage_test": cal["coverage"], "quality_test": cal["quality"],
+               "target_test": cal["target"], "coverage_validation": cal["validation"]["coverage"],
+               "ece_raw": cal["ece"]["raw"], "ece_calibrated": cal["ece"]["calibrated"]}
+    return {name: float(value) for name, value in metrics.items() if value is not None}
 
 
 def _worst(rows, refs, preds, gens: list[Generation], scores: list[float], n: int = 8) -> list[dict[str, Any]]:

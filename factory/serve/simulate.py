@@ -19,10 +19,16 @@ cost_saving       1 - simulated cost / all-teacher cost. Teacher cost: the call'
 latency_saving    1 - simulated mean latency / all-teacher mean latency. Teacher latency:
                   the logged one, else `Prices.teacher_latency_ms`; escalated calls add the
                   specialist's time.
+served_quality    mean score of the answers the specialists served (scored calls; None
+                  when none was served), beside
+calibrated        the mean calibrated probability of those answers (the route's
+                  `calibration_map` applied to their confidence): what the map predicted
+                  served_quality to be. None when no served answer has a map.
 
-Sources: the test splits of the routed tasks' dataset versions (held out from training,
-usage and latency joined from the curated records by id), or log files in any format
-ingest reads (successful calls only).
+Sources: the test splits of the routed tasks' dataset versions (held out from training
+and from choosing the threshold, which is certified on the validation split, so the
+figures are out of sample; usage and latency joined from the curated records by id), or
+log files in any format ingest reads (successful calls only).
 """
 
 from __future__ import annotations
@@ -135,6 +141,7 @@ def replay(examples: list[Example], router: Router, specialists: Specialists, pr
         spec_ms = 0.0 if answer is None else answer.seconds * 1000
         outcome = {"task": route.task if route else UNMATCHED, "served_by": decision.served_by,
                    "reason": decision.reason, "confidence": answer.confidence if answer else None,
+                   "calibrated": answer.calibrated if answer else None,
                    "baseline_cost": teacher_cost, "baseline_ms": teacher_ms, "teacher_score": 1.0, "score": 1.0}
         if route is not None:
             reference = (truth or {}).get(example.source_id, example.output)
@@ -162,12 +169,16 @@ def summarise(outcomes: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for task, members in [*sorted(groups.items()), ("all", outcomes)]:
         matched = [o for o in members if o["task"] != UNMATCHED and o["score"] is not None]
+        served = [o for o in matched if o["served_by"] == SPECIALIST]
+        predicted = [o["calibrated"] for o in served if o["calibrated"] is not None]
         teacher = sum(o["teacher_score"] for o in matched)
         base_cost, base_ms = sum(o["baseline_cost"] for o in members), sum(o["baseline_ms"] for o in members)
         rows.append({
             "task": task, "n": len(members), "scored": len(matched),
             "served": sum(o["served_by"] == SPECIALIST for o in members) / len(members),
             "quality": sum(o["score"] for o in matched) / teacher if teacher else None,
+            "served_quality": sum(o["score"] for o in served) / len(served) if served else None,
+            "calibrated": sum(predicted) / len(predicted) if predicted else None,
             "cost": sum(o["cost"] for o in members), "baseline_cost": base_cost,
             "cost_saving": 1 - sum(o["cost"] for o in members) / base_cost if base_cost else 0.0,
             "mean_ms": sum(o["ms"] for o in members) / len(members), "baseline_mean_ms": base_ms / len(members),

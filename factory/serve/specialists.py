@@ -9,7 +9,11 @@ generation already uses every core); batching concurrent requests of the same ta
 raise throughput and is left out for simplicity.
 
 Answers go through the same `chat.render_prompt` / `chat.parse_output` as training and evaluation,
-and their confidence is `evaluate.generate`'s (geometric mean token probability).
+and their confidence is `evaluate.generate`'s (geometric mean token probability). Where the route
+carries the calibration map its evaluation fitted on validation (`calibration_map`), the answer
+also gets the calibrated probability: the expected score of the answer (P(right) for 0/1 scores).
+The router keeps comparing the raw confidence with the threshold, which was certified on raw
+confidence; the map is monotone, so it would keep the same answers anyway.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from factory.base_model import cache_dir, resolve_base
+from factory.evaluate.calibrate import apply_map
 from factory.evaluate.generate import generate
 from factory import chat, kinds
 from factory.serve.router import Route
@@ -33,11 +38,28 @@ from factory.models import load_tokenizer
 @dataclass(frozen=True)
 class Answer:
     output: dict[str, Any]  # {"content": str | None, "tool_calls": [{"name", "arguments"}]}
-    confidence: float
+    confidence: float  # raw: what the router compares with the threshold
     usable: bool
     prompt_tokens: int
     completion_tokens: int
     seconds: float
+    calibrated: float | None = None  # the route's calibration map applied; None when it has none
+
+
+def calibrated_probability(route: Route, confidence: float, usable: bool) -> float | None:
+    """The route's calibration map applied to an answer's confidence; None when the route has no map.
+
+    An unusable answer is mapped from confidence 0, as evaluation fitted the map (it zeroes
+    the confidence of answers that cannot be used). Raises ValueError naming the task for a
+    malformed map.
+    """
+    mapping = route.extra.get("calibration_map")
+    if not mapping:
+        return None
+    try:
+        return float(apply_map(mapping, confidence if usable else 0.0))
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise ValueError(f"task {route.task!r}: malformed calibration_map {mapping!r}: {err}") from None
 
 
 def adapter_path(route: Route, cache: Path | None = None) -> Path:
@@ -66,12 +88,18 @@ def adapter_path(route: Route, cache: Path | None = None) -> Path:
 
 
 class Specialists:
-    """The champions of `routes`, ready to answer; loading takes a few seconds per base model."""
+    """The champions of `routes`, ready to answer; loading takes a few seconds per base model.
+
+    Raises ValueError naming the task when a route's calibration map is malformed, at load
+    rather than on its first request.
+    """
 
     def __init__(self, routes: dict[str, Route], adapter_cache: Path | None = None):
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
 
+        for route in routes.values():
+            calibrated_probability(route, 1.0, True)
         self.routes = routes
         self._models: dict[str, Any] = {}
         self._tokenizers: dict[str, Any] = {}
@@ -88,9 +116,9 @@ class Specialists:
 
     def answer(self, task: str, messages: list[dict[str, Any]], tools: list[dict[str, Any]],
                max_new_tokens: int | None = None) -> Answer:
-        """Greedy answer of `task`'s specialist with its confidence; the conversation is shortened to the
-        task's sequence budget as in training. Raises KeyError for an unknown task, ChatError for a
-        conversation the template cannot render."""
+        """Greedy answer of `task`'s specialist with its raw confidence and, where the route has a map, its
+        calibrated probability; the conversation is shortened to the task's sequence budget as in training.
+        Raises KeyError for an unknown task, ChatError for a conversation the template cannot render."""
         route = self.routes[task]
         model, tokenizer = self._models[route.base_model], self._tokenizers[route.base_model]
         budget = min(route.max_new_tokens, max_new_tokens or route.max_new_tokens)
@@ -105,4 +133,5 @@ class Specialists:
         output = chat.parse_output(gen.text)
         usable = kinds.get(route.kind).usable(output, route.output_schema, tools)
         return Answer(output=output, confidence=gen.confidence, usable=usable, prompt_tokens=prompt_tokens,
-                      completion_tokens=gen.new_tokens, seconds=seconds)
+                      completion_tokens=gen.new_tokens, seconds=seconds,
+                      calibrated=calibrated_probability(route, gen.confidence, usable))
