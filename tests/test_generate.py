@@ -52,3 +52,10 @@ def test_prompts_without_a_long_shared_prefix_are_left_padded(model_and_tokenize
     model, tokenizer = model_and_tokenizer
     batch = generation._batch(model, [[1, 2, 3], [4, 5]], pad=0)
     assert batch["input_ids"].tolist() == [[1, 2, 3], [0, 4, 5]] and "cache" not in batch
+
+
+def test_batches_hold_at_most_the_row_and_token_caps(monkeypatch):
+    monkeypatch.setattr(generation, "MAX_BATCH_TOKENS", 100)
+    ids = [[0] * n for n in (10, 10, 10, 30, 30, 60, 90)]
+    assert generation._batches(list(range(7)), ids, rows=2) == [[0, 1], [2, 3], [4], [5], [6]]
+    assert generation._batches(list(range(7)), ids, rows=8) == [[0, 1, 2], [3, 4], [5], [6]]
