@@ -374,12 +374,13 @@ def score_adapter(base_model: str, adapter_dir: str, routing: dict[str, Any], ro
     from factory.evaluate.generate import generate
     from factory import kinds
     from factory.chat import parse_output
-    from factory.evaluate.run import max_new_tokens, prompts_within
+    from factory.evaluate.run import max_new_tokens, prompt_budget, prompts_within
     from factory.models import load_specialist
 
     model, tokenizer = load_specialist(resolve_base(base_model), adapter_dir)
     budget = max_new_tokens(train_rows, tokenizer, routing["max_new_tokens"])
-    prompts, kept, _ = prompts_within(tokenizer, rows, max(64, routing.get("seq_budget", 2048) - budget))
+    limit = prompt_budget(model.config, routing.get("seq_budget") or 2048, budget)
+    prompts, kept, _ = prompts_within(tokenizer, rows, limit)
     preds = [parse_output(g.text) for g in generate(model, tokenizer, prompts, budget)]
     return kinds.get(routing["kind"]).metrics(preds, [refs[i] for i in kept], routing["output_schema"],
                                               [rows[i].get("tools") or [] for i in kept])["score"]

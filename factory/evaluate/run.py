@@ -107,13 +107,23 @@ def load_for_eval(task: str, recipe: Recipe, adapter_dir: str, dataset_version: 
                   seq_budget: int | None = None) -> tuple[Any, Any, int, int]:
     """(model with the adapter, tokenizer, answer token budget, prompt token budget) as evaluation uses them.
 
-    The answer budget fits the task's longest training output (`max_new_tokens`); prompts get
-    the rest of the training run's sequence budget (`seq_budget`, else the recipe's
-    `max_seq_length`), at least 64 tokens. Raises FileNotFoundError when the train split is missing.
+    The answer budget fits the task's longest training output (`max_new_tokens`); a prompt may be
+    as long as the training run's sequence budget (`seq_budget`, else the recipe's
+    `max_seq_length`): as long as the longest training example, so a test prompt is shortened
+    (earlier turns dropped) only where a training example would have been. The budget is capped
+    by the base's context, so the answer always fits after the prompt. Raises FileNotFoundError
+    when the train split is missing.
     """
     model, tokenizer = load_specialist(resolve_base(recipe.base_model), adapter_dir)
     budget = max_new_tokens(load_split(data_dir, task, dataset_version, "train"), tokenizer, recipe.max_new_tokens)
-    return model, tokenizer, budget, max(64, (seq_budget or recipe.max_seq_length) - budget)
+    return model, tokenizer, budget, prompt_budget(model.config, seq_budget or recipe.max_seq_length, budget)
+
+
+def prompt_budget(config, seq_budget: int, answer_budget: int) -> int:
+    """Tokens a prompt may have at inference: the training sequence budget, within the base's
+    context less the answer's room."""
+    context = getattr(config, "max_position_embeddings", None) or seq_budget + answer_budget
+    return max(64, min(seq_budget, context - answer_budget))
 
 
 @dataclass(frozen=True)

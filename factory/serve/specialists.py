@@ -30,6 +30,7 @@ from typing import Any
 from factory.base_model import cache_dir, resolve_base
 from factory.evaluate.calibrate import apply_map
 from factory.evaluate.generate import generate
+from factory.evaluate.run import prompt_budget
 from factory import chat, kinds
 from factory.serve.router import Route
 from factory.models import load_tokenizer
@@ -122,8 +123,8 @@ class Specialists:
         route = self.routes[task]
         model, tokenizer = self._models[route.base_model], self._tokenizers[route.base_model]
         budget = min(route.max_new_tokens, max_new_tokens or route.max_new_tokens)
-        seq_budget = int(route.extra.get("seq_budget") or tokenizer.model_max_length)
-        prompt = chat.fit_prompt(tokenizer, messages, tools, max(64, seq_budget - budget))
+        seq_budget = int(route.extra.get("seq_budget") or model.config.max_position_embeddings)
+        prompt = chat.fit_prompt(tokenizer, messages, tools, prompt_budget(model.config, seq_budget, budget))
         start = time.perf_counter()
         with self._lock:  # the adapter switch and the tokenizer's padding side are shared state
             model.set_adapter(task)
