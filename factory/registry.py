@@ -68,6 +68,7 @@ from mlflow.types import ColSpec, Schema
 
 from factory.io import load_split, sha256_file, write_atomic
 from factory.paths import Paths
+from factory.schemas import RouteEntry, RoutingMetadata
 from factory.recipe import Recipe
 from factory.tracking import resume_run
 from factory.train import TrainResult
@@ -168,11 +169,12 @@ def routing_metadata(entry: dict[str, Any], trained: TrainResult, evaluation: di
     out-of-sample figure. `calibration_map` (None without validation examples) turns a raw
     confidence into a calibrated probability (`calibrate.apply_map`); the router compares
     the raw confidence with the threshold. `calibration` holds the test quality and target,
-    delta, ECE and the validation figures. Raises KeyError for an evaluation without them
+    delta, ECE and the validation figures. Checked against `schemas.RoutingMetadata`, the
+    schema the router reads (pydantic.ValidationError). Raises KeyError for an evaluation without them
     (one from before held-out calibration).
     """
     cal = evaluation["calibration"]
-    return {
+    metadata = {
         "task": trained.task, "kind": trained.kind, "signature": entry["signature"],
         "output_schema": entry["output_schema"], "threshold": cal["threshold"], "coverage": cal["coverage"],
         "coverage_split": cal["split"], "calibration_map": cal["map"],
@@ -182,6 +184,8 @@ def routing_metadata(entry: dict[str, Any], trained: TrainResult, evaluation: di
         "max_new_tokens": recipe.max_new_tokens, "dataset_version": trained.dataset_version,
         "seq_budget": trained.seq_budget or recipe.max_seq_length, "example": example,
     }
+    RoutingMetadata.model_validate(metadata)  # the router reads it through the same schema
+    return metadata
 
 
 def _version_tags(trained: TrainResult, evaluation: dict[str, Any], routing: dict[str, Any]) -> dict[str, str]:
@@ -525,6 +529,7 @@ def write_routes(path: Path, adapters_dir: Path | None = None) -> tuple[dict[str
             "run_id": champion.run_id, "adapter_uri": f"models:/{model.name}/{champion.version}/artifacts/adapter",
             "adapter_path": str(adapter.resolve()),
         }
+        RouteEntry.model_validate(routes[model.name])  # as the router will read it
     write_atomic(path, json.dumps({"tasks": routes}, indent=2, sort_keys=True))
     return routes, lost
 

@@ -81,6 +81,7 @@ def test_decisions():
     (lambda e: e.update(max_new_tokens="8"), "tasks.c.max_new_tokens"),
     (lambda e: e.update(threshold="high"), "tasks.c.threshold"),
     (lambda e: e["signature"].pop("tools"), "tasks.c.signature"),
+    (lambda e: e.update(kind="ranking"), "tasks.c.kind: Value error, unknown task kind 'ranking'"),
 ])
 def test_bad_routes_name_the_file_and_field(tmp_path, mutate, field):
     entry = _entry("c", CLASSIFY)

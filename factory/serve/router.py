@@ -29,12 +29,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from pydantic import ValidationError
+
 from factory.mine import template_fingerprint
 from factory.records import Record
+from factory.schemas import RouteEntry, field_errors
 
 SPECIALIST, UPSTREAM = "specialist", "upstream"
-_REQUIRED = {"task": str, "kind": str, "signature": dict, "output_schema": dict, "base_model": str,
-             "adapter_uri": str, "max_new_tokens": int, "dataset_version": str}
 
 
 @dataclass(frozen=True)
@@ -78,40 +79,30 @@ class Fallback(Protocol):
     def nearest(self, messages: list[dict[str, Any]], tools: tuple[str, ...]) -> tuple[str, float] | None: ...
 
 
-def _field(path: Path, task: str, entry: dict[str, Any], name: str, kind: type | tuple[type, ...]) -> Any:
-    value = entry.get(name)
-    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
-        raise ValueError(f"{path}: tasks.{task}.{name}: expected {getattr(kind, '__name__', kind)}, got {value!r}")
-    return value
+_MAPPED = {"task", "kind", "threshold", "signature", "output_schema", "base_model", "adapter_uri", "max_new_tokens",
+           "dataset_version", "version", "coverage", "size"}  # the entry's keys that have a Route field
 
 
 def parse_routes(data: Any, path: Path) -> dict[str, Route]:
-    """Routes from the routes.json document `data`; raises ValueError naming the file and field."""
+    """Routes from the routes.json document `data` (each task a `schemas.RouteEntry`); raises
+    ValueError naming the file and the dotted field."""
     tasks = data.get("tasks") if isinstance(data, dict) else None
     if not isinstance(tasks, dict):
         raise ValueError(f"{path}: expected a top-level 'tasks' mapping")
     routes = {}
-    for task, entry in tasks.items():
-        if not isinstance(entry, dict):
-            raise ValueError(f"{path}: tasks.{task}: expected a mapping")
-        for name, kind in _REQUIRED.items():
-            _field(path, task, entry, name, kind)
-        sig = entry["signature"]
-        if not isinstance(sig.get("template"), str) or not isinstance(sig.get("tools"), list):
-            raise ValueError(f"{path}: tasks.{task}.signature: needs 'template' (string) and 'tools' (list)")
-        threshold = entry.get("threshold")
-        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))):
-            raise ValueError(f"{path}: tasks.{task}.threshold: expected a number or null, got {threshold!r}")
-        known = set(_REQUIRED) | {"threshold", "version", "coverage", "size"}
+    for task, raw in tasks.items():
+        try:
+            entry = RouteEntry.model_validate(raw)
+        except ValidationError as err:
+            raise ValueError(field_errors(err, path, f"tasks.{task}")) from None
+        sig = entry.signature
         routes[task] = Route(
-            task=entry["task"], kind=entry["kind"], threshold=None if threshold is None else float(threshold),
-            template=sig["template"], tools=tuple(sorted(map(str, sig["tools"]))),
-            output_schema=entry["output_schema"], base_model=entry["base_model"],
-            adapter_uri=entry["adapter_uri"], max_new_tokens=entry["max_new_tokens"],
-            dataset_version=entry["dataset_version"], version=str(entry.get("version", "")),
-            agent=str(sig.get("agent", "")), step=str(sig.get("step", "")),
-            coverage=float(entry.get("coverage") or 0.0), size=int(entry.get("size") or 0),
-            extra={k: v for k, v in entry.items() if k not in known})
+            task=entry.task, kind=entry.kind, threshold=entry.threshold, template=sig.template,
+            tools=tuple(sorted(sig.tools)), output_schema=entry.output_schema, base_model=entry.base_model,
+            adapter_uri=entry.adapter_uri, max_new_tokens=entry.max_new_tokens,
+            dataset_version=entry.dataset_version, version=entry.version, agent=sig.agent, step=sig.step,
+            coverage=entry.coverage, size=entry.size,
+            extra={k: v for k, v in raw.items() if k not in _MAPPED})
     return routes
 
 

@@ -1,0 +1,69 @@
+"""Documents one stage writes and a later one reads, as one pydantic schema each, so writer and reader
+cannot drift apart.
+
+`RoutingMetadata` is `routing.json` beside a registered model version (written by the registry
+at registration); `RouteEntry` is one task of `registry/routes.json` (the champion's routing
+metadata plus where its adapter is), written by `registry.write_routes` and read by the router.
+Unknown keys are kept (a newer writer may add some); missing or mistyped ones raise
+`pydantic.ValidationError`, which `field_errors` turns into `file: dotted.field: message` lines.
+Types are strict: a number written as a string is an error, not a conversion.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+
+class _Document(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class Signature(_Document):
+    """How a request is matched to the task: its prompt template's fingerprint, agent and step;
+    `tools` are the tool names the task's calls offered (a tie-breaker, not a key)."""
+
+    template: str
+    tools: list[str]
+    agent: str = ""
+    step: str = ""
+
+
+class RoutingMetadata(_Document):
+    task: str
+    kind: str
+    signature: Signature
+    output_schema: dict[str, Any]
+    threshold: float | None = None  # certified on validation; None: the task always escalates
+    coverage: float = 0.0  # share of the test split served at the threshold
+    base_model: str
+    max_new_tokens: int = Field(gt=0)
+    dataset_version: str
+    seq_budget: int | None = Field(None, gt=0)
+    calibration_map: dict[str, Any] | None = None
+
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, value: str) -> str:
+        from factory import kinds
+
+        if value not in kinds.KINDS:
+            raise ValueError(f"unknown task kind {value!r}; expected one of {', '.join(kinds.KINDS)}")
+        return value
+
+
+class RouteEntry(RoutingMetadata):
+    adapter_uri: str
+    version: str = ""
+    size: int = 0
+
+
+def field_errors(err: ValidationError, path: Path | str, prefix: str) -> str:
+    """The errors of `err` as `path: prefix.field: message` lines."""
+    lines = []
+    for problem in err.errors():
+        field = ".".join(str(p) for p in (prefix, *problem["loc"]) if p != "")
+        lines.append(f"{path}: {field}: {problem['msg']}")
+    return "\n".join(lines)
