@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
 from factory.errors import FactoryError
+from factory.schemas import CatalogEntry, field_errors
 
 TASK_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 CATALOG_HEADER = """\
@@ -37,7 +39,7 @@ def check_task_name(name: str) -> str:
 
 def load_catalog(path: Path) -> dict[str, dict[str, Any]]:
     """Read `tasks.yaml` ({} when there is none); raises CatalogError naming the file and field when
-    it is not a mapping of tasks."""
+    it is not a mapping of tasks or an entry breaks `schemas.CatalogEntry`."""
     if not path.exists():
         return {}
     try:
@@ -57,4 +59,8 @@ def load_catalog(path: Path) -> dict[str, dict[str, Any]]:
         target = entry.get("merged_into")
         if target is not None and (target not in tasks or target == name):
             raise CatalogError(f"{path}: tasks.{name}.merged_into: {target!r} is not another task of the catalog")
+        try:
+            CatalogEntry.model_validate(entry)
+        except ValidationError as err:
+            raise CatalogError(field_errors(err, path, f"tasks.{name}")) from None
     return tasks

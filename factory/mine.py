@@ -100,6 +100,7 @@ from factory.kinds.agent_turn import MIN_CALL_SHARE
 from factory.kinds.base import json_object
 from factory.progress import progress
 from factory.records import Record
+from factory.schemas import CatalogEntry
 
 _MASKS = [
     (re.compile(r"<[A-Z_]+_\d+>"), "<PII>"),
@@ -689,6 +690,8 @@ def _mine(records: list[Record], data_dir: Path, config: MineConfig) -> dict[str
         if name not in catalog and name not in tombstones:
             tombstones[name] = dict(entry, status="merged" if entry.get("merged_into") else "absent", size=0)
     catalog.update(sorted(tombstones.items()))
+    for entry in catalog.values():
+        CatalogEntry.model_validate(entry)  # every later stage reads it through this schema
     write_atomic(catalog_path, CATALOG_HEADER + yaml.safe_dump({"tasks": catalog}, sort_keys=False, allow_unicode=True))
     return catalog
 

@@ -1,6 +1,8 @@
 """Documents one stage writes and a later one reads, as one pydantic schema each, so writer and reader
 cannot drift apart.
 
+`CatalogEntry` is one task of `datasets/tasks.yaml`, written by `factory mine` (and edited by
+people), read by every later stage through `catalog.load_catalog`.
 `RoutingMetadata` is `routing.json` beside a registered model version (written by the registry
 at registration); `RouteEntry` is one task of `registry/routes.json` (the champion's routing
 metadata plus where its adapter is), written by `registry.write_routes` and read by the router.
@@ -13,6 +15,8 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -31,6 +35,48 @@ class Signature(_Document):
     step: str = ""
 
 
+def _known_kind(value: str) -> str:
+    from factory import kinds
+
+    if value not in kinds.KINDS:
+        raise ValueError(f"unknown task kind {value!r}; expected one of {', '.join(kinds.KINDS)}")
+    return value
+
+
+class TaskSignature(_Document):
+    """A catalog entry's signature: agent, step, template fingerprint (and the tool names offered)."""
+
+    agent: str = ""
+    step: str = ""
+    template: str = ""
+    tools: list[str] = []
+
+
+class Embedding(_Document):
+    model: str
+    centroid: str  # relative to the data folder
+    similarity_p05: float
+
+
+class CatalogEntry(_Document):
+    kind: str
+    signature: TaskSignature
+    status: Literal["ready", "not_enough_data", "merged", "absent"] = "ready"
+    description: str = ""
+    size: int = Field(0, ge=0)
+    merged_signatures: list[TaskSignature] = []
+    merged_into: str | None = None
+    output_schema: dict[str, Any] = {}
+    examples: list[str] = []
+    dataset_version: str | None = None
+    embedding: Embedding | None = None
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, value: str) -> str:
+        return _known_kind(value)
+
+
 class RoutingMetadata(_Document):
     task: str
     kind: str
@@ -46,12 +92,8 @@ class RoutingMetadata(_Document):
 
     @field_validator("kind")
     @classmethod
-    def _known_kind(cls, value: str) -> str:
-        from factory import kinds
-
-        if value not in kinds.KINDS:
-            raise ValueError(f"unknown task kind {value!r}; expected one of {', '.join(kinds.KINDS)}")
-        return value
+    def _kind(cls, value: str) -> str:
+        return _known_kind(value)
 
 
 class RouteEntry(RoutingMetadata):

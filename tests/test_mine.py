@@ -385,6 +385,11 @@ def test_a_malformed_catalog_is_reported_with_its_file(tmp_path):
     path.write_text("tasks:\n  a:\n    signature: {}\n    merged_into: b\n")
     with pytest.raises(ValueError, match=r"tasks\.a\.merged_into"):
         load_catalog(path)
+    path.write_text("tasks:\n  a:\n    kind: ranking\n    size: many\n    signature: {tools: x}\n")
+    with pytest.raises(ValueError) as err:
+        load_catalog(path)
+    for field in ("tasks.a.kind: Value error, unknown task kind 'ranking'", "tasks.a.size:", "tasks.a.signature.tools:"):
+        assert f"{path}: {field}" in str(err.value)
 
 
 def test_the_second_sample_agent_gives_one_task_per_step(tmp_path):
