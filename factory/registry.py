@@ -68,7 +68,7 @@ from mlflow.types import ColSpec, Schema
 
 from factory.io import load_split, sha256_file, write_atomic
 from factory.paths import Paths
-from factory.schemas import RouteEntry, RoutingMetadata
+from factory.schemas import EvaluationResult, RouteEntry, RoutingMetadata
 from factory.recipe import Recipe
 from factory.tracking import resume_run
 from factory.train import TrainResult
@@ -231,8 +231,10 @@ def register(entry: dict[str, Any], trained: TrainResult, evaluation: dict[str, 
     version (created with all its tags in one transaction) is made the challenger again
     and promotion is tried again. `REGISTERED_TAG` is set last, after the promotion was
     decided, so a kill anywhere before it leaves a registration the rerun finishes.
-    Raises ValueError when the evaluation is of another run.
+    Raises ValueError when the evaluation is of another run, pydantic.ValidationError when it
+    is not an `EvaluationResult`.
     """
+    EvaluationResult.model_validate(evaluation)
     if evaluation.get("run_id") not in (None, trained.run_id):
         raise ValueError(f"the evaluation is of run {evaluation['run_id']}, not of {trained.run_id}")
     data_dir = data_dir or Paths.from_env().data

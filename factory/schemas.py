@@ -2,7 +2,9 @@
 cannot drift apart.
 
 `CatalogEntry` is one task of `datasets/tasks.yaml`, written by `factory mine` (and edited by
-people), read by every later stage through `catalog.load_catalog`.
+people), read by every later stage through `catalog.load_catalog`. `EvaluationResult` is
+`reports/<task>/eval.json`, written by the evaluation and read by it again (a stored result
+is reused), by the registry (routing metadata, gates) and by the CLI's tables.
 `RoutingMetadata` is `routing.json` beside a registered model version (written by the registry
 at registration); `RouteEntry` is one task of `registry/routes.json` (the champion's routing
 metadata plus where its adapter is), written by `registry.write_routes` and read by the router.
@@ -70,6 +72,52 @@ class CatalogEntry(_Document):
     examples: list[str] = []
     dataset_version: str | None = None
     embedding: Embedding | None = None
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, value: str) -> str:
+        return _known_kind(value)
+
+
+class Column(_Document):
+    """One column's aggregates (the kind's `metrics`): "score" and kind-specific extras."""
+
+    score: float
+
+
+class Columns(_Document):
+    """The three columns of an evaluation, scored against the same references."""
+
+    base: Column
+    specialist: Column
+    teacher: Column
+
+
+class HeldOutCalibration(_Document):
+    """The certified threshold (from validation) and what it keeps on the test split."""
+
+    split: Literal["test"]
+    threshold: float | None
+    coverage: float
+    quality: float | None
+    target: float
+    delta: float
+    map: dict[str, Any] | None
+    validation: dict[str, Any]
+    ece: dict[str, float | None]
+
+
+class EvaluationResult(_Document):
+    key: dict[str, Any]
+    task: str
+    kind: str
+    dataset_version: str
+    run_id: str | None
+    n_test: int = Field(ge=1)
+    columns: Columns
+    calibration: HeldOutCalibration
+    confusion: dict[str, Any] | None
+    worst: list[dict[str, Any]]
 
     @field_validator("kind")
     @classmethod

@@ -53,6 +53,7 @@ from factory.embed import embed_texts
 from factory.io import load_split, write_atomic
 from factory.recipe import EVAL_FIELDS, Recipe
 from factory.models import load_specialist
+from factory.schemas import EvaluationResult
 from factory.tracking import resume_run
 
 # Part of a stored result's key: results of an earlier evaluation method are recomputed.
@@ -234,6 +235,7 @@ def evaluate(task: str, entry: dict[str, Any], recipe: Recipe, adapter_dir: str,
     if stored.exists():
         previous = json.loads(stored.read_text())
         if previous.get("key") == key:
+            EvaluationResult.model_validate(previous)
             return previous
     kind, schema = kinds.get(entry["kind"]), entry["output_schema"]
     rows = load_split(data_dir, task, dataset_version, "test")[: recipe.max_eval_samples]
@@ -267,6 +269,7 @@ def evaluate(task: str, entry: dict[str, Any], recipe: Recipe, adapter_dir: str,
         "confusion": kind.confusion(test.outputs, test.refs, schema),
         "worst": _worst(test.rows, test.refs, test.outputs, test.generations, test.scores),
     }
+    EvaluationResult.model_validate(result)  # as the registry and the CLI will read it
     paths = write_report(report_dir, result)
     write_atomic(stored, json.dumps(result, indent=2, ensure_ascii=False))
     if run_id:
