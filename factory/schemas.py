@@ -45,6 +45,17 @@ def _known_kind(value: str) -> str:
     return value
 
 
+class _OfKind(_Document):
+    """A document about one task kind (`factory.kinds`); an unknown kind is an error."""
+
+    kind: str
+
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, value: str) -> str:
+        return _known_kind(value)
+
+
 class TaskSignature(_Document):
     """A catalog entry's signature: agent, step, template fingerprint (and the tool names offered)."""
 
@@ -60,8 +71,7 @@ class Embedding(_Document):
     similarity_p05: float
 
 
-class CatalogEntry(_Document):
-    kind: str
+class CatalogEntry(_OfKind):
     signature: TaskSignature
     status: Literal["ready", "not_enough_data", "merged", "absent"] = "ready"
     description: str = ""
@@ -72,11 +82,6 @@ class CatalogEntry(_Document):
     examples: list[str] = []
     dataset_version: str | None = None
     embedding: Embedding | None = None
-
-    @field_validator("kind")
-    @classmethod
-    def _kind(cls, value: str) -> str:
-        return _known_kind(value)
 
 
 class Column(_Document):
@@ -107,10 +112,9 @@ class HeldOutCalibration(_Document):
     ece: dict[str, float | None]
 
 
-class EvaluationResult(_Document):
+class EvaluationResult(_OfKind):
     key: dict[str, Any]
     task: str
-    kind: str
     dataset_version: str
     run_id: str | None
     n_test: int = Field(ge=1)
@@ -119,15 +123,9 @@ class EvaluationResult(_Document):
     confusion: dict[str, Any] | None
     worst: list[dict[str, Any]]
 
-    @field_validator("kind")
-    @classmethod
-    def _kind(cls, value: str) -> str:
-        return _known_kind(value)
 
-
-class RoutingMetadata(_Document):
+class RoutingMetadata(_OfKind):
     task: str
-    kind: str
     signature: Signature
     output_schema: dict[str, Any]
     threshold: float | None = None  # certified on validation; None: the task always escalates
@@ -137,11 +135,6 @@ class RoutingMetadata(_Document):
     dataset_version: str
     seq_budget: int | None = Field(None, gt=0)
     calibration_map: dict[str, Any] | None = None
-
-    @field_validator("kind")
-    @classmethod
-    def _kind(cls, value: str) -> str:
-        return _known_kind(value)
 
 
 class RouteEntry(RoutingMetadata):
