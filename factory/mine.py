@@ -380,15 +380,17 @@ def _absorb_small(labels: np.ndarray, sizes: list[int], vectors: np.ndarray, com
     two rare instructions of one generic step with outputs of one shape are trained as one
     task (their prompts still carry the instruction) instead of not at all.
     """
-    labels = labels.copy()
+    labels, weights = labels.copy(), np.asarray(sizes, dtype=float)
     while True:
-        size = {label: sum(n for lab, n in zip(labels, sizes) if lab == label) for label in set(labels.tolist())}
-        centre = {label: vectors[labels == label].mean(axis=0) for label in size}
+        ids, inverse = np.unique(labels, return_inverse=True)
+        size = dict(zip(ids.tolist(), np.bincount(inverse, weights=weights).tolist()))
         for small in sorted((label for label in size if size[label] < min_examples), key=lambda lab: size[lab]):
             mine = labels == small
-            near = [b for b in size if b != small and compatible[np.ix_(mine, labels == b)].any()]
+            near = set(labels[compatible[mine].any(axis=0)].tolist()) - {small}
             if near:
-                labels[mine] = max(near, key=lambda b: (size[b] >= min_examples, float(centre[small] @ centre[b])))
+                centre = vectors[mine].mean(axis=0)
+                labels[mine] = max(near, key=lambda b: (size[b] >= min_examples,
+                                                        float(centre @ vectors[labels == b].mean(axis=0))))
                 break
         else:
             return labels
