@@ -373,5 +373,11 @@ def fit_messages(tokenizer, messages: list[dict[str, Any]], tools: list[dict[str
 
 
 def fit_prompt(tokenizer, messages: list[dict[str, Any]], tools: list[dict[str, Any]], budget: int) -> str:
-    """`render_prompt` of `messages` shortened to `budget` tokens by `fit_messages`. Raises ChatError."""
+    """`render_prompt` of `messages`, shortened to `budget` tokens by `fit_messages` when longer.
+
+    A prompt within the budget (nearly every request) is rendered and tokenized once. Raises ChatError.
+    """
+    prompt = render_prompt(tokenizer, messages, tools)
+    if len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) <= budget:
+        return prompt
     return render_prompt(tokenizer, fit_messages(tokenizer, messages, tools, budget)[0], tools)

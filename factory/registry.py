@@ -385,7 +385,7 @@ def score_adapter(base_model: str, adapter_dir: str, routing: dict[str, Any], ro
 
     model, tokenizer = load_specialist(resolve_base(base_model), adapter_dir)
     budget = max_new_tokens(train_rows, tokenizer, routing["max_new_tokens"])
-    limit = prompt_budget(model.config, routing.get("seq_budget") or 2048, budget)
+    limit = prompt_budget(model.config, routing.get("seq_budget") or model.config.max_position_embeddings, budget)
     prompts, kept, _ = prompts_within(tokenizer, rows, limit)
     preds = [parse_output(g.text) for g in generate(model, tokenizer, prompts, budget)]
     return kinds.get(routing["kind"]).metrics(preds, [refs[i] for i in kept], routing["output_schema"],

@@ -272,10 +272,6 @@ def sequence_budget(lengths: list[int], recipe: Recipe, context: int | None) -> 
     return min(cap, max(64, int(np.quantile(lengths, recipe.seq_length_quantile, method="higher"))))
 
 
-def _completion_start(example: dict[str, list[int]]) -> int:
-    return next((i for i, label in enumerate(example["labels"]) if label != -100), len(example["labels"]))
-
-
 def setup_data(rows: list[dict], tokenizer: PreTrainedTokenizerBase, recipe: Recipe,
                context: int | None = None, budget: int | None = None) -> tuple[Dataset, DataReport]:
     """Tokenized examples (`input_ids`, `labels`: -100 on the prompt with completion_only_loss) and a report.
@@ -318,7 +314,9 @@ def setup_data(rows: list[dict], tokenizer: PreTrainedTokenizerBase, recipe: Rec
             report.shortened, report.messages_dropped = report.shortened + 1, report.messages_dropped + dropped
         labels = [-100] * len(prompt) + completion if recipe.completion_only_loss else prompt + completion
         examples.append({"input_ids": prompt + completion, "labels": labels})
-    shared = _task_prefix(examples) if recipe.shared_prefix and recipe.padding_free else 0
+    # the prompt prefix the whole task shares (its system prompt, tools): run once per batch
+    sharing = recipe.shared_prefix and recipe.padding_free and len(examples) > 1
+    shared = _shared_prefix_len(examples) if sharing else 0
     kept = []
     for example in examples:
         cost = len(example["input_ids"]) - shared + shared / recipe.batch_size
@@ -332,10 +330,6 @@ def setup_data(rows: list[dict], tokenizer: PreTrainedTokenizerBase, recipe: Rec
         raise DataError(f"no training example renders and fits the sequence budget ({report.summary()})")
     return Dataset.from_list(kept), report
 
-
-def _task_prefix(examples: list[dict[str, list[int]]]) -> int:
-    """Tokens every example's prompt starts with (`_shared_prefix_len` over the whole task)."""
-    return _shared_prefix_len(examples) if len(examples) > 1 else 0
 
 
 def setup_model(recipe: Recipe, base_path: str) -> torch.nn.Module:
