@@ -76,6 +76,9 @@ class Recipe(_Strict):
     weight_decay: float = Field(0.0, ge=0)
     epochs: float = Field(1.0, gt=0)
     max_steps: int = -1
+    # a small task repeats its examples (more epochs) until it has had this many optimizer steps:
+    # costs time on small tasks only, and a 135M base needs the steps (factory.train.train_steps)
+    min_train_steps: int = Field(0, ge=0)
     batch_size: int = Field(8, gt=0)
     gradient_accumulation_steps: int = Field(1, gt=0)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"

@@ -289,7 +289,9 @@ def test_classification_splits_are_stratified(mined):
     entry = catalog["classify-intent"]
     rows = {s: load_split(data_dir, "classify-intent", entry["dataset_version"], s) for s in SPLITS}
     total = sum(len(r) for r in rows.values())
-    for split, share in (("train", 0.75), ("validation", 0.10), ("test", 0.15)):
+    config = MineConfig()
+    for split, share in (("train", 1 - config.validation_share - config.test_share),
+                         ("validation", config.validation_share), ("test", config.test_share)):
         assert abs(len(rows[split]) / total - share) < 0.02
         labels = Counter(r["output"]["content"] for r in rows[split])
         for label in entry["output_schema"]["labels"]:
@@ -305,7 +307,8 @@ def test_assign_splits_keeps_previous_sessions_and_fills_shares_per_stratum():
     for stratum in ("a", "b"):
         counts = Counter(first[k] for k, labels in sessions.items() if labels == [stratum])
         n = sum(counts.values())
-        assert abs(counts["test"] - 0.15 * n) <= 1 and abs(counts["validation"] - 0.10 * n) <= 1
+        assert abs(counts["test"] - config.test_share * n) <= 1
+        assert abs(counts["validation"] - config.validation_share * n) <= 1
     grown = {**sessions, **{f"t{i}": ["a"] for i in range(100)}}
     second = assign_splits(grown, first, config)
     assert all(second[k] == first[k] for k in sessions)

@@ -21,7 +21,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from factory.recipe import Recipe, load_recipe
 from factory.models import load_tokenizer
 from factory.train import (DataError, SharedPrefixCollator, completion_loss, launch_command, setup_data, setup_model,
-                           train)
+                           train, train_steps)
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -184,6 +184,25 @@ def test_a_few_steps_lower_the_loss_and_log_the_run_to_mlflow(tmp_path, tiny_mod
     assert result.tokens_per_s > 0 and result.train_tokens > 0
     again = train("order-status", entry, recipe, raw, data_dir, tmp_path / "registry")
     assert again == result  # the finished run is reused, not retrained
+
+
+def test_a_small_task_repeats_its_examples_up_to_min_train_steps(tmp_path, tiny_model_dir, tracking):
+    data_dir, entry = _task(tmp_path, n=8)  # 2 steps an epoch at batch 4
+    recipe, raw = _recipe(tiny_model_dir, "min_train_steps=6", "logging_steps=1", "save_steps=1000")
+    result = train("order-status", entry, recipe, raw, data_dir, tmp_path / "registry")
+    steps = sorted(m.step for m in MlflowClient().get_metric_history(result.run_id, "loss"))
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert result.train_examples == 8
+
+
+def test_min_train_steps_leaves_large_tasks_and_explicit_max_steps_alone(tiny_model_dir):
+    recipe, _ = _recipe(tiny_model_dir, "min_train_steps=64", "batch_size=8")
+    assert train_steps(recipe, 100) == 64  # 13 steps an epoch
+    assert train_steps(recipe, 512) == -1  # 64 steps: the epochs decide
+    assert train_steps(recipe, 100, processes=8) == 64
+    assert train_steps(recipe.model_copy(update={"epochs": 5.0}), 100) == -1  # 65 steps
+    assert train_steps(recipe.model_copy(update={"max_steps": 10}), 100) == 10
+    assert train_steps(recipe.model_copy(update={"min_train_steps": 0}), 100) == -1
 
 
 _WORKER = """
