@@ -58,6 +58,7 @@ with the recipe's shipped accelerate/DeepSpeed config.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import itertools
 import json
 import math
@@ -337,7 +338,8 @@ def setup_model(recipe: Recipe, base_path: str) -> torch.nn.Module:
     """The base model wrapped for the recipe's method, its adapter initialized from `recipe.seed`.
 
     lora/dora: PEFT adapters on `lora.target_modules`. qlora: the base loaded in
-    4-bit through bitsandbytes (GPU only: `train` refuses it without CUDA).
+    4-bit through bitsandbytes, on CUDA or on its CPU backend (`check_device`), the adapters
+    on its 4-bit linear layers.
     full: every weight trains (memory ~4x the model in fp32 with AdamW).
     """
     set_seed(recipe.seed)
@@ -467,6 +469,30 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def check_device(recipe: Recipe) -> None:
+    """Refuse, before anything is written or loaded, a recipe this machine cannot run.
+
+    Without CUDA, QLoRA runs on bitsandbytes' CPU backend (tested with 0.50.2: NF4 weights,
+    dequantized in each matmul, so slower than fp32 LoRA on a model that fits in memory: it proves
+    the GPU path, it does not speed up CPU training) and DDP runs its processes on gloo. Two things
+    stay GPU-only. bitsandbytes' paged optimizers page their state through CUDA unified memory; on
+    CPU bitsandbytes warns and runs them unpaged, which is not what the recipe asked for. DeepSpeed
+    is not tested on CPU: it is in the `gpu` extra only (not installed by `make test`), and its CPU
+    accelerator compiles its ops with gcc at first use and is documented for recent Xeons only;
+    its launch is tested as configuration (`launch_command`).
+    Raises ValueError naming what needs CUDA GPUs, or that qlora needs bitsandbytes.
+    """
+    if not torch.cuda.is_available():
+        if recipe.distributed.startswith("deepspeed"):
+            raise ValueError(f"distributed {recipe.distributed!r} needs CUDA GPUs (pip install '.[gpu]'); "
+                             "none is visible")
+        if recipe.optimizer.startswith("paged_"):
+            raise ValueError(f"optimizer {recipe.optimizer!r} needs CUDA GPUs (it pages its state through CUDA "
+                             "unified memory); none is visible: set optimizer=adamw_torch to train on CPU")
+    if recipe.method == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError("method 'qlora' needs bitsandbytes: pip install '.[gpu]'")
+
+
 def train(task: str, entry: dict[str, Any], recipe: Recipe, raw_recipe: dict[str, Any], data_dir: Path,
           registry_dir: Path) -> TrainResult:
     """Train (or resume, or reuse) the specialist for `task` from its catalog `entry`.
@@ -474,7 +500,7 @@ def train(task: str, entry: dict[str, Any], recipe: Recipe, raw_recipe: dict[str
     With `recipe.distributed` other than "none" and outside a launched worker, the same
     call runs in `accelerate launch` processes (`launch_command`) and this one waits.
     Raises ValueError when the task has no dataset ready, no example fits the recipe, the
-    base model is not available locally, or the recipe needs CUDA GPUs and none is visible;
+    base model is not available locally, or the machine cannot run the recipe (`check_device`);
     subprocess.CalledProcessError when a distributed launch fails.
     """
     if entry.get("status") != "ready" or not entry.get("dataset_version"):
@@ -484,9 +510,7 @@ def train(task: str, entry: dict[str, Any], recipe: Recipe, raw_recipe: dict[str
     result_path = out_dir / "train.json"
     if result_path.exists():
         return TrainResult(**json.loads(result_path.read_text()))
-    if (recipe.method == "qlora" or recipe.distributed != "none") and not torch.cuda.is_available():
-        raise ValueError(f"method {recipe.method!r} with distributed {recipe.distributed!r} needs CUDA GPUs "
-                         "(pip install '.[gpu]'); none is visible")
+    check_device(recipe)
     out_dir.mkdir(parents=True, exist_ok=True)
     if recipe.distributed != "none" and "LOCAL_RANK" not in os.environ:
         subprocess.run(launch_command(task, entry, raw_recipe, recipe, data_dir, registry_dir), check=True)
@@ -559,7 +583,8 @@ def train(task: str, entry: dict[str, Any], recipe: Recipe, raw_recipe: dict[str
 
 def launch_command(task: str, entry: dict[str, Any], raw_recipe: dict[str, Any], recipe: Recipe, data_dir: Path,
                    registry_dir: Path, recipes_dir: Path = RECIPES_DIR) -> list[str]:
-    """`accelerate launch` running this module's worker on one process per GPU (or `num_processes`).
+    """`accelerate launch` running this module's worker on one process per GPU (or `num_processes`;
+    without CUDA, `num_processes` CPU processes on gloo, one when unset).
 
     The worker's arguments go through a JSON file in the run folder; DeepSpeed backends
     get their shipped JSON config (recipes/deepspeed/) as an absolute path.
