@@ -23,7 +23,11 @@ def load_tokenizer(base_path: str) -> PreTrainedTokenizerBase:
 
 def load_specialist(base_path: str, adapter_dir: str):
     """(model, tokenizer): the base with the adapter applied, in eval mode (`model.disable_adapter()`
-    gives the bare base)."""
+    gives the bare base).
+
+    The base is loaded unquantized, also for an adapter trained with qlora: evaluation then scores
+    what serving runs (one unquantized base shared by the adapters), at the cost of the small
+    difference between the NF4 weights the adapter was trained against and these."""
     from peft import PeftModel
 
     tokenizer = load_tokenizer(base_path)
