@@ -32,7 +32,7 @@ DEFAULT_RECIPE = "cpu-lora"
 
 EVAL_FIELDS = {"max_eval_samples", "max_new_tokens", "eval_batch_size", "target_quality", "escalation_delta"}
 # fields that change how fast a run goes, not what it learns: left out of the digest
-_SPEED_FIELDS = {"torch_threads", "shared_prefix"}
+_SPEED_FIELDS = {"torch_threads", "shared_prefix", "use_liger_kernel"}
 
 
 class _Strict(BaseModel):
@@ -69,6 +69,9 @@ class Recipe(_Strict):
     completion_only_loss: bool = True
     # the batch's common prompt prefix run once (padding-free, completion-only rows; same gradients)
     shared_prefix: bool = True
+    # Liger's Triton kernels (RMSNorm, RoPE, SwiGLU) on CUDA; ignored, with a message, elsewhere
+    # (factory.train.liger_kernel says why)
+    use_liger_kernel: bool = False
     optimizer: str = "adamw_torch"
     lr_scheduler: str = "linear"
     learning_rate: float = Field(2e-4, gt=0)
