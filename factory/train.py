@@ -31,8 +31,10 @@ below was kept because it measured faster; the trade-off is stated with it:
 * padding-free batches: the examples of a batch are concatenated into one row, and
   attention runs per example (`_varlen_sdpa`), so no compute goes to padding and no
   block-diagonal mask is needed: another 1.5x over padded batches of the sampled data.
-  Trade-off: one attention call per example and layer. (Plain sdpa on such a row does
-  not see the example boundaries: measured, its loss differs from the padded one.)
+  Trade-off: one attention call per example and layer. (transformers' own sdpa also keeps
+  the examples apart, with a block-diagonal mask it builds from `position_ids` restarting
+  at 0 when no KV cache is in use, but it scores every pair of positions of the row.)
+  On CUDA other kernels run these rows (`attention_path`).
 * a shared prompt prefix computed once per batch (`SharedPrefixCollator`): the calls of
   one subtask start with the same system prompt and tool list, so the batch's row holds
   that prefix once, then each example's rest, which attends to the prefix and to itself.
@@ -154,6 +156,76 @@ def _varlen_sdpa(module, query, key, value, attention_mask, cu_seq_lens_q=None, 
 
 AttentionInterface.register(VARLEN_ATTENTION, _varlen_sdpa)
 AttentionMaskInterface.register(VARLEN_ATTENTION, sdpa_mask)
+
+
+# --- which attention runs a batch, by device ----------------------------------------------------------
+
+# path -> (transformers' attn_implementation, whether batches are padding-free rows)
+ATTENTION_PATHS = {
+    "sdpa_varlen": (VARLEN_ATTENTION, True),
+    "flash_attention_2": ("flash_attention_2", True),
+    "sdpa_packed": ("sdpa", True),
+    "padded": ("sdpa", False),
+}
+
+
+def attention_path(recipe: Recipe, device: str, flash_attn: bool) -> str:
+    """The attention path for `recipe` on `device` ("cpu", "cuda", ...), `flash_attn` telling
+    whether the flash-attn package (FlashAttention-2) is installed. One of `ATTENTION_PATHS`:
+
+    * "padded" when the recipe asks for padded batches (`padding_free: false`), on any device.
+    * "sdpa_varlen" off CUDA: `_varlen_sdpa`, SDPA per example of the padding-free row, the only
+      path that can run a batch's shared prompt prefix once (`SharedPrefixCollator`). Measured
+      faster on CPU (module docstring); on a GPU its Python loop issues one small kernel per
+      example and layer, so it is not used there.
+    * "flash_attention_2" on CUDA with flash-attn and 16-bit weights (FlashAttention has no fp32
+      kernel): its varlen kernel runs each example of the row, with the bounds TRL's
+      padding-free collator passes (`cu_seq_lens_q`; transformers would otherwise derive them
+      from `position_ids` restarting at 0). No compute on padding, none across examples.
+    * "sdpa_packed" on CUDA otherwise: transformers' sdpa on the padding-free row, kept per
+      example by the block-diagonal mask it builds from `position_ids` (transformers >= 5.24,
+      which pyproject pins, does this). Trade-off: the row's attention is quadratic in the
+      whole row and the masked kernel is not FlashAttention's, against no compute on padding
+      in every other layer; unmeasured on a GPU.
+    The shared prefix thus stays on CPU: on CUDA it is off until a measurement says the
+    per-example loop with a shared prefix beats the varlen kernel; none is possible here
+    (no GPU). Raises nothing.
+    """
+    if not recipe.padding_free:
+        return "padded"
+    if device != "cuda":
+        return "sdpa_varlen"
+    if flash_attn and recipe.precision != "fp32":
+        return "flash_attention_2"
+    return "sdpa_packed"
+
+
+def device_facts() -> tuple[str, bool]:
+    """(device type, flash-attn installed) of this process, for `attention_path` and `liger_kernel`."""
+    from transformers.utils import is_flash_attn_2_available
+
+    return ("cuda" if torch.cuda.is_available() else "cpu"), is_flash_attn_2_available()
+
+
+def liger_kernel(recipe: Recipe, device: str, installed: bool) -> bool:
+    """Whether the trainer applies Liger's Triton kernels (RMSNorm, RoPE, SwiGLU; TRL keeps its own
+    fused LM head): the recipe's `use_liger_kernel`, on CUDA only.
+
+    Off CUDA the flag is ignored, with a message: Triton compiles these kernels for GPUs, and they
+    compute the layers they replace (up to rounding), so the flag changes speed, not what is learned
+    (it is left out of the recipe digest); refusing it would stop the GPU recipes' other paths,
+    which do run on CPU (QLoRA, DDP: tests/test_gpu_path.py). Raises ValueError on CUDA when
+    liger-kernel is not installed: `training_args` runs before any weight is loaded, while the
+    trainer would raise only after the model is.
+    """
+    if not recipe.use_liger_kernel:
+        return False
+    if device != "cuda":
+        print(f"use_liger_kernel ignored on {device}: Liger's Triton kernels run on CUDA GPUs only", flush=True)
+        return False
+    if not installed:
+        raise ValueError("use_liger_kernel needs liger-kernel: pip install '.[gpu]' (or set use_liger_kernel=false)")
+    return True
 
 
 def _shared_prefix_len(examples: list[dict[str, list[int]]]) -> int:
@@ -337,6 +409,7 @@ def setup_data(rows: list[dict], tokenizer: PreTrainedTokenizerBase, recipe: Rec
 def setup_model(recipe: Recipe, base_path: str) -> torch.nn.Module:
     """The base model wrapped for the recipe's method, its adapter initialized from `recipe.seed`.
 
+    Attention as `attention_path` picks for this device.
     lora/dora: PEFT adapters on `lora.target_modules`. qlora: the base loaded in
     4-bit through bitsandbytes, on CUDA or on its CPU backend (`check_device`), the adapters
     on its 4-bit linear layers.
@@ -345,7 +418,7 @@ def setup_model(recipe: Recipe, base_path: str) -> torch.nn.Module:
     set_seed(recipe.seed)
     kwargs: dict[str, Any] = {"dtype": {"fp32": torch.float32, "bf16": torch.bfloat16,
                                         "fp16": torch.float16}[recipe.precision],
-                              "attn_implementation": VARLEN_ATTENTION if recipe.padding_free else "sdpa"}
+                              "attn_implementation": ATTENTION_PATHS[attention_path(recipe, *device_facts())][0]}
     if recipe.method == "qlora":
         from transformers import BitsAndBytesConfig
 
@@ -404,7 +477,10 @@ def train_steps(recipe: Recipe, examples: int, processes: int = 1) -> int:
 def training_args(recipe: Recipe, out_dir: Path, evaluate: bool, examples: int = 0) -> SFTConfig:
     """TRL's config for the recipe, for `examples` training examples (`train_steps`). Created
     before the model: under DeepSpeed ZeRO-3 it makes `from_pretrained` load the weights
-    already partitioned across the GPUs."""
+    already partitioned across the GPUs. Batches are padding-free rows unless `attention_path`
+    says padded. Raises ValueError as `liger_kernel` does."""
+    device, flash_attn = device_facts()
+    padding_free = ATTENTION_PATHS[attention_path(recipe, device, flash_attn)][1]
     return SFTConfig(
         output_dir=str(out_dir),
         num_train_epochs=recipe.epochs,
@@ -421,9 +497,9 @@ def training_args(recipe: Recipe, out_dir: Path, evaluate: bool, examples: int =
         fp16=recipe.precision == "fp16",
         activation_checkpointing=recipe.gradient_checkpointing,
         # setup_data drops the longer examples; TRL refuses a max_length it cannot enforce padding-free
-        max_length=None if recipe.padding_free and not recipe.packing else recipe.max_seq_length,
+        max_length=None if padding_free and not recipe.packing else recipe.max_seq_length,
         packing=recipe.packing,
-        padding_free=recipe.padding_free,
+        padding_free=padding_free,
         completion_only_loss=recipe.completion_only_loss,
         seed=recipe.seed,
         data_seed=recipe.seed,
@@ -438,16 +514,20 @@ def training_args(recipe: Recipe, out_dir: Path, evaluate: bool, examples: int =
         dataloader_num_workers=0,
         # padding-free rows hold no padding, and pad == eos for many tokenizers
         include_num_input_tokens_seen="all" if recipe.padding_free or recipe.packing else "non_padding",
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=device != "cuda",
+        use_liger_kernel=liger_kernel(recipe, device, importlib.util.find_spec("liger_kernel") is not None),
     )
 
 
 def setup_trainer(args: SFTConfig, model, tokenizer, train: Dataset, valid: Dataset | None,
                   shared_prefix: bool = False) -> FactorySFTTrainer:
-    """The trainer; `shared_prefix` (padding-free, unpacked rows only) wraps its collator in `SharedPrefixCollator`."""
+    """The trainer; `shared_prefix` wraps its collator in `SharedPrefixCollator` where the model runs
+    `_varlen_sdpa` (the "sdpa_varlen" path of `attention_path`) on padding-free, unpacked rows: the
+    only attention that reads `shared_prefix_len`; any other would let examples attend to each other."""
     trainer = FactorySFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=valid,
                                 processing_class=tokenizer, callbacks=[_MlflowLog(), _Throughput()])
-    if shared_prefix and args.padding_free and not args.packing:
+    varlen = model.config._attn_implementation == VARLEN_ATTENTION
+    if shared_prefix and varlen and args.padding_free and not args.packing:
         # after construction: TRL refuses a custom collator together with padding_free
         trainer.data_collator = SharedPrefixCollator(trainer.data_collator)
     return trainer
