@@ -13,6 +13,14 @@ ValueError, as it was before that base existed, for callers that catch ValueErro
 The memory estimate is deliberately coarse (it ignores sequence length and batch size,
 which the overhead factors cover for the small batches this factory trains with): its job
 is to catch a 70B base on a 32 GB machine, not to fit a run to the last gigabyte.
+
+On CUDA, `check_gpu_memory` does the same for GPU memory, part by part and with the recipe's
+batch and sequence budget (`gpu_training_memory`): weights as loaded (4-bit NF4, bf16, fp32),
+the trainable parameters, their gradients and optimizer state, the activations of a micro-batch,
+the CUDA context; sharded as DeepSpeed ZeRO shards them. It compares that with the free memory
+`torch.cuda.mem_get_info` reports, and refuses in seconds, before any weight is loaded, naming
+the parts. Coarse too (within ~20% of what runs show is its aim, unmeasured here: no GPU): it
+catches an 8B full fine-tune on one 80 GiB GPU, not the last gigabyte.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import json
 import math
 import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +86,15 @@ def config_parameters(config: dict[str, Any]) -> int:
     would load, tied embeddings once. Raises ValueError when transformers cannot build a
     causal LM from the mapping (no or unknown `model_type`, inconsistent sizes).
     """
+    return sum(p.numel() for p in meta_model(config).parameters())
+
+
+def meta_model(config: dict[str, Any]):
+    """The causal LM a config.json mapping describes, built on the meta device (no memory).
+
+    Raises ValueError when transformers cannot build one (no or unknown `model_type`,
+    inconsistent sizes).
+    """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -84,10 +102,9 @@ def config_parameters(config: dict[str, Any]) -> int:
     try:
         built = AutoConfig.for_model(settings.pop("model_type"), **settings)
         with torch.device("meta"):  # (accelerate's init_empty_weights leaves tied embeddings untied)
-            model = AutoModelForCausalLM.from_config(built)
+            return AutoModelForCausalLM.from_config(built)
     except (KeyError, ValueError, TypeError, AttributeError) as err:
         raise ValueError(f"cannot build a causal LM from this config: {err!r}") from None
-    return sum(p.numel() for p in model.parameters())
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -205,6 +222,155 @@ def check_memory(base: str | Path, method: str, precision: str) -> int | None:
     return need
 
 
+# --- GPU memory ----------------------------------------------------------------------------------
+
+# bitsandbytes NF4: 4 bits a weight plus its block's absmax (blocks of 64): an fp32 absmax, or with
+# double quantization an 8-bit one plus an fp32 constant per 256 blocks
+NF4_BYTES = {False: 0.5 + 4 / 64, True: 0.5 + 1 / 64 + 4 / (64 * 256)}
+# TRL's chunked log-prob head on CUDA (trl/kernels/chunked_logprob.py): fp32 tiles of up to 4096
+# tokens x 32768 vocabulary entries, a product buffer and its tile; never the batch's logits
+HEAD_TILE_BYTES = 2 * 4096 * 32768 * 4
+CUDA_CONTEXT_BYTES = GiB  # the CUDA context and cuBLAS/cuDNN workspaces, about 0.5-1 GiB
+ALLOCATOR_SLACK = 0.10  # PyTorch's caching allocator: blocks cached but not reusable (fragmentation)
+
+
+@dataclass(frozen=True)
+class GpuMemory:
+    """Estimated bytes one GPU holds while training (`gpu_training_memory`), part by part."""
+
+    weights: int
+    parameters: int  # the model's
+    trainable: int  # the parameters the optimizer updates (the adapter, or every weight)
+    gradients: int
+    optimizer: int
+    activations: int
+    overhead: int
+    tokens: int  # of a micro-batch: batch_size x max_seq_length
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.overhead
+
+    def summary(self) -> str:
+        return (f"weights {_size(self.weights)}, trainable parameters' gradients {_size(self.gradients)} and "
+                f"optimizer state {_size(self.optimizer)}, activations {_size(self.activations)} for "
+                f"{self.tokens} tokens a micro-batch, CUDA context and allocator {_size(self.overhead)}")
+
+
+def _linears(model) -> list[tuple[str, Any]]:
+    """(name, layer) of the model's linear layers, its output head (the LM head) excepted, as PEFT's
+    "all-linear" and bitsandbytes' 4-bit loading leave it out."""
+    import torch
+
+    head = model.get_output_embeddings()
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head]
+
+
+def gpu_training_memory(config: dict[str, Any], recipe: Any, processes: int = 1) -> GpuMemory:
+    """Estimated GPU memory of one process training the model of `config` (a config.json mapping)
+    with `recipe` (a `factory.recipe.Recipe`), on `processes` GPUs.
+
+    * weights: qlora's linear layers in NF4 (`NF4_BYTES`), its other weights (embeddings, norms,
+      the LM head) in fp32, as PEFT's `prepare_model_for_kbit_training` casts them; else every
+      weight in the recipe's precision.
+    * trainable: LoRA's A and B (r x (in + out)) on the targeted linear layers (DoRA adds a
+      magnitude per output), in bf16 for qlora (TRL casts a quantized model's adapters) and fp32
+      otherwise (PEFT's); full: every weight, in the recipe's precision. Gradients take as much;
+      the optimizer two moments each (AdamW, in the parameters' dtype), or 2 bytes for an 8-bit one.
+    * activations of a micro-batch of batch_size x max_seq_length tokens (a padding-free row holds
+      at most that), in 16 bits unless fp32: per layer and token, the inputs each layer keeps for
+      its backward (6h + 2kv + 4i values for a Llama-style layer with fused attention, no score
+      matrix; plus 6h + i for LoRA dropout's copies), or with gradient checkpointing each layer's
+      input and one layer's set; plus TRL's head tiles (`HEAD_TILE_BYTES`).
+    * overhead: the CUDA context plus `ALLOCATOR_SLACK` of the rest.
+    DeepSpeed ZeRO-2 shards gradients and optimizer state over `processes`, ZeRO-3 the weights too
+    (adding two layers' weights gathered at a time); DDP and one process shard nothing.
+    Raises ValueError when transformers cannot build the model (`meta_model`).
+    """
+    model = meta_model(config)
+    text = model.config.get_text_config()
+    h, i, layers = text.hidden_size, text.intermediate_size, text.num_hidden_layers
+    kv = getattr(text, "head_dim", None) or h // text.num_attention_heads
+    kv *= getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    total = sum(p.numel() for p in model.parameters())
+    linears = _linears(model)
+    width = 2 if recipe.precision in ("bf16", "fp16") else 4
+
+    if recipe.method == "qlora":
+        quantized = sum(m.weight.numel() for _, m in linears)
+        weights = quantized * NF4_BYTES[recipe.quantization.double_quant] + (total - quantized) * 4
+    else:
+        weights = total * width
+    if recipe.method == "full":
+        trainable, trainable_width = total, width
+    else:
+        targets = recipe.lora.target_modules
+        adapted = [m for n, m in linears if targets == "all-linear" or n.rsplit(".", 1)[-1] in targets]
+        trainable = sum(recipe.lora.r * (m.in_features + m.out_features) for m in adapted)
+        trainable += sum(m.out_features for m in adapted) if recipe.method == "dora" else 0
+        trainable_width = 2 if recipe.method == "qlora" else 4
+    gradients = trainable * trainable_width
+    optimizer = trainable * (2 if "8bit" in recipe.optimizer else 2 * trainable_width)
+
+    shards = processes if recipe.distributed.startswith("deepspeed") else 1
+    if recipe.distributed == "deepspeed_zero3" and shards > 1:
+        weights = weights / shards + 2 * weights / layers
+    gradients, optimizer = gradients / shards, optimizer / shards
+
+    tokens = recipe.batch_size * recipe.max_seq_length
+    act_width = 2 if recipe.precision in ("bf16", "fp16") else 4
+    per_layer = 6 * h + 2 * kv + 4 * i + (6 * h + i if recipe.method != "full" and recipe.lora.dropout else 0)
+    kept = layers * h + per_layer if recipe.gradient_checkpointing else layers * per_layer
+    activations = tokens * kept * act_width + tokens * h * act_width + HEAD_TILE_BYTES
+    rest = weights + gradients + optimizer + activations
+    return GpuMemory(weights=int(weights), parameters=total, trainable=int(trainable), gradients=int(gradients),
+                     optimizer=int(optimizer), activations=int(activations),
+                     overhead=int(CUDA_CONTEXT_BYTES + ALLOCATOR_SLACK * rest), tokens=tokens)
+
+
+def check_gpu_memory(base: str | Path, recipe: Any, free: list[int], processes: int = 1) -> GpuMemory | None:
+    """Raise ResourceError when training `base` with `recipe` does not fit the GPUs whose free bytes
+    are `free` (one entry per GPU this process checks), each holding `gpu_training_memory`.
+
+    Returns the estimate, or None when the base has no local config.json to estimate from (a hub
+    id not cached: loading reports that) or transformers cannot build it. The error names the
+    model, each part of the estimate, the GPU and its free memory, and what would lower the need.
+    """
+    folder = model_dir(base)
+    try:
+        config = json.loads((folder / "config.json").read_text()) if folder else None
+        need = gpu_training_memory(config, recipe, processes) if config else None
+    except (OSError, ValueError):
+        return None
+    if need is None:
+        return None
+    short = [(gpu, f) for gpu, f in enumerate(free) if need.total > f]
+    if short:
+        gpu, available = short[0]
+        raise ResourceError(
+            f"base model {str(base)!r} does not fit GPU {gpu}: {recipe.method} at {recipe.precision} needs about "
+            f"{_size(need.total)} per GPU ({need.summary()}) and {_size(available)} is free there; lower batch_size "
+            "or max_seq_length, turn on gradient_checkpointing, use method qlora, or shard over more GPUs "
+            "(distributed: deepspeed_zero3)")
+    return need
+
+
+def visible_gpus_free_bytes(recipe: Any) -> tuple[list[int], int]:
+    """(free bytes of each GPU this process will use, processes the run shards over), from
+    `torch.cuda.mem_get_info`. A launched worker (LOCAL_RANK set) checks its own GPU, the others
+    may already hold its siblings' weights; a single process checks GPU 0.
+    """
+    import torch
+
+    if "LOCAL_RANK" in os.environ:
+        rank = int(os.environ["LOCAL_RANK"])
+        return [torch.cuda.mem_get_info(rank)[0]], int(os.environ.get("WORLD_SIZE", "1"))
+    if recipe.distributed == "none":
+        return [torch.cuda.mem_get_info(0)[0]], 1
+    processes = recipe.num_processes or torch.cuda.device_count()
+    return [torch.cuda.mem_get_info(g)[0] for g in range(processes)], processes
+
+
 # --- disk ----------------------------------------------------------------------------------------
 
 
@@ -279,16 +445,19 @@ def training_disk_bytes(base: str | Path, method: str, precision: str) -> int:
     return (3 if method == "full" else 1) * weights_bytes(base, method, precision)
 
 
-def preflight_training(base: str | Path, method: str, precision: str, out_dir: str | Path) -> None:
-    """`check_memory` for the run, then `check_disk` of `out_dir` for `training_disk_bytes`.
+def preflight_training(base: str | Path, method: str, precision: str, out_dir: str | Path,
+                       recipe: Any = None) -> None:
+    """`check_memory` for the run (with CUDA: `check_gpu_memory` of the `recipe`, when given,
+    on the GPUs `visible_gpus_free_bytes` names), then `check_disk` of `out_dir` for
+    `training_disk_bytes`.
 
     Called by `train.train` before the tokenizer or any weight is loaded; raises
-    ResourceError naming what does not fit. With CUDA the weights go to GPU
-    memory, which is not checked: an oversized model fails there with torch's
-    OutOfMemoryError while loading.
+    ResourceError naming what does not fit.
     """
     import torch
 
     if not torch.cuda.is_available():
         check_memory(base, method, precision)
+    elif recipe is not None:
+        check_gpu_memory(base, recipe, *visible_gpus_free_bytes(recipe))
     check_disk(out_dir, training_disk_bytes(base, method, precision))

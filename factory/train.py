@@ -600,7 +600,7 @@ def train(task: str, entry: dict[str, Any], recipe: Recipe, raw_recipe: dict[str
 
     base_path = resolve_base(recipe.base_model)
     from factory.resources import preflight_training  # memory and disk, before any weight is loaded
-    preflight_training(base_path, recipe.method, recipe.precision, out_dir)
+    preflight_training(base_path, recipe.method, recipe.precision, out_dir, recipe)  # GPU memory too, on CUDA
     try:
         tokenizer = load_tokenizer(base_path)
     except OSError as err:  # a hub id that is not in the local cache: nothing is downloaded
