@@ -11,7 +11,7 @@ RECIPE ?=
 TASK ?=
 RECIPE_OPT := $(if $(RECIPE),--recipe $(RECIPE),)
 
-.PHONY: setup demo prepare finetune test test-fast reliability bench mlflow-ui mlflow-server clean
+.PHONY: setup demo prepare finetune test test-fast reliability bench bench-gpu mlflow-ui mlflow-server clean
 
 setup: $(STAMP)
 
@@ -57,6 +57,11 @@ reliability: setup
 
 bench: setup
 	$(BIN)/python -m bench.run
+
+# the GPU recipes' speed on random weights (bench/gpu.py): tokens/s, MFU, peak GPU memory, GPU-hours
+# for 10k examples, into bench/results/gpu.json; without CUDA it says so and exits 0
+bench-gpu: setup
+	$(BIN)/python -m bench.gpu
 
 mlflow-ui: setup
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///registry/mlflow.db \

@@ -8,6 +8,7 @@ GPU bench's figures) is not claimed here.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -17,8 +18,11 @@ import torch
 from transformers import AutoModelForCausalLM
 from trl import SFTTrainer
 
+from bench.gpu import (LLAMA31_8B, NO_CUDA, QWEN25_7B, RESULT, TASK_SHAPES, flops_per_token, mix, mix_mean_tokens, peak_tflops, run_case,
+                       synthetic_examples)
 from factory.models import load_tokenizer
 from factory.recipe import load_recipe
+from factory.resources import GiB, ResourceError, check_gpu_memory, config_parameters, gpu_training_memory
 from factory.train import (ATTENTION_PATHS, SharedPrefixCollator, attention_path, liger_kernel, setup_data,
                            setup_model, setup_trainer, training_args)
 
@@ -134,3 +138,92 @@ def test_liger_kernel_runs_on_cuda_only_and_is_refused_there_when_not_installed(
     assert "use_liger_kernel ignored on cpu" in capsys.readouterr().out
     for name in GPU_RECIPES:
         assert _recipe(name).use_liger_kernel, name
+
+
+# --- the GPU-memory preflight ---------------------------------------------------------------------------
+
+
+def _base(tmp_path: Path, config: dict) -> Path:
+    """A model folder holding only config.json, as the preflight reads it (no weights)."""
+    folder = tmp_path / config["model_type"]
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_the_gpu_recipes_model_configs_count_their_published_parameters():
+    assert config_parameters(QWEN25_7B) == 7_615_616_512  # Qwen2.5-7B: 7.61B
+    assert config_parameters(LLAMA31_8B) == 8_030_261_248  # Llama 3.1 8B: 8.03B
+
+
+def test_a_7b_qlora_fits_24_gib_and_is_refused_in_12_naming_its_parts(tmp_path):
+    qwen, recipe = _base(tmp_path, QWEN25_7B), _recipe("qlora-7b")
+    need = check_gpu_memory(qwen, recipe, [24 * GiB])
+    assert 10 * GiB < need.total < 20 * GiB
+    # NF4 linear layers (~3.4 GiB) + embeddings and LM head in fp32 (~4.1 GiB)
+    assert 6.5 * GiB < need.weights < 8.5 * GiB
+    assert need.trainable == 40_370_176  # r=16 on the 7 linear layers of 28 blocks
+    with pytest.raises(ResourceError, match=r"does not fit GPU 1: qlora at bf16 needs about 1\d\.\d GiB per GPU "
+                                            r"\(weights .*activations .* for 8192 tokens.*12\.0 GiB is free there"):
+        check_gpu_memory(qwen, recipe, [24 * GiB, 12 * GiB])
+    assert check_gpu_memory(tmp_path / "missing", recipe, [1]) is None  # no config to estimate from
+
+
+def test_an_8b_full_fine_tune_does_not_fit_80_gib_and_zero3_shards_it(tmp_path):
+    llama = _base(tmp_path, LLAMA31_8B)
+    with pytest.raises(ResourceError, match="full at fp32 needs about 1[45]\\d\\.\\d GiB per GPU"):
+        check_gpu_memory(llama, _recipe("lora-8b-zero3", "method=full", "precision=fp32"), [80 * GiB])
+    one = gpu_training_memory(LLAMA31_8B, _recipe("lora-8b-zero3", "method=full"), processes=1)
+    assert one.weights + one.gradients + one.optimizer >= 8 * 8_030_261_248  # bf16 weights, grads, 2 AdamW moments
+    two = gpu_training_memory(LLAMA31_8B, _recipe("lora-8b-zero3", "method=full"), processes=2)
+    assert two.total < 0.6 * one.total and two.activations == one.activations
+    ddp = gpu_training_memory(LLAMA31_8B, _recipe("lora-8b-zero3", "method=full", "distributed=ddp"), processes=2)
+    assert ddp.total == one.total  # DDP replicates everything
+
+
+def test_activations_follow_the_batch_and_gradient_checkpointing(tmp_path):
+    llama, recipe = _base(tmp_path, LLAMA31_8B), _recipe("lora-8b-zero3", "distributed=none")
+    need = check_gpu_memory(llama, recipe, [80 * GiB])
+    assert need.tokens == 4 * 4096 and need.activations < 12 * GiB
+    with pytest.raises(ResourceError, match="activations 1\\d\\d\\.\\d GiB for 16384 tokens"):
+        check_gpu_memory(llama, _recipe("lora-8b-zero3", "distributed=none", "gradient_checkpointing=false"),
+                         [80 * GiB])
+    half = gpu_training_memory(LLAMA31_8B, _recipe("lora-8b-zero3", "distributed=none", "batch_size=2"))
+    assert half.activations < 0.6 * need.activations
+
+
+# --- bench/gpu.py -------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the message is the no-CUDA path")
+def test_bench_gpu_without_cuda_says_so_and_exits_0():
+    before = RESULT.stat().st_mtime_ns if RESULT.exists() else None
+    done = subprocess.run([sys.executable, "-m", "bench.gpu"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert NO_CUDA in done.stdout
+    assert (RESULT.stat().st_mtime_ns if RESULT.exists() else None) == before
+
+
+def test_a_bench_case_trains_through_the_project_setup_and_reports_its_figures(tiny_model_dir, tmp_path):
+    """The lora-8b case's recipe on the tiny model, on CPU: the code path of every figure but the
+    GPU-only ones (MFU and peak GPU memory are None here)."""
+    figures = run_case("lora-8b", tiny_model_dir, steps=4, out_dir=tmp_path)
+    assert figures["attention_path"] == "sdpa_varlen" and figures["use_liger_kernel"] is False
+    assert figures["steps_timed"] == 1 and figures["tokens_per_s"] > 0
+    assert figures["mfu"] is None and figures["peak_gpu_memory_allocated_gib"] is None
+    assert 0 < figures["trainable_parameters"] < figures["parameters"]
+    mean = sum(len(e["input_ids"]) for e in mix(4000)) / 4000
+    assert mix_mean_tokens() == pytest.approx(mean, rel=0.02)
+    assert figures["seconds_per_10k_examples"] == pytest.approx(10_000 * mean / figures["tokens_per_s"], rel=0.02)
+    assert set(figures["gpu_hours_10k_examples"]) == set(TASK_SHAPES)
+
+
+def test_synthetic_examples_have_their_task_shape_and_lora_flops_count_no_frozen_weight_gradient():
+    examples = synthetic_examples("respond", 8)
+    _, shared, (p_min, p_max), (c_min, c_max) = TASK_SHAPES["respond"]
+    assert len({tuple(e["input_ids"][:shared]) for e in examples}) == 1  # the task's system prompt and tools
+    for e in examples:
+        prompt = e["labels"].count(-100)
+        assert p_min <= prompt <= p_max and c_min <= len(e["labels"]) - prompt <= c_max
+    assert flops_per_token(trainable=10, frozen=100, layers=0, hidden=0, context=0) == 6 * 10 + 4 * 100
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0 and peak_tflops("NVIDIA H100 PCIe") == 756.0
