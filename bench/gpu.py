@@ -6,10 +6,11 @@ Without CUDA it prints that nothing was measured and exits 0. With CUDA, for eac
 * lora-8b: the `lora-8b-zero3` recipe on Llama-3.1-8B's architecture, one GPU (distributed none);
 * lora-8b-zero3: the same on two GPUs under DeepSpeed ZeRO-3, when two are visible;
 
-the model is built from its config (`MODELS`, hard-coded: AutoConfig cannot fetch a hub id
+the model is built from its config (`QWEN25_7B`, `LLAMA31_8B`, hard-coded: AutoConfig cannot fetch a hub id
 offline) with random bf16 weights and saved to a temporary folder, then trained for `--steps`
 steps through the project's own setup (`training_args`, `setup_model`, `setup_trainer`: the
-attention path, Liger, QLoRA as `factory train` runs them) on synthetic agent calls shaped like
+attention path, QLoRA as `factory train` runs them; Liger where liger-kernel is installed, as
+`use_liger_kernel` in the result says) on synthetic agent calls shaped like
 the sample tasks (`TASK_SHAPES`). Random weights train at the speed real ones do: the same
 matmuls, attention and optimizer steps.
 
@@ -35,6 +36,7 @@ checkpoint included) for the default 12 steps.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import random
 import subprocess
@@ -166,9 +168,10 @@ def run_case(case: str, model_dir: Path, steps: int, out_dir: Path) -> dict | No
     from factory.train import attention_path, device_facts, setup_model, setup_trainer, training_args
 
     name, overrides, _, gpus = CASES[case]
+    liger = importlib.util.find_spec("liger_kernel") is not None  # measured with it where the gpu extra is installed
     recipe, _ = load_recipe(None, name, [f"base_model={model_dir}", f"max_steps={steps}", "save_steps=1000000",
-                                         "eval_steps=null", "gradient_accumulation_steps=1", *overrides],
-                            ROOT / "recipes")
+                                         "eval_steps=null", "gradient_accumulation_steps=1",
+                                         f"use_liger_kernel={str(liger).lower()}", *overrides], ROOT / "recipes")
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -217,8 +220,8 @@ def run_case(case: str, model_dir: Path, steps: int, out_dir: Path) -> dict | No
         "peak_gpu_memory_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 2) if cuda else None,
         "preflight_estimate_gib": round(estimate.total / 2**30, 2),
         "seconds_per_10k_examples": round(seconds_10k, 1),
-        "gpu_hours_10k_examples": {task: round(10_000 * mean_tokens(task) / tokens_per_s * recipe.epochs * gpus / 3600, 3)
-                                   for task in TASK_SHAPES},
+        "gpu_hours_10k_examples": {task: round(10_000 * mean_tokens(task) / tokens_per_s * recipe.epochs * gpus / 3600,
+                                               3) for task in TASK_SHAPES},
         "epochs": recipe.epochs,
     }
 
@@ -264,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     for case, (_, _, config, gpus) in CASES.items():
         if gpus > torch.cuda.device_count():
             results[case] = {"skipped": f"needs {gpus} GPUs, {torch.cuda.device_count()} visible"}
+            continue
+        if gpus > 1 and importlib.util.find_spec("deepspeed") is None:
+            results[case] = {"skipped": "needs deepspeed: pip install '.[gpu]'"}
             continue
         with tempfile.TemporaryDirectory() as tmp:
             model_dir, part = Path(tmp) / "model", Path(tmp) / "part.json"

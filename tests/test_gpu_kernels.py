@@ -18,8 +18,8 @@ import torch
 from transformers import AutoModelForCausalLM
 from trl import SFTTrainer
 
-from bench.gpu import (LLAMA31_8B, NO_CUDA, QWEN25_7B, RESULT, TASK_SHAPES, flops_per_token, mix, mix_mean_tokens, peak_tflops, run_case,
-                       synthetic_examples)
+from bench.gpu import (LLAMA31_8B, NO_CUDA, QWEN25_7B, RESULT, TASK_SHAPES, flops_per_token, mix, mix_mean_tokens,
+                       peak_tflops, run_case, synthetic_examples)
 from factory.models import load_tokenizer
 from factory.recipe import load_recipe
 from factory.resources import GiB, ResourceError, check_gpu_memory, config_parameters, gpu_training_memory
