@@ -49,7 +49,8 @@ warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", categ
 warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted", category=UserWarning)
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per file when routes download adapters
 # the commands whose process runs torch's heavy math (training, generation, embeddings)
-TORCH_COMMANDS = frozenset({"mine", "train", "eval", "finetune", "register", "demo", "nightly", "serve", "simulate"})
+TORCH_COMMANDS = frozenset({"mine", "train", "eval", "finetune", "register", "demo", "nightly", "serve", "simulate",
+                            "export"})
 
 
 @app.callback()
@@ -333,7 +334,8 @@ def rollback(task: str, reason: Annotated[Optional[str], typer.Option(help="why 
 
 @app.command()
 def routes(export: Annotated[Optional[list[str]], typer.Option(
-        help="also write serving configs to registry/exports/: vllm (--lora-modules command line), lorax")] = None,
+        help="also write serving configs to registry/exports/: vllm (--lora-modules command line), lorax, "
+             "llamacpp (base and adapter GGUFs, llama-server --lora-scaled command line)")] = None,
            strict: Annotated[bool, typer.Option(help="exit 1 when a task lost its champion")] = False) -> None:
     """Write registry/routes.json from the champions (downloading their adapters to registry/adapters/).
 
@@ -355,6 +357,47 @@ def routes(export: Annotated[Optional[list[str]], typer.Option(
             console.print(f"  {name}: {path}")
     if strict and lost:
         raise _fail(f"{len(lost)} task(s) without a champion: {', '.join(sorted(lost))}")
+
+
+@app.command()
+def export(task: str,
+           fmt: Annotated[str, typer.Option("--format", help="merged, gguf, gguf-adapter or ollama")],
+           version: Annotated[Optional[str], typer.Option(help="the version number [default: the champion]")] = None,
+           alias: Annotated[Optional[str], typer.Option(help="the version an alias names, e.g. champion")] = None,
+           quant: Annotated[Optional[str], typer.Option(
+               help="comma-separated: f32, f16, q8_0, q4_0 for gguf/ollama [f16,q8_0 / q8_0]; f32, f16 for "
+                    "gguf-adapter [f32]")] = None,
+           out: Annotated[Optional[Path], typer.Option(
+               help="folder [default: registry/exports/<task>/v<version>/<format>]")] = None,
+           prompts: Annotated[int, typer.Option(help="test prompts the fidelity check asks")] = 64,
+           min_agreement: Annotated[Optional[float], typer.Option(
+               help="least share of answers identical to the specialist's [0.95 for merged, f32, f16, q8_0; "
+                    "q4_0 not gated]")] = None) -> None:
+    """Export a registered specialist to run elsewhere, check it against the PyTorch specialist on test
+    prompts and record it on the version; exits 1 when an export falls below its agreement threshold."""
+    from factory.export import check_quants, export as export_version, export_dir, version_of
+
+    quants = check_quants(fmt, quant.split(",") if quant else None)
+    _tracking()
+    number = version_of(task, version, alias)
+    folder = out or export_dir(registry_dir(), task, number, fmt)
+    try:
+        done = export_version(task, number, fmt, quants, folder, data_dir(), n_prompts=prompts,
+                              min_agreement=min_agreement)
+    except (ValueError, FileNotFoundError) as err:  # no routing metadata, no test split for the fidelity check
+        raise _fail(f"{task} v{number}: {err}") from None
+    for item in done:
+        check = item.fidelity
+        status = "[red]failed[/red]" if item.failed else "ok"
+        console.print(f"{task} v{number} {item.key}: {status} - agreement {check['agreement']:.3f} on {check['n']} "
+                      f"test prompts (min {check['min_agreement'] or '-'}), task score {check['task_score']:.3f} "
+                      f"(specialist {check['specialist_score']:.3f}), written in {item.seconds:.1f} s", soft_wrap=True)
+        for path in item.files:
+            console.print(f"  {path}", soft_wrap=True)
+    failed = [item.key for item in done if item.failed]
+    if failed:
+        raise _fail(f"{task} v{number}: export {', '.join(failed)} below the agreement threshold "
+                    "(recorded as failed on the version)")
 
 
 @app.command()

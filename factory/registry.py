@@ -608,4 +608,70 @@ def export_lorax(routes: dict[str, Any], out_dir: Path) -> list[Path]:
     return [path]
 
 
-EXPORTS = {"vllm": export_vllm, "lorax": export_lorax}
+def export_llamacpp(routes: dict[str, Any], out_dir: Path) -> list[Path]:
+    """`llamacpp/`: per base model one f16 GGUF, per champion its LoRA as an adapter GGUF (f32), and
+    `llamacpp.sh`: one `llama-server -m BASE.gguf --lora-scaled ADAPTER.gguf 0 ...` per base (ports 8080,
+    8081, ...), every adapter loaded at scale 0 so a request picks its task's by id; `llamacpp-requests.json`:
+    per task a /completion request with `"lora": [{"id": i, "scale": 1.0}]` and the prompt as in training.
+    Raises factory.export.ExportError for a base or adapter llama.cpp cannot take (see factory/export.py)."""
+    import shlex
+
+    from factory.base_model import resolve_base
+    from factory.export import write_gguf, write_gguf_adapter
+
+    folder = out_dir / "llamacpp"
+    by_base: dict[str, list[str]] = {}
+    for task, route in sorted(routes.items()):
+        by_base.setdefault(resolve_base(route["base_model"]), []).append(task)
+    lines = ["#!/bin/sh", "# Written by `factory routes --export llamacpp`: the champions' LoRAs on shared bases.", ""]
+    files, requests = [], {}
+    for port, (base, tasks) in enumerate(sorted(by_base.items()), start=8080):
+        base_file = write_gguf(Path(base), folder / f"base-{Path(base).name}-f16.gguf", "f16", base)
+        argv = ["llama-server", "-m", str(base_file.resolve()), "--port", str(port)]
+        files.append(base_file)
+        for lora_id, task in enumerate(tasks):
+            route = routes[task]
+            adapter = write_gguf_adapter(Path(route["adapter_path"]), Path(base),
+                                         folder / f"{task}-v{route['version']}.gguf", "f32", f"{task} v{route['version']}")
+            files.append(adapter)
+            argv += ["--lora-scaled", str(adapter.resolve()), "0"]
+            example = version_routing(task, route["version"])["example"]
+            requests[task] = {"url": f"http://127.0.0.1:{port}/completion", "body": {
+                "prompt": _example_prompt(route, example), "n_predict": route["max_new_tokens"], "temperature": 0,
+                "lora": [{"id": i, "scale": 1.0 if i == lora_id else 0.0} for i in range(len(tasks))],
+                "n_probs": 1}}
+        lines.append(" ".join(shlex.quote(a) for a in argv) + (" &" if len(by_base) > 1 else ""))
+    if len(by_base) > 1:
+        lines.append("wait")
+    script, request_file = out_dir / "llamacpp.sh", out_dir / "llamacpp-requests.json"
+    write_atomic(script, "\n".join(lines) + "\n")
+    script.chmod(0o755)
+    write_atomic(request_file, json.dumps(requests, indent=2, ensure_ascii=False))
+    return [*files, script, request_file]
+
+
+EXPORTS = {"vllm": export_vllm, "lorax": export_lorax, "llamacpp": export_llamacpp}
+
+
+def record_export(name: str, version: str, key: str, files: list[Path], record: dict[str, Any]) -> dict[str, Any]:
+    """Log an export of a version (`factory.export`) to the version's run and tags.
+
+    The files go under `exports/<key>/` of the run (beside the adapter) with `export.json`: `record`
+    plus each file's sha256, the artifact URI and when. The same JSON (without the per-file list when
+    it would pass MLflow's tag limit) becomes the version tag `export.<key>`, the latest export of that
+    key; the routing metadata artifact itself is left as registered. Returns the record. Raises
+    MlflowException when the version does not exist or the store cannot be written.
+    """
+    client = MlflowClient()
+    run_id = client.get_model_version(name, version).run_id
+    record = {**record, "sha256": {f.name: sha256_file(f) for f in files},
+              "artifact_uri": f"runs:/{run_id}/exports/{key}", "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    with resume_run(run_id):
+        for file in files:
+            mlflow.log_artifact(str(file), f"exports/{key}")
+        mlflow.log_dict(record, f"exports/{key}/export.json")
+    tag = json.dumps(record)
+    if len(tag) > TAG_VALUE_LIMIT:
+        tag = json.dumps({k: v for k, v in record.items() if k != "sha256"})
+    client.set_model_version_tag(name, version, f"export.{key}", tag)
+    return record
