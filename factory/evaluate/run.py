@@ -58,9 +58,10 @@ from factory.tracking import resume_run
 
 # Part of a stored result's key: results of an earlier evaluation method are recomputed.
 # 2: threshold certified on validation, coverage and quality measured on test.
-EVAL_VERSION = 2
+# 3: the betting bound for fractional scores (was Hoeffding-Bentkus).
+EVAL_VERSION = 3
 # Kinds whose example scores are 0/1: certified with the exact binomial (Clopper-Pearson)
-# bound; the others (ROUGE-L, field F1, agent turns) with Hoeffding-Bentkus.
+# bound; the others (ROUGE-L, field F1, agent turns) with the betting bound.
 BINARY_SCORE_KINDS = frozenset({"classification", "tool_call"})
 
 
