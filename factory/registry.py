@@ -610,8 +610,9 @@ def export_lorax(routes: dict[str, Any], out_dir: Path) -> list[Path]:
 
 def export_llamacpp(routes: dict[str, Any], out_dir: Path) -> list[Path]:
     """`llamacpp/`: per base model one f16 GGUF, per champion its LoRA as an adapter GGUF (f32), and
-    `llamacpp.sh`: one `llama-server -m BASE.gguf --lora-scaled ADAPTER.gguf 0 ...` per base (ports 8080,
-    8081, ...), every adapter loaded at scale 0 so a request picks its task's by id; `llamacpp-requests.json`:
+    `llamacpp.sh`: one `llama-server -m BASE.gguf --lora-scaled A.gguf:0,B.gguf:0` per base (ports 8080,
+    8081, ...; llama.cpp builds from before its FNAME:SCALE,... syntax take `--lora-scaled FNAME SCALE` once
+    per adapter), every adapter loaded at scale 0 so a request picks its task's by id; `llamacpp-requests.json`:
     per task a /completion request with `"lora": [{"id": i, "scale": 1.0}]` and the prompt as in training.
     Raises factory.export.ExportError for a base or adapter llama.cpp cannot take (see factory/export.py)."""
     import shlex
@@ -629,17 +630,19 @@ def export_llamacpp(routes: dict[str, Any], out_dir: Path) -> list[Path]:
         base_file = write_gguf(Path(base), folder / f"base-{Path(base).name}-f16.gguf", "f16", base)
         argv = ["llama-server", "-m", str(base_file.resolve()), "--port", str(port)]
         files.append(base_file)
+        scaled = []
         for lora_id, task in enumerate(tasks):
             route = routes[task]
             adapter = write_gguf_adapter(Path(route["adapter_path"]), Path(base),
                                          folder / f"{task}-v{route['version']}.gguf", "f32", f"{task} v{route['version']}")
             files.append(adapter)
-            argv += ["--lora-scaled", str(adapter.resolve()), "0"]
+            scaled.append(f"{adapter.resolve()}:0")
             example = version_routing(task, route["version"])["example"]
             requests[task] = {"url": f"http://127.0.0.1:{port}/completion", "body": {
                 "prompt": _example_prompt(route, example), "n_predict": route["max_new_tokens"], "temperature": 0,
                 "lora": [{"id": i, "scale": 1.0 if i == lora_id else 0.0} for i in range(len(tasks))],
                 "n_probs": 1}}
+        argv += ["--lora-scaled", ",".join(scaled)]
         lines.append(" ".join(shlex.quote(a) for a in argv) + (" &" if len(by_base) > 1 else ""))
     if len(by_base) > 1:
         lines.append("wait")

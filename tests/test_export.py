@@ -192,7 +192,7 @@ def test_routes_export_llamacpp_writes_base_and_adapter_ggufs_and_a_server_comma
     script = (exports / "llamacpp.sh").read_text()
     base = exports / "llamacpp" / f"base-{ws['tiny'].name}-f16.gguf"
     adapter = exports / "llamacpp" / f"{TASK}-v1.gguf"
-    assert f"llama-server -m {base.resolve()} --port 8080 --lora-scaled {adapter.resolve()} 0" in script
+    assert f"llama-server -m {base.resolve()} --port 8080 --lora-scaled {adapter.resolve()}:0" in script
     assert fields(base)["general.type"] == "model" and fields(adapter)["general.type"] == "adapter"
     request = json.loads((exports / "llamacpp-requests.json").read_text())[TASK]
     assert request["body"]["lora"] == [{"id": 0, "scale": 1.0}]
