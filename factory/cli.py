@@ -390,7 +390,7 @@ def export(task: str,
         check = item.fidelity
         status = "[red]failed[/red]" if item.failed else "ok"
         console.print(f"{task} v{number} {item.key}: {status} - agreement {check['agreement']:.3f} on {check['n']} "
-                      f"test prompts (min {check['min_agreement'] or '-'}), task score {check['task_score']:.3f} "
+                      f"test prompts (min {'-' if check['min_agreement'] is None else check['min_agreement']}), task score {check['task_score']:.3f} "
                       f"(specialist {check['specialist_score']:.3f}), written in {item.seconds:.1f} s", soft_wrap=True)
         for path in item.files:
             console.print(f"  {path}", soft_wrap=True)
