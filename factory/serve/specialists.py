@@ -122,17 +122,32 @@ class Specialists:
         Raises KeyError for an unknown task, ChatError for a conversation the template cannot render."""
         route = self.routes[task]
         model, tokenizer = self._models[route.base_model], self._tokenizers[route.base_model]
-        budget = min(route.max_new_tokens, max_new_tokens or route.max_new_tokens)
-        seq_budget = int(route.extra.get("seq_budget") or model.config.max_position_embeddings)
-        prompt = chat.fit_prompt(tokenizer, messages, tools, prompt_budget(model.config, seq_budget, budget))
+        prompt, budget = fit_request(route, tokenizer, model.config, messages, tools, max_new_tokens)
         start = time.perf_counter()
         with self._lock:  # the adapter switch and the tokenizer's padding side are shared state
             model.set_adapter(task)
             gen = generate(model, tokenizer, [prompt], budget, batch_size=1)[0]
             prompt_tokens = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        seconds = time.perf_counter() - start
-        output = chat.parse_output(gen.text)
-        usable = kinds.get(route.kind).usable(output, route.output_schema, tools)
-        return Answer(output=output, confidence=gen.confidence, usable=usable, prompt_tokens=prompt_tokens,
-                      completion_tokens=gen.new_tokens, seconds=seconds,
-                      calibrated=calibrated_probability(route, gen.confidence, usable))
+        return make_answer(route, gen.text, gen.confidence, gen.new_tokens, prompt_tokens,
+                           time.perf_counter() - start, tools)
+
+
+def fit_request(route: Route, tokenizer, config, messages: list[dict[str, Any]], tools: list[dict[str, Any]],
+                max_new_tokens: int | None) -> tuple[str, int]:
+    """(prompt, answer budget): the request's answer budget capped by the route's, and the conversation
+    rendered as in training, shortened to the task's sequence budget (the base's context when the route
+    names none) less that answer budget. `config` is the base's model config. Raises ChatError."""
+    budget = min(route.max_new_tokens, max_new_tokens or route.max_new_tokens)
+    seq_budget = int(route.extra.get("seq_budget") or config.max_position_embeddings)
+    return chat.fit_prompt(tokenizer, messages, tools, prompt_budget(config, seq_budget, budget)), budget
+
+
+def make_answer(route: Route, text: str, confidence: float, new_tokens: int, prompt_tokens: int, seconds: float,
+                tools: list[dict[str, Any]]) -> Answer:
+    """The `Answer` of a generated `text` whatever generated it: parsed as training rendered answers,
+    judged usable by the task's kind, calibrated by the route's map. Raises ValueError for a malformed map."""
+    output = chat.parse_output(text)
+    usable = kinds.get(route.kind).usable(output, route.output_schema, tools)
+    return Answer(output=output, confidence=confidence, usable=usable, prompt_tokens=prompt_tokens,
+                  completion_tokens=new_tokens, seconds=seconds,
+                  calibrated=calibrated_probability(route, confidence, usable))
