@@ -466,8 +466,9 @@ RoutesOpt = Annotated[Optional[Path], typer.Option("--routes", help="routing tab
 EmbeddingOpt = Annotated[bool, typer.Option(help="nearest task centroid when no signature matches")]
 
 
-def _router(routes_file: Path | None, embedding: bool, min_similarity: float):
-    """Routes, router and specialists (adapters are fetched from the MLflow store when not local)."""
+def _router(routes_file: Path | None, embedding: bool, min_similarity: float, specialists=None):
+    """Routes, router and specialists (adapters are fetched from the MLflow store when not local);
+    `specialists(routes)` builds them when given (`serve --backend`), else `Specialists`."""
     from factory.serve.centroids import build_router
     from factory.serve.router import load_routes
     from factory.serve.specialists import Specialists
@@ -480,7 +481,7 @@ def _router(routes_file: Path | None, embedding: bool, min_similarity: float):
     router, missing = build_router(table, data_dir(), embedding, min_similarity)
     for task in missing:
         console.print(f"{task}: no dataset under {data_dir()}, so no embedding centroid (signature matches only)")
-    return router, Specialists(table)
+    return router, (specialists or Specialists)(table)
 
 
 @app.command()
@@ -494,24 +495,34 @@ def serve(host: str = "127.0.0.1", port: int = 8000,
           routes_file: RoutesOpt = None, log_dir: Annotated[Optional[Path], typer.Option(
               help="request logs for `factory ingest`, private to this user (default <data dir>/logs/serve)")] = None,
           upstream_timeout: float = 60.0, max_request_bytes: int = 512 * 1024, embedding: EmbeddingOpt = True,
-          min_similarity: float = 0.8) -> None:
+          min_similarity: float = 0.8,
+          backend: Annotated[str, typer.Option(
+              help="where specialists generate: local (in-process), vllm or llamacpp (a server at --backend-url "
+                   "started from `factory routes --export vllm|llamacpp`)")] = "local",
+          backend_url: Annotated[Optional[str], typer.Option(
+              help="base URL of the vLLM or llama-server, e.g. http://127.0.0.1:8000")] = None,
+          backend_timeout: Annotated[float, typer.Option(
+              help="seconds a backend call may take before the request escalates")] = 30.0) -> None:
     """Serve the champions behind an OpenAI-compatible endpoint, escalating to --upstream."""
     import uvicorn
 
     from factory.serve.app import ServeConfig, check_bind, create_app, load_api_keys
+    from factory.serve.backends import make_specialists
 
     try:
         keys = load_api_keys(api_keys_env, api_keys_file)
         check_bind(host, keys)
+        router, specialists = _router(routes_file, embedding, min_similarity,
+                                      lambda table: make_specialists(backend, backend_url, table, backend_timeout))
     except (OSError, ValueError) as err:
         raise _fail(str(err)) from None
-    router, specialists = _router(routes_file, embedding, min_similarity)
     config = ServeConfig(log_dir=log_dir or data_dir() / "logs" / "serve", upstream=upstream,
                          upstream_key=os.environ.get(upstream_key_env) or None, upstream_timeout=upstream_timeout,
                          upstream_model=upstream_model, api_keys=keys, max_request_bytes=max_request_bytes)
     if upstream and not config.upstream_key:
         console.print(f"no key in ${upstream_key_env}: escalations go upstream without Authorization")
-    console.print(f"serving {len(router.routes)} specialist(s) on http://{host}:{port}/v1, logging to {config.log_dir}")
+    console.print(f"serving {len(router.routes)} specialist(s) ({backend} backend) on http://{host}:{port}/v1, "
+                  f"logging to {config.log_dir}")
     uvicorn.run(create_app(router, specialists, config), host=host, port=port)
 
 

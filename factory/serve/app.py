@@ -32,7 +32,9 @@ Auth: bearer keys (`ServeConfig.api_keys`); `check_bind` refuses an open server 
 non-loopback address. Limits: request bodies over `max_request_bytes` get 413 (the
 default keeps a logged call under ingest's 1 MiB line limit), JSON nested deeper than
 pydantic's parser allows (about 200 levels) gets 400, upstream calls time out after
-`upstream_timeout` seconds (504). Every served request is logged
+`upstream_timeout` seconds (504). A remote specialist backend (`backends`: vLLM, llama.cpp)
+that fails or times out escalates the request with reason `backend_error` / `backend_timeout`,
+counted in `factory_backend_errors`. Every served request is logged
 (`requestlog.RequestLog`); invalid and unauthorised requests are not.
 """
 
@@ -66,6 +68,7 @@ from factory.serve.protocol import (ChatCompletionRequest, InvalidRequest, opena
                                     plain_messages, plain_tools)
 from factory.serve.requestlog import RequestLog, log_entry
 from factory.serve.router import SPECIALIST, UPSTREAM, Decision, Match, Route, Router, decide
+from factory.serve.backends import BackendError, RemoteSpecialists
 from factory.serve.specialists import Answer, Specialists
 
 logger = logging.getLogger(__name__)
@@ -138,6 +141,8 @@ class _Metrics:
                                     buckets=[i / 10 for i in range(1, 11)], registry=self.registry)
         self.upstream_errors = Counter("factory_upstream_errors", "Failed upstream calls", ["kind"],
                                        registry=self.registry)
+        self.backend_errors = Counter("factory_backend_errors", "Specialist answers a remote backend did not give",
+                                      ["reason"], registry=self.registry)
 
 
 def _error(message: str, kind: str = "invalid_request_error", param: str | None = None,
@@ -274,8 +279,9 @@ def accumulate(chunks: list[dict[str, Any]]) -> dict[str, Any]:
     return response | ({"usage": usage} if usage else {})
 
 
-def create_app(router: Router, specialists: Specialists, config: ServeConfig) -> FastAPI:
-    """The FastAPI app; the upstream client and the request log live for the app's lifespan."""
+def create_app(router: Router, specialists: Specialists | RemoteSpecialists, config: ServeConfig) -> FastAPI:
+    """The FastAPI app; the upstream client and the request log live for the app's lifespan. `specialists`
+    generates in-process or on a vLLM / llama.cpp server (`backends`); the routing is the same."""
     metrics = _Metrics()
     state: dict[str, Any] = {}
 
@@ -431,6 +437,10 @@ def create_app(router: Router, specialists: Specialists, config: ServeConfig) ->
         try:
             answer = await run_in_threadpool(specialists.answer, match.route.task, messages, tools,
                                              chat_request.budget)
+        except BackendError as err:  # the serving engine failed or timed out: the upstream answers
+            metrics.backend_errors.labels(err.reason).inc()
+            logger.warning("specialist %s: %s; escalating (%s)", match.route.task, err, err.reason)
+            return match, None, Decision(UPSTREAM, err.reason)
         except Exception:  # a failing specialist must not fail the request: the upstream answers
             logger.exception("specialist %s failed; escalating", match.route.task)
             return match, None, Decision(UPSTREAM, "specialist_error")
