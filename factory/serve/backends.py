@@ -40,14 +40,14 @@ whose `reason` ("backend_timeout" or "backend_error") the server uses as the esc
 reason: the request goes to the upstream LLM, is counted in `factory_backend_errors` and
 logged with the message.
 
-Deployment, from the exports of `factory routes`:
+Deployment, from the exports of `factory routes` (written to registry/exports/):
 
-    factory routes --export vllm --out deploy/      # writes deploy/vllm.sh
-    sh deploy/vllm.sh                                # vllm serve BASE --port 8000 --enable-lora --lora-modules t=path ...
+    factory routes --export vllm         # registry/exports/vllm.sh
+    sh registry/exports/vllm.sh          # vllm serve BASE --port 8000 --enable-lora --lora-modules task=path ...
     factory serve --backend vllm --backend-url http://127.0.0.1:8000
 
-    factory routes --export llamacpp --out deploy/  # deploy/llamacpp.sh, deploy/llamacpp/*.gguf
-    sh deploy/llamacpp.sh                            # llama-server -m base.gguf --port 8080 --lora-scaled a.gguf:0,...
+    factory routes --export llamacpp     # registry/exports/llamacpp.sh and llamacpp/*.gguf
+    sh registry/exports/llamacpp.sh      # llama-server -m base-f16.gguf --port 8080 --lora-scaled a.gguf:0,...
     factory serve --backend llamacpp --backend-url http://127.0.0.1:8080
 
 One URL serves one base model (both engines load one base per process), so a remote backend
