@@ -19,8 +19,8 @@ covers one token fewer.
 vLLM (`POST {URL}/v1/completions`, OpenAI's completions API): `model` is the task's LoRA
 name as `--lora-modules task=path` registered it, `logprobs: 1`; read back
 `choices[0].text`, `choices[0].logprobs.token_logprobs` (the chosen tokens' log-probs;
-vLLM reports raw model log-probs by default, as `_ChosenLogprobs` records them) and
-`usage.completion_tokens`.
+vLLM reports raw model log-probs by default, as `_ChosenLogprobs` records them); the
+completion's token count is the number of log-probs.
 
 llama.cpp (`POST {URL}/completion`, llama-server's native endpoint, as
 `factory routes --export llamacpp` configures the server: one base GGUF, every adapter loaded
@@ -31,8 +31,9 @@ will default to 0.0"), `n_probs: 1`, `repeat_penalty: 1.0` (older builds default
 which greedy local decoding does not apply). Read back, as tools/server/README.md of
 ggml-org/llama.cpp documents the response: `content`, `completion_probabilities[*].logprob`
 (the chosen token's log-probability, computed "via a simple softmax of the logits without
-considering any other sampler settings" unless `post_sampling_probs` is set, which is not)
-and `tokens_predicted`.
+considering any other sampler settings" unless `post_sampling_probs` is set, which is not).
+(The README's example names that list `probs`; its text and the server name it
+`completion_probabilities`.)
 
 Failures: a timeout (`--backend-timeout`, seconds, for each of connect/read/write), an
 unreachable server, a non-200 status or a body without those fields raise `BackendError`,
@@ -56,7 +57,6 @@ refuses a routing table whose tasks span several bases; the exports start one se
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from dataclasses import dataclass
@@ -69,7 +69,6 @@ from factory.models import load_tokenizer
 from factory.serve.router import Route
 from factory.serve.specialists import Answer, Specialists, calibrated_probability, fit_request, make_answer
 
-logger = logging.getLogger(__name__)
 BACKENDS = ("local", "vllm", "llamacpp")
 
 
