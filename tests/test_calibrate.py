@@ -227,7 +227,7 @@ def test_clopper_pearson_values():
 
 def test_betting_bound_adapts_to_the_spread_of_the_scores():
     # a perfect sample: (1 + R) ** 10 = 1 / delta
-    assert betting_lower_bound(np.ones(10), DELTA) == pytest.approx(1 - (DELTA ** -0.1 - 1), abs=1e-9)
+    assert betting_lower_bound(np.ones(10), DELTA) == pytest.approx(1 - (DELTA ** -0.1 - 1), abs=1e-7)  # errs low by < 2**-24
     rng = np.random.default_rng(0)
     tight = np.clip(rng.normal(0.95, 0.04, 100), 0, 1)
     hoeffding = tight.mean() - np.sqrt(np.log(1 / DELTA) / (2 * tight.size))

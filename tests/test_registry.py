@@ -273,7 +273,7 @@ def test_routes_follow_an_alias_moved_by_hand_and_export_for_vllm_and_lorax(ws):
 
 def test_unknown_export_is_refused(ws):
     result = cli("routes", "--export", "tgi", ok=False)
-    assert "unknown export tgi; known: lorax, vllm" in result.text
+    assert "unknown export tgi; known: llamacpp, lorax, vllm" in result.text
 
 
 def test_champion_pyfunc_loads_and_predicts_in_a_fresh_process(ws):
