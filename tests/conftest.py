@@ -8,6 +8,12 @@ Base models
                     unit tests of training / evaluation code.
 ``too_large_config`` a config.json mapping (no weights) too large to train on this machine.
 
+Workspaces
+----------
+``tracking``        a per-test sqlite MLflow store and artifact folder (env and client).
+``enter_workspace`` (a function) points a test's factory at its own folder: cwd, data,
+                    registry, MLflow store and artifacts under one root.
+
 Streams
 -------
 ``stderr``          a buffer for sys.stderr, once a terminal and once not (progress bars
@@ -27,6 +33,7 @@ import io
 import json
 from pathlib import Path
 
+import mlflow
 import pytest
 
 
@@ -109,3 +116,22 @@ class _Buffer(io.StringIO):
 def stderr(request) -> _Buffer:
     """A buffer whose `terminal` (its isatty) is True in one run of the test, False in the other."""
     return _Buffer(request.param)
+
+
+@pytest.fixture
+def tracking(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("FACTORY_ARTIFACT_ROOT", str(tmp_path / "artifacts"))
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def enter_workspace(root: Path, mp: pytest.MonkeyPatch) -> Path:
+    """cd into `root` and keep the factory's data, registry, MLflow store and artifacts under it."""
+    mp.chdir(root)
+    mp.setenv("FACTORY_DATA_DIR", str(root / "datasets"))
+    mp.setenv("FACTORY_REGISTRY_DIR", str(root / "registry"))
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    mp.setenv("FACTORY_ARTIFACT_ROOT", str(root / "artifacts"))
+    return root

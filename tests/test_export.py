@@ -21,6 +21,7 @@ from mlflow import MlflowClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from factory.export import ExportError, apply_gguf_adapter, load_gguf, ollama_template, write_gguf
+from conftest import enter_workspace
 from test_registry import TASK, cli, recipe_args, write_records
 
 PROMPT = "<|im_start|>system\nSort the ticket.<|im_end|>\n<|im_start|>user\nwhere is my parcel<|im_end|>\n" \
@@ -32,11 +33,7 @@ def ws(tmp_path_factory, tiny_model_dir):
     """The workspace with v1 of the task registered and champion; yields its paths."""
     root = tmp_path_factory.mktemp("export")
     with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        mp.setenv("FACTORY_DATA_DIR", str(root / "datasets"))
-        mp.setenv("FACTORY_REGISTRY_DIR", str(root / "registry"))
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        mp.setenv("FACTORY_ARTIFACT_ROOT", str(root / "artifacts"))
+        enter_workspace(root, mp)
         write_records(root / "datasets", 60)
         cli("mine", "--min-examples", "20")
         cli("train", TASK, *recipe_args(tiny_model_dir, 0))

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import mlflow
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -48,15 +47,6 @@ def _recipe(tiny_model_dir: Path, *overrides: str) -> tuple[Recipe, dict]:
 
 def _losses(run_id: str) -> list[float]:
     return [m.value for m in sorted(MlflowClient().get_metric_history(run_id, "loss"), key=lambda m: m.step)]
-
-
-@pytest.fixture
-def tracking(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("FACTORY_ARTIFACT_ROOT", str(tmp_path / "artifacts"))
-    mlflow.set_tracking_uri(uri)
-    return uri
 
 
 def test_qlora_trains_on_4bit_layers_on_cpu_and_its_adapter_loads_back_and_generates(tmp_path, tiny_model_dir,

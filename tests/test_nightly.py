@@ -12,7 +12,6 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from factory import nightly as nightly_module
 from factory import pipeline as pipeline_module
 from factory.nightly import NightlyConfig, NightlyLocked, Paths, nightly
 

@@ -12,6 +12,7 @@ from mlflow import MlflowClient
 from typer.testing import CliRunner
 
 from factory.cli import app
+from conftest import enter_workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLES = ROOT / "datasets" / "samples"
@@ -21,12 +22,7 @@ def _enter(root: Path, mp: pytest.MonkeyPatch) -> Path:
     logs = root / "logs"
     logs.mkdir()
     shutil.copy(SAMPLES / "logs" / "support-agent-2026-11-03.jsonl", logs)
-    mp.chdir(root)
-    mp.setenv("FACTORY_DATA_DIR", str(root / "datasets"))
-    mp.setenv("FACTORY_REGISTRY_DIR", str(root / "registry"))
-    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-    mp.setenv("FACTORY_ARTIFACT_ROOT", str(root / "artifacts"))
-    return root
+    return enter_workspace(root, mp)
 
 
 @pytest.fixture

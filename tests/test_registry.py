@@ -28,6 +28,7 @@ from typer.testing import CliRunner
 from factory.cli import app
 from factory.records import Record, content_id, to_table
 from factory.registry import HISTORY_TAG, ROUTING_FILE, version_routing
+from conftest import enter_workspace
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK = "classify-intent"
@@ -98,11 +99,7 @@ def ws(tmp_path_factory, tiny_model_dir):
     """The workspace with v1, v2 (dataset A) and v3 (dataset B) registered; yields its paths."""
     root = tmp_path_factory.mktemp("registry")
     with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        mp.setenv("FACTORY_DATA_DIR", str(root / "datasets"))
-        mp.setenv("FACTORY_REGISTRY_DIR", str(root / "registry"))
-        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        mp.setenv("FACTORY_ARTIFACT_ROOT", str(root / "artifacts"))
+        enter_workspace(root, mp)
         write_records(root / "datasets", 60)
         cli("mine", "--min-examples", "20")
         first = dataset_version(root / "datasets")

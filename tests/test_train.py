@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import mlflow
 import pytest
 import torch
 from mlflow import MlflowClient
@@ -53,15 +52,6 @@ def _task(tmp: Path, n: int = 48) -> tuple[Path, dict]:
 def _recipe(tiny_model_dir: Path, *overrides: str) -> tuple[Recipe, dict]:
     return load_recipe(None, "cpu-lora", [f"base_model={tiny_model_dir}", "learning_rate=0.01", "batch_size=4",
                                           "max_train_samples=null", "warmup_ratio=0", *overrides], RECIPES)
-
-
-@pytest.fixture
-def tracking(tmp_path, monkeypatch):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    monkeypatch.setenv("FACTORY_ARTIFACT_ROOT", str(tmp_path / "artifacts"))
-    mlflow.set_tracking_uri(uri)
-    return uri
 
 
 # --- data ----------------------------------------------------------------------------------------
