@@ -578,10 +578,14 @@ def export_vllm(routes: dict[str, Any], out_dir: Path) -> list[Path]:
             requests[task] = {"url": f"http://127.0.0.1:{port}/v1/completions", "body": {
                 "model": task, "prompt": _example_prompt(routes[task], example),
                 "max_tokens": routes[task]["max_new_tokens"], "temperature": 0, "logprobs": 1}}
-    if len(by_base) > 1:
-        lines.append("wait")
-    script, request_file = out_dir / "vllm.sh", out_dir / "vllm-requests.json"
-    write_atomic(script, "\n".join(lines) + "\n")
+    return _write_launch(out_dir, "vllm", lines, requests, len(by_base) > 1)
+
+
+def _write_launch(out_dir: Path, name: str, lines: list[str], requests: dict[str, Any], several: bool) -> list[Path]:
+    """`<name>.sh` (the server command lines; with `several` servers in the background, then a
+    `wait`) and `<name>-requests.json` (a request example per task), written atomically."""
+    script, request_file = out_dir / f"{name}.sh", out_dir / f"{name}-requests.json"
+    write_atomic(script, "\n".join([*lines, "wait"] if several else lines) + "\n")
     script.chmod(0o755)
     write_atomic(request_file, json.dumps(requests, indent=2, ensure_ascii=False))
     return [script, request_file]
@@ -644,13 +648,7 @@ def export_llamacpp(routes: dict[str, Any], out_dir: Path) -> list[Path]:
                 "n_probs": 1}}
         argv += ["--lora-scaled", ",".join(scaled)]
         lines.append(" ".join(shlex.quote(a) for a in argv) + (" &" if len(by_base) > 1 else ""))
-    if len(by_base) > 1:
-        lines.append("wait")
-    script, request_file = out_dir / "llamacpp.sh", out_dir / "llamacpp-requests.json"
-    write_atomic(script, "\n".join(lines) + "\n")
-    script.chmod(0o755)
-    write_atomic(request_file, json.dumps(requests, indent=2, ensure_ascii=False))
-    return [*files, script, request_file]
+    return [*files, *_write_launch(out_dir, "llamacpp", lines, requests, len(by_base) > 1)]
 
 
 EXPORTS = {"vllm": export_vllm, "lorax": export_lorax, "llamacpp": export_llamacpp}
