@@ -1,22 +1,26 @@
-"""Serving benchmark: routing overhead without generation, and requests/s with a CPU specialist.
+"""Serving benchmark: routing overhead without generation, and the router under concurrent load.
 
 route_p50_ms / route_p99_ms    `Router.match` + `decide` on real requests from the sample logs
                                that match a route by signature (target p50 < 1 ms), with the
                                embedding fallback installed; `route_embedding_calls` counts how
                                often it ran on them (must be 0)
 route_fallback_p50_ms          the same for requests no signature matches (the fallback embeds)
-serve_rps, serve_p50_ms        sequential HTTP requests to the app on loopback: the real SmolLM2
-                               base with a LoRA adapter, short classification prompts, every
-                               answer by the specialist (threshold 0; the route is marked free_text
-                               so an untrained adapter's answer counts as usable)
-direct_p50_ms                  the same generation without HTTP, interleaved with the requests;
-                               serve_overhead_ms = serve_p50_ms - direct_p50_ms
+serve_rps_c{N}, serve_p50_ms_c{N}, serve_p99_ms_c{N}, serve_specialist_share_c{N}
+                               N = 1, 4, 16, 64 concurrent HTTP clients on loopback sending a fixed
+                               number of requests: sample-log calls of three support-agent tasks, each
+                               served by the real SmolLM2 base with its own LoRA adapter (small random
+                               weights; routes marked free_text with threshold 0, so every matched
+                               answer is the specialist's), and one call in eight with a system prompt
+                               no task has, which escalates to a stub upstream on loopback that answers
+                               after UPSTREAM_DELAY_S
+serve_batched_speedup          serve_rps_c16 / serve_rps_c1 (the baseline: one client, same run)
+serve_p99_c16_over_p50_c1      serve_p99_ms_c16 / serve_p50_ms_c1 (target <= 4)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +29,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 LOGS = ROOT / "datasets" / "samples" / "logs"
-N_ROUTE, N_SERVE = 2000, 24
+N_ROUTE = 2000
 
 
 def _sample_calls(limit: int = 4000) -> list[dict]:
@@ -101,42 +105,119 @@ def bench_routing() -> dict[str, float]:
             "route_embedding_calls": float(matched_embeddings), "route_fallback_p50_ms": _pct(fallback, 50)}
 
 
-def bench_serving() -> dict[str, float]:
-    import httpx
+STEPS = ("classify_intent", "draft_reply", "extract_ticket")
+LEVELS = {1: 24, 4: 48, 16: 96, 64: 128}  # concurrent clients: requests sent
+UPSTREAM_DELAY_S = 0.2
+ANSWER_TOKENS = 32
+
+
+def _stub_upstream():
+    import asyncio
+
+    from fastapi import FastAPI
+
+    app = FastAPI()
+
+    @app.post("/v1/chat/completions")
+    async def chat():
+        await asyncio.sleep(UPSTREAM_DELAY_S)
+        return {"id": "up", "object": "chat.completion", "created": 0, "model": "teacher",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "teacher"},
+                             "finish_reason": "stop"}]}
+
+    return app
+
+
+def _adapters(base: Path, folder: Path) -> dict[str, Path]:
+    """One LoRA adapter per task, B drawn small (0.02) so each task's answers differ from the base's."""
+    import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    torch.manual_seed(0)
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                      task_type="CAUSAL_LM")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), lora)
+    out = {}
+    for step in STEPS:
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.data.normal_(0, 0.02)
+        out[step] = folder / step
+        model.save_pretrained(out[step])
+    return out
+
+
+def _load(url: str, bodies: list[dict], clients: int) -> tuple[list[float], int]:
+    """Send `bodies` from `clients` threads, each with its own keep-alive connection; (latencies, specialist
+    answers)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    queue, lock, latencies, served = list(reversed(bodies)), threading.Lock(), [], [0]
+
+    def client() -> None:
+        with httpx.Client(timeout=600) as http:
+            while True:
+                with lock:
+                    if not queue:
+                        return
+                    body = queue.pop()
+                start = time.perf_counter()
+                response = http.post(f"{url}/v1/chat/completions", json=body)
+                seconds = time.perf_counter() - start
+                assert response.status_code == 200, response.text
+                with lock:
+                    latencies.append(seconds)
+                    served[0] += response.headers.get("x-factory-route") == "specialist"
+
+    with ThreadPoolExecutor(clients) as pool:
+        for future in [pool.submit(client) for _ in range(clients)]:
+            future.result()
+    return latencies, served[0]
+
+
+def bench_serving() -> dict[str, float]:
     from factory.base_model import ensure_checkpoint
     from factory.serve.app import ServeConfig, create_app, running
     from factory.serve.router import Router
     from factory.serve.specialists import Specialists
 
     base = ensure_checkpoint()
-    calls = [c for c in _sample_calls() if c["metadata"]["step"] == "classify_intent"][: N_SERVE + 2]
+    calls = [c for c in _sample_calls() if c["metadata"]["step"] in STEPS]
+    bodies = []
+    for i, call in enumerate(calls[: max(LEVELS.values()) + 8]):
+        messages = call["request"]["messages"]
+        if i % 8 == 7:  # no task has this prompt: the router escalates it
+            messages = [{"role": "system", "content": "Translate the message to French."}, *messages[1:]]
+        bodies.append({"model": "gpt-4o", "messages": messages, "metadata": call["metadata"]})
+    figures = {}
     with tempfile.TemporaryDirectory() as tmp:
-        adapter = Path(tmp) / "adapter"
-        lora = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                          task_type="CAUSAL_LM")
-        get_peft_model(AutoModelForCausalLM.from_pretrained(base), lora).save_pretrained(adapter)
-        specialists = Specialists(_routes(calls, str(base), str(adapter), kind="free_text"))
-        app = create_app(Router(specialists.routes), specialists, ServeConfig(log_dir=Path(tmp) / "logs"))
-        http, direct, served = [], [], 0
-        with running(app) as url, httpx.Client(timeout=120) as client:
-            for i, call in enumerate(calls):
-                body = {"model": "gpt-4o", "messages": call["request"]["messages"], "metadata": call["metadata"]}
-                start = time.perf_counter()
-                response = client.post(f"{url}/v1/chat/completions", json=body)
-                seconds = time.perf_counter() - start
-                start = time.perf_counter()
-                specialists.answer("classify-intent", call["request"]["messages"], [])
-                if i >= 2:  # the first requests warm up
-                    http.append(seconds)
-                    direct.append(time.perf_counter() - start)
-                    served += response.headers.get("x-factory-route") == "specialist"
-    return {"serve_rps": len(http) / sum(http), "serve_p50_ms": statistics.median(http) * 1000,
-            "direct_p50_ms": statistics.median(direct) * 1000,
-            "serve_overhead_ms": (statistics.median(http) - statistics.median(direct)) * 1000,
-            "serve_specialist_share": served / len(http)}
+        adapters = _adapters(base, Path(tmp))
+        routes = _routes(calls, str(base), "", kind="free_text")
+        routes = {task: dataclasses.replace(route, adapter_uri=str(adapters[step]), max_new_tokens=ANSWER_TOKENS)
+                  for task, route in routes.items() if (step := task.replace("-", "_")) in STEPS}
+        assert len(routes) == len(STEPS), sorted(routes)
+        specialists = Specialists(routes, max_batch=32)
+        with running(_stub_upstream()) as upstream:
+            config = ServeConfig(log_dir=Path(tmp) / "logs", upstream=f"{upstream}/v1")
+            app = create_app(Router(routes), specialists, config)
+            with running(app) as url:
+                _load(url, bodies[-8:], 4)  # warm up: first forward passes, prefix caches
+                for clients, count in LEVELS.items():
+                    start = time.perf_counter()
+                    latencies, served = _load(url, bodies[:count], clients)
+                    wall = time.perf_counter() - start
+                    figures |= {f"serve_rps_c{clients}": count / wall,
+                                f"serve_p50_ms_c{clients}": _pct(latencies, 50),
+                                f"serve_p99_ms_c{clients}": _pct(latencies, 99),
+                                f"serve_specialist_share_c{clients}": served / count}
+        specialists.close()
+    figures["serve_batched_speedup"] = figures["serve_rps_c16"] / figures["serve_rps_c1"]
+    figures["serve_p99_c16_over_p50_c1"] = figures["serve_p99_ms_c16"] / figures["serve_p50_ms_c1"]
+    return figures
 
 
 def run() -> dict[str, float]:

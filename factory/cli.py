@@ -502,7 +502,12 @@ def serve(host: str = "127.0.0.1", port: int = 8000,
           backend_url: Annotated[Optional[str], typer.Option(
               help="base URL of the vLLM or llama-server, e.g. http://127.0.0.1:8000")] = None,
           backend_timeout: Annotated[float, typer.Option(
-              help="seconds a backend call may take before the request escalates")] = 30.0) -> None:
+              help="seconds a specialist answer may take (queueing included) before the request escalates")] = 30.0,
+          max_batch: Annotated[int, typer.Option(
+              min=1, help="local backend: requests decoded together in one batch (all tasks of a base)")] = 32,
+          max_queue: Annotated[int, typer.Option(
+              min=0, help="local backend: requests that may wait for a batch slot; more escalate (reason "
+                          "overloaded, 503 without an upstream)")] = 256) -> None:
     """Serve the champions behind an OpenAI-compatible endpoint, escalating to --upstream."""
     import uvicorn
 
@@ -513,7 +518,8 @@ def serve(host: str = "127.0.0.1", port: int = 8000,
         keys = load_api_keys(api_keys_env, api_keys_file)
         check_bind(host, keys)
         router, specialists = _router(routes_file, embedding, min_similarity,
-                                      lambda table: make_specialists(backend, backend_url, table, backend_timeout))
+                                      lambda table: make_specialists(backend, backend_url, table, backend_timeout,
+                                                                       max_batch, max_queue))
     except (OSError, ValueError) as err:
         raise _fail(str(err)) from None
     config = ServeConfig(log_dir=log_dir or data_dir() / "logs" / "serve", upstream=upstream,

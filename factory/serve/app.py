@@ -32,9 +32,11 @@ Auth: bearer keys (`ServeConfig.api_keys`); `check_bind` refuses an open server 
 non-loopback address. Limits: request bodies over `max_request_bytes` get 413 (the
 default keeps a logged call under ingest's 1 MiB line limit), JSON nested deeper than
 pydantic's parser allows (about 200 levels) gets 400, upstream calls time out after
-`upstream_timeout` seconds (504). A remote specialist backend (`backends`: vLLM, llama.cpp)
-that fails or times out escalates the request with reason `backend_error` / `backend_timeout`,
-counted in `factory_backend_errors`. Every served request is logged
+`upstream_timeout` seconds (504). A specialist backend that fails or times out (the in-process
+`engine.Engine`, or a vLLM / llama.cpp server: `backends`) escalates the request with reason
+`backend_error` / `backend_timeout`, and one whose queue is full with reason `overloaded` (a 503
+with `Retry-After: 1` when there is no upstream): the router sheds load to the upstream LLM
+rather than queueing without bound. All three are counted in `factory_backend_errors`. Every served request is logged
 (`requestlog.RequestLog`); invalid and unauthorised requests are not.
 """
 
@@ -68,7 +70,8 @@ from factory.serve.protocol import (ChatCompletionRequest, InvalidRequest, opena
                                     plain_messages, plain_tools)
 from factory.serve.requestlog import RequestLog, log_entry
 from factory.serve.router import SPECIALIST, UPSTREAM, Decision, Match, Route, Router, decide
-from factory.serve.backends import BackendError, RemoteSpecialists
+from factory.serve.backends import RemoteSpecialists
+from factory.serve.engine import BackendError
 from factory.serve.specialists import Answer, Specialists
 
 logger = logging.getLogger(__name__)
@@ -409,6 +412,8 @@ def create_app(router: Router, specialists: Specialists | RemoteSpecialists, con
             error = _error(f"escalation needed ({decision.reason}) but {missing}", "server_error",
                            code="upstream_unavailable")
             finish(error)
+            if decision.reason == "overloaded":  # the specialists' queue is full: worth a retry soon
+                headers["Retry-After"] = "1"
             return JSONResponse(error, status_code=503, headers=headers)
         return await _forward(upstream_body, stream, info, headers, finish)
 

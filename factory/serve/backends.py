@@ -66,18 +66,11 @@ import httpx
 
 from factory.base_model import resolve_base
 from factory.models import load_tokenizer
+from factory.serve.engine import BackendError
 from factory.serve.router import Route
 from factory.serve.specialists import Answer, Specialists, calibrated_probability, fit_request, make_answer
 
 BACKENDS = ("local", "vllm", "llamacpp")
-
-
-class BackendError(Exception):
-    """A serving engine gave no answer; `reason` is the escalation reason ("backend_timeout", "backend_error")."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -183,16 +176,18 @@ class RemoteSpecialists:
                                f"({type(err).__name__}: {err}): {response.text[:300]}") from None
 
 
-def make_specialists(backend: str, url: str | None, routes: dict[str, Route],
-                     timeout: float = 30.0) -> Specialists | RemoteSpecialists:
-    """The specialists of `factory serve --backend`: in-process for "local" (no URL), else on the server
-    at `url`. Raises ValueError for an unknown backend, a missing or needless URL, and as the classes do."""
+def make_specialists(backend: str, url: str | None, routes: dict[str, Route], timeout: float = 30.0,
+                     max_batch: int = 32, max_queue: int = 256) -> Specialists | RemoteSpecialists:
+    """The specialists of `factory serve --backend`: in-process for "local" (no URL; `max_batch` rows decode
+    together, `max_queue` requests wait, `timeout` seconds bound each), else on the server at `url` (each
+    call bounded by `timeout`). Raises ValueError for an unknown backend, a missing or needless URL, and as
+    the classes do."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend == "local":
         if url:
             raise ValueError("--backend-url needs --backend vllm or llamacpp; local generates in-process")
-        return Specialists(routes)
+        return Specialists(routes, max_batch=max_batch, max_queue=max_queue, timeout=timeout)
     if not url:
         raise ValueError(f"--backend {backend} needs --backend-url (the server's base URL)")
     return RemoteSpecialists(backend, url, routes, timeout)
