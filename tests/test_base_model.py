@@ -89,10 +89,10 @@ def fake_source(monkeypatch, tmp_path):
     monkeypatch.setenv("FACTORY_CACHE_DIR", str(tmp_path / "cache"))
     gguf = tmp_path / "fake.gguf"
     gguf.write_bytes(b"GGUF v1")
-    monkeypatch.setattr(base_model, "embedded_gguf", lambda: gguf)
+    monkeypatch.setattr(base_model, "embedded_gguf", lambda name=None: gguf)
     calls = []
 
-    def convert(src, dest, status=None):
+    def convert(src, dest, status=None, spec=None):
         calls.append(dest)
         time.sleep(0.2)  # long enough for racing callers to overlap
         (dest / "config.json").write_text(json.dumps({"from": src.read_text()}))
@@ -127,7 +127,7 @@ def test_changed_gguf_is_reconverted(fake_source):
 
 
 def test_crash_during_conversion_leaves_no_half_checkpoint(fake_source, monkeypatch):
-    def crash(src, dest, status=None):
+    def crash(src, dest, status=None, spec=None):
         (dest / "model.safetensors").write_bytes(b"half")
         raise KeyboardInterrupt
 
@@ -140,7 +140,7 @@ def test_crash_during_conversion_leaves_no_half_checkpoint(fake_source, monkeypa
 
     # The next call starts over cleanly.
     monkeypatch.setattr(
-        base_model, "_convert", lambda src, dest, status=None: (dest / "ok").touch()
+        base_model, "_convert", lambda src, dest, status=None, spec=None: (dest / "ok").touch()
     )
     assert ensure_checkpoint() == target
     assert (target / "ok").exists() and not (target / "model.safetensors").exists()
