@@ -237,7 +237,7 @@ def write_report(report_dir: Path, result: dict[str, Any]) -> list[Path]:
 
     rows = result["candidates"]
     head = "| candidate | parameters | validation score | teacher | examples | gen tokens/s | train tokens/s | " \
-           "train loss | train s |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+           "mean train loss | train s |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     body = "".join(f"| {r['name']}{' **(chosen)**' if r['name'] == result['chosen'] else ''} | "
                    f"{r['parameters'] / 1e6:.1f}M | {r['score']:.3f} | {r['teacher']:.3f} | {r['n_validation']} | "
                    f"{r['generation_tokens_per_s']:.1f} | {r['train_tokens_per_s']:.0f} | {r['train_loss']:.3f} | "
@@ -254,6 +254,7 @@ def write_report(report_dir: Path, result: dict[str, Any]) -> list[Path]:
                 markerfacecolor="none" if chosen else None, color="tab:green" if chosen else "tab:blue")
         ax.annotate(r["name"], (r["parameters"] / 1e6, r["score"]), textcoords="offset points", xytext=(6, 4),
                     fontsize=8)
+    ax.margins(x=0.3)
     ax.axhline(result["target"], color="tab:red", linestyle="--", label=f"target {result['target']:.3f}")
     ax.set(xlabel="parameters (millions)", ylabel="validation score",
            title=f"{result['task']}: candidates after {result['steps']} steps")

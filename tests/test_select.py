@@ -105,8 +105,10 @@ def test_select_trains_both_candidates_keeps_the_smaller_and_writes_the_recipe_l
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "select")}
     assert {"select/candidates.json", "select/select.md", "select/select.png"} <= artifacts
 
-    # a rerun returns the stored result: no training, no new select run
-    again = select(TASK, entry, paths, names, overrides=FAST, steps=2, target=0.0, recipes_dir=recipes)
+    # a rerun (the same candidates, from the recipe's `candidates:` this time) returns the stored result:
+    # no training, no new select run
+    again = select(TASK, entry, paths, None, overrides=(*FAST, f"candidates=[{','.join(names)}]"), steps=2,
+                   target=0.0, recipes_dir=recipes)
     assert again == result
     select_runs = client.search_runs([run.info.experiment_id], "tags.stage = 'select'")
     assert len(select_runs) == 1
@@ -122,8 +124,8 @@ def test_unknown_candidates_fail_naming_them_before_anything_trains(tmp_path, ti
         pytest.raises(SelectError, select, TASK, entry, paths, ["embedded:no-such-model"], overrides=FAST,
                       recipes_dir=recipes).value)  # the error lists the known embedded models
     assert not (paths.registry / "training").exists()
-    with pytest.raises(SelectError, match="no candidates"):
-        select(TASK, entry, paths, [], overrides=FAST, recipes_dir=recipes)
+    with pytest.raises(SelectError, match="no candidates"):  # none given, and the recipe's list emptied
+        select(TASK, entry, paths, [], overrides=(*FAST, "candidates=[]"), recipes_dir=recipes)
 
 
 def test_the_recipe_layer_is_created_or_appended_and_a_broken_one_is_named(tmp_path):
