@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import importlib.util
 import json
 import os
@@ -229,14 +230,18 @@ def checkpoint_dir(name: str = EMBEDDED_NAME) -> Path:
 # ---------------------------------------------------------------------------
 
 
-def _source_fingerprint(gguf: Path) -> dict:
+def _source_fingerprint(gguf: Path, spec: Embedded | None = None) -> dict:
     st = gguf.stat()
-    return {
+    fingerprint = {
         # hashed afresh in each process (~0.1 s for the 98 MB GGUF, warm), no size+mtime shortcut
         "gguf_sha256": sha256_file(gguf),
         "gguf_size": st.st_size,
         "converter_version": CONVERTER_VERSION,
     }
+    if spec is not None and (spec.chat_template or spec.eos_token):  # a changed template is reconverted
+        fixups = json.dumps([spec.chat_template, spec.eos_token]).encode()
+        fingerprint["tokenizer_fixups"] = hashlib.sha256(fixups).hexdigest()[:16]
+    return fingerprint
 
 
 def _is_current(ckpt: Path, fingerprint: dict) -> bool:
@@ -322,6 +327,8 @@ def _convert(gguf: Path, dest: Path, status=None, spec: Embedded = EMBEDDED[EMBE
         for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
             cfg.pop(key, None)
         cfg["dtype"] = "float32"
+        if spec.eos_token:  # the config agrees with the tokenizer (transformers warns otherwise)
+            cfg["eos_token_id"] = tokenizer.convert_tokens_to_ids(spec.eos_token)
         config = type(gguf_model.config).from_dict(cfg)
         state = {k: v.detach() for k, v in gguf_model.state_dict().items()}
         generation_config = gguf_model.generation_config
@@ -390,7 +397,7 @@ def ensure_checkpoint(name: str = EMBEDDED_NAME) -> Path:
     """
     spec = embedded(name)
     gguf = embedded_gguf(name)
-    fingerprint = _source_fingerprint(gguf)
+    fingerprint = _source_fingerprint(gguf, spec)
     target = checkpoint_dir(name)
     if _is_current(target, fingerprint):
         return target

@@ -159,7 +159,7 @@ def select(task: str, entry: dict[str, Any], paths: Paths, candidates: list[str]
     """
     spec, raw = load_recipe(task, recipe, list(overrides), recipes_dir)
     names = list(dict.fromkeys(n.strip() for n in (candidates or spec.candidates) if n.strip()))
-    if len(names) < 1:
+    if not names:
         raise SelectError(f"task {task!r}: no candidates: pass --candidates a,b or set `candidates:` in the recipe")
     if steps < 1:
         raise SelectError(f"steps must be at least 1, got {steps}")
