@@ -11,6 +11,8 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from conftest import enter_workspace
+from factory.cli import app
 from factory.paths import Paths
 from factory.recipe import load_recipe
 from factory.select import Candidate, SelectError, choose, select, write_base_model
@@ -56,6 +58,8 @@ def _workspace(root: Path) -> tuple[Paths, Path, dict]:
                                                     "base_model: some/old-base  # before selection\n")
     entry = {"status": "ready", "dataset_version": "v1", "kind": "classification",
              "output_schema": {"labels": LABELS}}
+    catalog = {"tasks": {TASK: {**entry, "signature": {"agent": "a", "step": TASK, "template": "t", "tools": []}}}}
+    (root / "datasets" / "tasks.yaml").write_text(yaml.safe_dump(catalog))
     return Paths(root / "datasets", root / "registry", root / "reports"), recipes, entry
 
 
@@ -139,3 +143,14 @@ def test_the_recipe_layer_is_created_or_appended_and_a_broken_one_is_named(tmp_p
     (recipes / "tasks" / "broken.yaml").write_text("- a list\n")
     with pytest.raises(ValueError, match="broken.yaml"):
         write_base_model("broken", "x", recipes)
+
+
+def test_the_cli_names_an_unknown_candidate_and_exits_1(tmp_path, monkeypatch, tiny_model_dir):
+    from typer.testing import CliRunner
+
+    _workspace(enter_workspace(tmp_path, monkeypatch))
+    result = CliRunner().invoke(app, ["select", TASK, "--candidates", f"{tiny_model_dir},embedded:no-such-model"])
+    assert result.exit_code == 1
+    assert "candidate 'embedded:no-such-model' cannot be used" in result.output
+    assert "embedded:gemma-3-270m" in result.output  # the known embedded models are listed
+    assert not (tmp_path / "registry" / "training").exists()
