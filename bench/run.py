@@ -19,7 +19,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-STAGES = ["ingest", "mine", "train", "evaluate", "calibration", "serve", "real_logs", "export"]
+STAGES = ["ingest", "mine", "scale", "train", "evaluate", "calibration", "serve", "real_logs", "export"]
 RESULTS = Path(__file__).parent / "results" / "latest.json"
 
 
