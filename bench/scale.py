@@ -57,6 +57,7 @@ def _cluster(temp: Path):
         import ray
 
         from factory.engine import connect_ray
+        from factory.errors import FactoryError
 
         deadline = time.monotonic() + 120
         while True:
@@ -64,7 +65,7 @@ def _cluster(temp: Path):
                 connect_ray()
                 if sum(n["Alive"] for n in ray.nodes()) == 2:
                     break
-            except ConnectionError:
+            except FactoryError:  # the head is not up yet
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the Ray cluster did not start: see {log.name}")
@@ -130,6 +131,8 @@ def _retrain_all(data: Path, root: Path, model: Path, engine: str) -> float:
     shutil.copytree(data, root / "datasets")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
     os.environ["FACTORY_ARTIFACT_ROOT"] = str(root / "artifacts")
+    os.environ["FACTORY_DATA_DIR"] = str(root / "datasets")  # registration reads the splits from there
+    os.environ["FACTORY_REGISTRY_DIR"] = str(root / "registry")
     mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
     paths = Paths(root / "datasets", root / "registry", root / "reports")
     recipe, overrides = str(ROOT / "recipes" / "base" / "cpu-lora.yaml"), (f"base_model={model}", *TINY)
@@ -146,6 +149,20 @@ def _retrain_all(data: Path, root: Path, model: Path, engine: str) -> float:
 
 
 def run() -> dict[str, float]:
+    """The figures; the environment (MLflow store, data folders) is restored after, as the
+    other stages of `bench.run` run in this process too."""
+    import mlflow
+
+    saved, uri = dict(os.environ), mlflow.get_tracking_uri()
+    try:
+        return _run()
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        mlflow.set_tracking_uri(uri)
+
+
+def _run() -> dict[str, float]:
     from factory.engine import local_workers
     from factory.ingest import ingest
     from factory.nightly import prepare

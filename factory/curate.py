@@ -11,6 +11,10 @@ Records stream through in small chunks (their strings are analysed in one
 batch); memory holds the kept list, the LSH index with one MinHash per kept
 record (~1 KB each), and a bounded cache of analysis results for repeated
 strings (system prompts recur in every record).
+
+The scrub is per record, so `curate_store` hands it to `factory.engine` (every local
+core, or a Ray cluster: `ScrubBatch`); the filters and duplicate checks that follow
+depend on the records kept before, so they run in order in the calling process.
 """
 
 from __future__ import annotations
@@ -657,19 +661,24 @@ def curate_store(
     private_dir(quarantine.parent)
     tables = map_sorted_parquet(partial(ScrubBatch, config), parts, SCHEMA, ["timestamp", "id"], SCRUB_BATCH,
                                 engine, workers)
-    with pq.ParquetWriter(out_tmp, SCHEMA) as writer, _open_private(quarantine_tmp) as rejects:
-        decisions = _decisions(_unpack(tables, pii), config, count_tokens)
-        for record, reason in progress(decisions, total, "curate", "record"):
-            read += 1
-            if reason is None:
-                kept.append(record)
-                if len(kept) >= batch_size:
-                    writer.write_table(to_table(kept))
-                    kept = []
-            else:
-                removed[reason] += 1
-                rejects.write(json.dumps({"reason": reason, **record.to_row()}, ensure_ascii=False) + "\n")
-        writer.write_table(to_table(kept))
+    try:
+        with pq.ParquetWriter(out_tmp, SCHEMA) as writer, _open_private(quarantine_tmp) as rejects:
+            decisions = _decisions(_unpack(tables, pii), config, count_tokens)
+            for record, reason in progress(decisions, total, "curate", "record"):
+                read += 1
+                if reason is None:
+                    kept.append(record)
+                    if len(kept) >= batch_size:
+                        writer.write_table(to_table(kept))
+                        kept = []
+                else:
+                    removed[reason] += 1
+                    rejects.write(json.dumps({"reason": reason, **record.to_row()}, ensure_ascii=False) + "\n")
+            writer.write_table(to_table(kept))
+    except BaseException:  # a worker lost, an interrupt: the previous outputs stay as they were
+        out_tmp.unlink(missing_ok=True)
+        quarantine_tmp.unlink(missing_ok=True)
+        raise
     report = {
         "read": read,
         "kept": read - sum(removed.values()),

@@ -68,17 +68,27 @@ def local_workers() -> int:
     return int(value)
 
 
+def _factory_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES)}
+
+
 def connect_ray() -> Any:
     """The `ray` module, connected (once per process) to $RAY_ADDRESS or a local cluster.
 
-    Raises FactoryError when ray is not installed (`pip install 'slm-factory[ray]'`)."""
+    Raises FactoryError when ray is not installed (`pip install 'slm-factory[ray]'`) or the
+    cluster at $RAY_ADDRESS cannot be reached."""
     try:
         import ray
+        import ray.data
     except ImportError:
         raise FactoryError("the ray engine needs ray: pip install 'slm-factory[ray]'") from None
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, runtime_env={"env_vars": _factory_env()},
-                 log_to_driver=False, configure_logging=False)
+        address = os.environ.get("RAY_ADDRESS") or None
+        try:
+            ray.init(address=address, runtime_env={"env_vars": _factory_env()}, log_to_driver=False,
+                     configure_logging=False)
+        except ConnectionError as err:
+            raise FactoryError(f"no Ray cluster at RAY_ADDRESS={address}: {err}") from None
         ray.data.DataContext.get_current().enable_progress_bars = False
     return ray
 
@@ -165,20 +175,16 @@ def map_sorted_parquet(factory: Callable[[], Callable[[pa.Table], pa.Table]], fi
     `factory` is pickled to each worker and called there once; it must be a module-level
     callable (or a functools.partial of one). `workers` (local engine): default
     `local_workers()`. The output tables' batch boundaries differ between engines; their
-    concatenation does not. Raises FactoryError for an unknown engine or a missing ray, and
+    concatenation does not. Raises FactoryError at once for an unknown engine or a bad
+    FACTORY_WORKERS, and, while iterating, for a missing ray or an unreachable cluster, and
     what the batch function raises.
     """
     if engine_name(engine) == "ray":
-        yield from _map_ray(factory, files, schema, sort, batch_size)
-    else:
-        yield from _map_local(factory, _local_batches(files, schema, sort, batch_size), workers or local_workers())
+        return _map_ray(factory, files, schema, sort, batch_size)
+    return _map_local(factory, _local_batches(files, schema, sort, batch_size), workers or local_workers())
 
 
 # --- independent jobs ----------------------------------------------------------------------
-
-
-def _factory_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES)}
 
 
 def _run_job(job: Callable[[], T], env: dict[str, str], cwd: str) -> T:

@@ -181,6 +181,7 @@ def ray_cluster():
     try:
         nodes.append(subprocess.Popen([ray_bin, "start", f"--address={address}", *common], stdout=logs, stderr=logs))
         from factory.engine import connect_ray
+        from factory.errors import FactoryError
 
         deadline = time.monotonic() + 120
         while True:
@@ -188,7 +189,7 @@ def ray_cluster():
                 connect_ray()
                 if sum(n["Alive"] for n in ray.nodes()) == 2:
                     break
-            except ConnectionError:
+            except FactoryError:  # the head is not up yet
                 pass
             if time.monotonic() > deadline or any(n.poll() is not None for n in nodes):
                 raise RuntimeError(f"the Ray test cluster did not start: see {logs.name}")

@@ -85,3 +85,17 @@ def test_the_nightly_trains_its_tasks_as_ray_tasks(ray_cluster, tmp_path, monkey
     for task in summary.trained:
         assert [int(v.version) for v in client.search_model_versions(f"name='{task}'")] == [1]
     assert (paths.registry / "nightly" / "latest.md").read_text().count("| trained |") == 2
+
+
+def test_the_cli_names_a_bad_engine_and_writes_nothing(raw, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from factory.cli import app
+
+    data = tmp_path / "datasets"
+    (data / "records").mkdir(parents=True)
+    (data / "records" / "raw").symlink_to(raw)
+    monkeypatch.setenv("FACTORY_DATA_DIR", str(data))
+    done = CliRunner().invoke(app, ["curate", "--engine", "spark"])
+    assert done.exit_code == 1 and "unknown engine 'spark'" in done.output, done.output
+    assert not (data / "records" / "curated.parquet").exists()
