@@ -126,7 +126,7 @@ def _retrain_all(data: Path, root: Path, model: Path, engine: str) -> float:
     from factory.catalog import load_catalog
     from factory.engine import run_each
     from factory.paths import Paths
-    from factory.pipeline import finetune, task_resources
+    from factory.pipeline import finetune, open_store, task_resources
 
     shutil.copytree(data, root / "datasets")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
@@ -139,6 +139,7 @@ def _retrain_all(data: Path, root: Path, model: Path, engine: str) -> float:
     catalog = {t: e for t, e in load_catalog(paths.data / "tasks.yaml").items() if e["status"] == "ready"}
     jobs = [partial(finetune, task, entry, paths, recipe, overrides) for task, entry in catalog.items()]
     resources = [task_resources(task, recipe, overrides) for task in catalog]
+    open_store()
     start = time.perf_counter()
     results = run_each(jobs, resources, engine)
     seconds = time.perf_counter() - start

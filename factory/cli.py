@@ -288,7 +288,7 @@ def finetune(tasks: Annotated[list[str], typer.Argument(help="task names")], rec
     With --engine ray the tasks run at once on the cluster, one Ray task each asking for its
     recipe's GPUs and CPUs; a task that fails is reported and the others go on (exit 1 after)."""
     from factory.engine import engine_name, run_each
-    from factory.pipeline import finetune as finetune_task, task_resources
+    from factory.pipeline import finetune as finetune_task, open_store, task_resources
 
     if len(tasks) == 1 and engine_name(engine) == "local":
         evaluation = _finetune(tasks[0], _entry(tasks[0]), recipe, set_ or [], truth)
@@ -299,6 +299,7 @@ def finetune(tasks: Annotated[list[str], typer.Argument(help="task names")], rec
     overrides = tuple(set_ or [])
     jobs = [partial(finetune_task, task, _entry(task), paths(), recipe, overrides, truth) for task in tasks]
     resources = [task_resources(task, recipe, overrides) for task in tasks]
+    open_store()
     evaluations, failed = [], []
     for task, done in zip(tasks, run_each(jobs, resources, engine)):
         if isinstance(done, BaseException):

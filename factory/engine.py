@@ -151,10 +151,12 @@ def _map_ray(factory: Callable[[], Callable[[pa.Table], pa.Table]], files: Seque
     if not files:
         return
     ray = connect_ray()
-    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     rows = sum(pq.ParquetFile(p).metadata.num_rows for p in files)
     blocks = max(cpus, min(len(files) + cpus, -(-rows // (4 * batch_size))))  # a few batches a block
+    context.default_hash_shuffle_parallelism = blocks  # the sort's partitions (else 200 tiny ones)
     dataset = ray.data.read_parquet([str(Path(p).resolve()) for p in files], schema=schema,
                                     override_num_blocks=blocks)
     dataset = dataset.sort(sort).materialize()

@@ -45,7 +45,7 @@ from factory.engine import engine_name, run_each
 from factory.errors import FactoryError
 from factory.evaluate.run import evaluate, load_truth
 from factory.paths import Paths
-from factory.pipeline import finetune, task_resources
+from factory.pipeline import finetune, open_store, task_resources
 from factory.io import load_split, write_atomic
 from factory.mine import MineConfig, mine
 from factory.records import from_table
@@ -189,6 +189,7 @@ def _run(logs: list[Path], paths: Paths, config: NightlyConfig) -> Summary:
     jobs = [partial(_retrain, task, catalog[task], outcomes[task].reason, paths, config, deadline, reused)
             for task in planned]
     resources = [_resources(task, config) for task in planned] if engine_name(config.engine) == "ray" else []
+    open_store()
     for task, done in zip(planned, run_each(jobs, resources, config.engine)):
         if isinstance(done, BaseException):  # a worker that died, a bug: the other tasks went on
             done = TaskOutcome(task, "failed", f"{outcomes[task].reason}; {type(done).__name__}: {done}")

@@ -72,6 +72,14 @@ def finetune(task: str, entry: dict[str, Any], paths: Paths, recipe: str | None 
     return Finetuned(trained, evaluation, version, promoted)
 
 
+def open_store() -> None:
+    """Create the MLflow store's tables (a new sqlite store is migrated on first use) here,
+    before tasks running at once would race to migrate it and fail."""
+    from mlflow import MlflowClient
+
+    MlflowClient().search_registered_models(max_results=1)
+
+
 def task_resources(task: str, recipe: str | None = None, overrides: tuple[str, ...] = ()) -> dict[str, float]:
     """What one task's train -> evaluate -> register asks a Ray cluster for: its recipe's GPUs
     (`num_processes` for ddp / DeepSpeed, run by accelerate inside the task; 1 for QLoRA or a
