@@ -8,10 +8,12 @@ The stages keep their per-record functions; this module only decides how they ar
   partitions here as one Arrow table and maps the batches over a process pool of
   `local_workers()` processes (forked, so each inherits the imports and builds its own state
   once; one worker runs in this process, no pool). `ray` reads the partitions as a Ray Dataset
-  (`ray.data.read_parquet`), sorts it there, and maps the batches with `map_batches` over a
-  pool of actors, one per CPU of the cluster (each builds its state once); the results
-  stream back to this process in order. Either way at most a few batches per worker are in
-  flight, so a worker's memory is one batch plus its own state.
+  (`ray.data.read_parquet`), sorts it there (materialised in the object store, which spills
+  to disk), and maps the batches with `map_batches` over a pool of actors, one per CPU of
+  the cluster (each builds its state once); the results stream back to this process in
+  order. Either way at most a few batches per worker are in flight, so a worker's memory is
+  one batch plus its own state. (`ray` sets this process's Ray Data context: ordered
+  output, and the sort's partition count.)
 * `run_each` runs independent jobs (one task's train -> evaluate -> register) one after
   the other here (`local`), or as one Ray task each asking for that job's CPUs and GPUs
   (`ray`); a job that fails, or whose worker dies, is returned as its exception and the
@@ -20,12 +22,14 @@ The stages keep their per-record functions; this module only decides how they ar
 The engine is `--engine`, else `FACTORY_ENGINE`, else `local`. With `ray` the cluster is
 `RAY_ADDRESS` (e.g. ``ray://head:10001`` or ``127.0.0.1:6379``), else a cluster started on this
 machine with `ray start`, else a new local one for this process. The factory's own
-environment (FACTORY_*, MLFLOW_*, HF_*) travels to the workers; the data and registry paths
-are made absolute, so a multi-machine cluster needs them on storage every node mounts.
+environment (FACTORY_*, MLFLOW_*, HF_*) and, for jobs, its working directory travel to
+the workers; the Parquet paths are made absolute, so a multi-machine cluster needs the data
+and registry folders on storage every node mounts at the same path.
 
 Trade-offs: a batch crosses a process boundary both ways (pickled Arrow, cheap next to
-Presidio's ~2 ms a record); `ray` pays the cluster's start (seconds) and a sort through the
-object store, so it is worth it when the records outgrow one machine's cores. A local worker
+Presidio's ~2 ms a record); `ray` pays the cluster's start (seconds), a sort through the
+object store and its actors' start (each imports Presidio): ~25 s of fixed cost on a
+2-core machine, so it is worth it when the records outgrow one machine's cores. A local worker
 that dies breaks the pool (BrokenProcessPool: the stage fails and writes nothing; a rerun
 starts over); Ray retries a batch whose actor died on a new actor, so the stage completes.
 """
