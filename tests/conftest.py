@@ -204,7 +204,7 @@ def ray_cluster():
                 process.terminate()
             except psutil.NoSuchProcess:
                 pass
-        _, alive = psutil.wait_procs(started, timeout=10)
+        _, alive = psutil.wait_procs(started, timeout=5)
         for process in alive:
             process.kill()
         for node in nodes:  # `ray start --block` exits once its processes are gone; it reaps them
