@@ -44,7 +44,7 @@ COUNTS: Counter[str] = Counter()
 def print_counts(request):
     yield
     writer = request.config.pluginmanager.get_plugin("terminalreporter")
-    kinds = ", ".join(f"{stage} {COUNTS['faults.' + stage]}" for stage in ("ingest", "mine", "finetune", "register"))
+    kinds = ", ".join(f"{stage} {COUNTS['faults.' + stage]}" for stage in ("ingest", "curate-ray", "mine", "finetune", "register"))
     line = ("reliability: faults injected {faults} ({kinds}), kills landed {landed}, kills mid-write {partial}, "
             "reruns matched {matched}, canaries planted {planted}, canaries found {found}").format(
                 kinds=kinds, **{k: COUNTS[k] for k in ("faults", "landed", "partial", "matched", "planted", "found")})
@@ -150,6 +150,7 @@ def test_kill_a_ray_worker_during_curate_and_the_output_matches_one_core(tmp_pat
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(_curate, tmp_path / "raw", tmp_path / "ray", "ray")
         COUNTS["faults"] += 1
+        COUNTS["faults.curate-ray"] += 1
         killed = None
         while killed is None and not running.done():
             actors = [p for p in ray_cluster.processes() if "MapWorker" in _title(p)]
