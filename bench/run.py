@@ -19,8 +19,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-STAGES = ["ingest", "mine", "train", "evaluate", "calibration", "serve", "real_logs", "export"]
-STAGES.insert(STAGES.index("evaluate") + 1, "select")  # factory select: train + evaluate per candidate
+STAGES = ["ingest", "mine", "scale", "train", "evaluate", "select", "calibration", "serve", "real_logs", "export"]
 RESULTS = Path(__file__).parent / "results" / "latest.json"
 
 

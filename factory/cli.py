@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -151,7 +152,8 @@ def curate(max_tokens: Annotated[Optional[int], typer.Option(
            base_model: Annotated[Optional[str], typer.Option(
                help="tokenizer for --max-tokens [default: the default recipe's base_model]")] = None,
            keep_failed: Annotated[bool, typer.Option(help="keep failed calls")] = False,
-           keep_negative: Annotated[bool, typer.Option(help="keep negatively rated calls")] = False) -> None:
+           keep_negative: Annotated[bool, typer.Option(help="keep negatively rated calls")] = False,
+           engine: EngineOpt = None) -> None:
     """Scrub PII and secrets, drop failed or negatively rated calls, remove duplicates."""
     from factory import curate as curate_stage
 
@@ -168,7 +170,7 @@ def curate(max_tokens: Annotated[Optional[int], typer.Option(
                                        max_tokens=max_tokens)
     report = curate_stage.curate_store(raw, data_dir() / "records" / "curated.parquet",
                                        data_dir() / "quarantine" / "curate.jsonl", data_dir() / "curate-report.json",
-                                       config, count_tokens)
+                                       config, count_tokens, engine=engine)
     removed = ", ".join(f"{k} {v}" for k, v in report["removed"].items())
     console.print(f"curate: kept {report['kept']} of {report['read']}; removed: {removed}")
 
@@ -238,6 +240,9 @@ def _eval(task: str, entry, recipe, trained, truth: Path | None) -> dict:
 RecipeOpt = Annotated[Optional[str], typer.Option("--recipe", help="recipe name under recipes/base or a YAML path")]
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="override a recipe field: key=value")]
 TruthOpt = Annotated[Optional[Path], typer.Option(help="JSONL of {id, output}: ground truth for the teacher's calls")]
+EngineOpt = Annotated[Optional[str], typer.Option(
+    "--engine", help="local (this machine's cores) or ray (the cluster at $RAY_ADDRESS) [default: $FACTORY_ENGINE "
+                     "or local]")]
 
 
 @app.command()
@@ -295,18 +300,48 @@ def _finetune(task: str, entry: dict, recipe: str | None, overrides: list[str], 
         done = finetune_task(task, entry, paths(), recipe, tuple(overrides), truth)
     except ValueError as err:  # the trainer's, evaluator's and registry's checks of data and settings
         raise _fail(str(err)) from None
-    aliases = ", ".join(done.version.aliases) or "none"
-    console.print(f"{task}: trained in {done.trained.seconds:.0f} s ({done.trained.tokens_per_s:.0f} tokens/s); "
-                  f"registered v{done.version.version} (aliases: {aliases}){' - promoted' if done.promoted else ''}")
+    _print_finetuned(task, done)
     return done.evaluation
 
 
+def _print_finetuned(task: str, done) -> None:
+    aliases = ", ".join(done.version.aliases) or "none"
+    console.print(f"{task}: trained in {done.trained.seconds:.0f} s ({done.trained.tokens_per_s:.0f} tokens/s); "
+                  f"registered v{done.version.version} (aliases: {aliases}){' - promoted' if done.promoted else ''}")
+
+
 @app.command()
-def finetune(task: str, recipe: RecipeOpt = None, set_: SetOpt = None, truth: TruthOpt = None) -> None:
-    """Train, evaluate and register one task, then refresh routes.json."""
-    evaluation = _finetune(task, _entry(task), recipe, set_ or [], truth)
+def finetune(tasks: Annotated[list[str], typer.Argument(help="task names")], recipe: RecipeOpt = None,
+             set_: SetOpt = None, truth: TruthOpt = None, engine: EngineOpt = None) -> None:
+    """Train, evaluate and register tasks, then refresh routes.json.
+
+    With --engine ray the tasks run at once on the cluster, one Ray task each asking for its
+    recipe's GPUs and CPUs; a task that fails is reported and the others go on (exit 1 after)."""
+    from factory.engine import engine_name, run_each
+    from factory.pipeline import finetune as finetune_task, open_store, task_resources
+
+    if len(tasks) == 1 and engine_name(engine) == "local":
+        evaluation = _finetune(tasks[0], _entry(tasks[0]), recipe, set_ or [], truth)
+        routes()
+        print_results([evaluation])
+        return
+    _tracking()
+    overrides = tuple(set_ or [])
+    jobs = [partial(finetune_task, task, _entry(task), paths(), recipe, overrides, truth) for task in tasks]
+    resources = [task_resources(task, recipe, overrides) for task in tasks]
+    open_store()
+    evaluations, failed = [], []
+    for task, done in zip(tasks, run_each(jobs, resources, engine)):
+        if isinstance(done, BaseException):
+            failed.append(task)
+            console.print(f"{task}: failed: {done}")
+        else:
+            _print_finetuned(task, done)
+            evaluations.append(done.evaluation)
     routes()
-    print_results([evaluation])
+    print_results(evaluations)
+    if failed:
+        raise _fail(f"{len(failed)} of {len(tasks)} tasks failed: {', '.join(failed)}")
 
 
 @app.command()
@@ -451,14 +486,14 @@ def demo(logs: Path = Path("datasets/samples/logs"), truth: TruthOpt = Path("dat
 def nightly(logs: Annotated[list[Path], typer.Argument(help="log files or folders to pick new logs from")],
             recipe: RecipeOpt = None, set_: SetOpt = None, truth: TruthOpt = None,
             min_growth: float = 0.2, drift_margin: float = 0.05, max_tasks: int = 10,
-            time_budget_h: float = 6.0) -> None:
+            time_budget_h: float = 6.0, engine: EngineOpt = None) -> None:
     """Ingest new logs, re-mine, retrain what grew or drifted, promote through the gates, refresh routes."""
     from factory.nightly import NightlyConfig, NightlyLocked, nightly as run_nightly, render_summary
 
     _tracking()
     config = NightlyConfig(min_growth=min_growth, drift_margin=drift_margin, max_tasks=max_tasks,
                            time_budget_s=time_budget_h * 3600, recipe=recipe, overrides=tuple(set_ or []),
-                           truth=truth)
+                           truth=truth, engine=engine)
     try:
         summary = run_nightly(logs, paths(), config)
     except (NightlyLocked, ValueError) as err:  # a lock held, a malformed catalog, no room on disk

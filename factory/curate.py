@@ -11,6 +11,10 @@ Records stream through in small chunks (their strings are analysed in one
 batch); memory holds the kept list, the LSH index with one MinHash per kept
 record (~1 KB each), and a bounded cache of analysis results for repeated
 strings (system prompts recur in every record).
+
+The scrub is per record, so `curate_store` hands it to `factory.engine` (every local
+core, or a Ray cluster: `ScrubBatch`); the filters and duplicate checks that follow
+depend on the records kept before, so they run in order in the calling process.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import os
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from functools import lru_cache
+from functools import lru_cache, partial
 from itertools import islice
 from pathlib import Path
 from typing import Any, Literal, TextIO
@@ -54,10 +58,12 @@ from presidio_analyzer.predefined_recognizers import (
 from pydantic import BaseModel, ConfigDict, Field
 from spacy.language import Language
 
+from factory.engine import map_sorted_parquet
 from factory.io import private_dir
 from factory.progress import progress
 from factory.records import SCHEMA, Record, content_id, from_table, to_table
 
+SCRUB_BATCH = 256  # records a worker scrubs per batch: small enough to spread 1,000 records over 4 workers
 REASONS = ("failed", "negative_feedback", "served_by_specialist", "too_long", "duplicate", "near_duplicate")
 
 # Presidio entity type -> placeholder label: <EMAIL_1>, <API_KEY_2>, ...
@@ -343,8 +349,9 @@ def _record_strings(record: Record) -> list[str]:
     return found
 
 
-def _scrub_record(record: Record, find: _SpanFinder, counts: Counter[str]) -> Record:
-    """Record with every PII span replaced by its placeholder and the id recomputed."""
+def _scrub_record(record: Record, find: _SpanFinder) -> tuple[Record, Counter[str]]:
+    """Record with every PII span replaced by its placeholder and the id recomputed, and its
+    placeholders counted per label."""
     placeholders = _Placeholders()
 
     def scrub(text: str) -> str:
@@ -356,8 +363,7 @@ def _scrub_record(record: Record, find: _SpanFinder, counts: Counter[str]) -> Re
 
     messages, output_text, arguments, metadata = _map_strings(_content_parts(record), scrub)
     tool_calls = [{**call, "arguments": args} for call, args in zip(record.output_tool_calls, arguments)]
-    counts.update(placeholders.per_label)
-    return replace(
+    scrubbed = replace(
         record,
         id=content_id(messages, record.tools, output_text, tool_calls),
         messages=messages,
@@ -365,6 +371,7 @@ def _scrub_record(record: Record, find: _SpanFinder, counts: Counter[str]) -> Re
         output_tool_calls=tool_calls,
         metadata=metadata,
     )
+    return scrubbed, placeholders.per_label
 
 
 # --- filters ------------------------------------------------------------------
@@ -479,22 +486,24 @@ class _NearDuplicates:
 # --- stage --------------------------------------------------------------------
 
 
-def _scrubbed(records: Iterable[Record], find: _SpanFinder, chunk: int, pii: Counter[str]) -> Iterator[Record]:
-    """Scrubbed records, in order; strings are analysed `chunk` records at a time."""
+def _scrubbed(records: Iterable[Record], find: _SpanFinder, chunk: int) -> Iterator[tuple[Record, Counter[str]]]:
+    """Scrubbed records with their placeholder counts, in order; strings are analysed `chunk`
+    records at a time."""
     records = iter(records)
     while batch := list(islice(records, chunk)):
         find.prefetch(text for record in batch for text in _record_strings(record))
         for record in batch:
-            yield _scrub_record(record, find, pii)
+            yield _scrub_record(record, find)
 
 
 def _decisions(
-    records: Iterable[Record], config: CurateConfig, count_tokens: Callable[[str], int] | None, pii: Counter[str]
+    scrubbed: Iterable[Record], config: CurateConfig, count_tokens: Callable[[str], int] | None
 ) -> Iterator[tuple[Record, str | None]]:
-    find = _SpanFinder(config.score_threshold, config.analysis_cache_size)
+    """Each scrubbed record with the reason it is removed (None: kept), in order; sequential,
+    since whether a record duplicates another depends on every record kept before it."""
     seen_ids: set[str] = set()
     near = _NearDuplicates(config)
-    for record in _scrubbed(records, find, config.scrub_chunk, pii):
+    for record in scrubbed:
         if config.drop_failed and record.outcome == "error":
             reason = "failed"
         elif config.drop_negative_feedback and record.feedback is not None and record.feedback < 0:
@@ -513,6 +522,30 @@ def _decisions(
         yield record, reason
 
 
+class ScrubBatch:
+    """The per-record scrub as a batch function for `factory.engine`: an Arrow table of records
+    in, the scrubbed records out with a `pii` column (each record's placeholder counts, JSON).
+
+    Built once per worker (the Presidio analyzer and its cache of analysed strings)."""
+
+    def __init__(self, config: CurateConfig):
+        self.find = _SpanFinder(config.score_threshold, config.analysis_cache_size)
+        self.chunk = config.scrub_chunk
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        done = list(_scrubbed(from_table(table.select(SCHEMA.names)), self.find, self.chunk))
+        counts = pa.array([json.dumps(dict(c)) for _, c in done], pa.string())
+        return to_table([record for record, _ in done]).append_column("pii", counts)
+
+
+def _unpack(tables: Iterable[pa.Table], pii: Counter[str]) -> Iterator[Record]:
+    """The records of `ScrubBatch`'s output tables, their placeholder counts added to `pii`."""
+    for table in tables:
+        for counts in table.column("pii").to_pylist():
+            pii.update(json.loads(counts))
+        yield from from_table(table.select(SCHEMA.names))
+
+
 def curate(
     records: Iterable[Record], config: CurateConfig | None = None, count_tokens: Callable[[str], int] | None = None
 ) -> CurateResult:
@@ -529,7 +562,14 @@ def curate(
         raise ValueError("max_tokens needs a count_tokens function")
     pii: Counter[str] = Counter()
     result = CurateResult()
-    for record, reason in _decisions(records, config, count_tokens, pii):
+    find = _SpanFinder(config.score_threshold, config.analysis_cache_size)
+
+    def scrubbed() -> Iterator[Record]:
+        for record, counts in _scrubbed(records, find, config.scrub_chunk):
+            pii.update(counts)
+            yield record
+
+    for record, reason in _decisions(scrubbed(), config, count_tokens):
         if reason is None:
             result.kept.append(record)
         else:
@@ -587,6 +627,8 @@ def curate_store(
     config: CurateConfig | None = None,
     count_tokens: Callable[[str], int] | None = None,
     batch_size: int = 2_000,
+    engine: str | None = None,
+    workers: int | None = None,
 ) -> dict[str, Any]:
     """Curate every record of the Parquet folder `raw_dir`, oldest first (ties by id);
     write the kept ones to `out` (Parquet), the removed ones, scrubbed, with their reason
@@ -594,44 +636,52 @@ def curate_store(
     knows, so it stays readable by its owner alone), and the report to `report_path`;
     return the report.
 
-    Memory holds the raw records as one Arrow table (columnar, far smaller than
-    Python objects; sorting needs them all), `batch_size` records as Python objects,
-    and the duplicate indexes; kept records go out in row groups. Every file is
-    written to a temporary name and renamed. A progress bar counts the records on stderr
-    when it is a terminal (`factory.progress`). Raises ValueError as `curate` does.
+    The scrub (Presidio, ~2 ms a record) is per record, so `factory.engine` maps it in
+    batches of `SCRUB_BATCH` records over `workers` local processes (default: every core) or
+    a Ray cluster (`engine`, default $FACTORY_ENGINE or local); the filters and the duplicate
+    indexes then run here, in order, on the scrubbed stream, so every engine writes the same
+    bytes. Memory here holds the few batches in flight, the duplicate indexes and
+    `batch_size` kept records (written out in row groups); the local engine also holds the
+    raw records as one Arrow table (sorting needs them all; Ray sorts in its object store).
+    Every file is written to a temporary name and renamed. A progress bar counts the
+    records on stderr when it is a terminal (`factory.progress`). Raises ValueError as
+    `curate` does, FactoryError for a bad engine or worker count.
     """
     config = config or CurateConfig()
     if config.max_tokens is not None and count_tokens is None:
         raise ValueError("max_tokens needs a count_tokens function")
     parts = sorted(raw_dir.glob("*.parquet"))
-    table = pa.concat_tables([pq.read_table(p, schema=SCHEMA) for p in parts]) if parts else SCHEMA.empty_table()
-    table = table.sort_by([("timestamp", "ascending"), ("id", "ascending")])
-
-    def records() -> Iterator[Record]:
-        for batch in table.to_batches(max_chunksize=batch_size):
-            yield from from_table(pa.Table.from_batches([batch], schema=SCHEMA))
-
+    total = sum(pq.ParquetFile(p).metadata.num_rows for p in parts)
     pii: Counter[str] = Counter()
     removed: Counter[str] = Counter()
     kept: list[Record] = []
+    read = 0
     out_tmp, quarantine_tmp = out.with_name(f".{out.name}.tmp"), quarantine.with_name(f".{quarantine.name}.tmp")
     out.parent.mkdir(parents=True, exist_ok=True)
     private_dir(quarantine.parent)
-    with pq.ParquetWriter(out_tmp, SCHEMA) as writer, _open_private(quarantine_tmp) as rejects:
-        decisions = _decisions(records(), config, count_tokens, pii)
-        for record, reason in progress(decisions, table.num_rows, "curate", "record"):
-            if reason is None:
-                kept.append(record)
-                if len(kept) >= batch_size:
-                    writer.write_table(to_table(kept))
-                    kept = []
-            else:
-                removed[reason] += 1
-                rejects.write(json.dumps({"reason": reason, **record.to_row()}, ensure_ascii=False) + "\n")
-        writer.write_table(to_table(kept))
+    tables = map_sorted_parquet(partial(ScrubBatch, config), parts, SCHEMA, ["timestamp", "id"], SCRUB_BATCH,
+                                engine, workers)
+    try:
+        with pq.ParquetWriter(out_tmp, SCHEMA) as writer, _open_private(quarantine_tmp) as rejects:
+            decisions = _decisions(_unpack(tables, pii), config, count_tokens)
+            for record, reason in progress(decisions, total, "curate", "record"):
+                read += 1
+                if reason is None:
+                    kept.append(record)
+                    if len(kept) >= batch_size:
+                        writer.write_table(to_table(kept))
+                        kept = []
+                else:
+                    removed[reason] += 1
+                    rejects.write(json.dumps({"reason": reason, **record.to_row()}, ensure_ascii=False) + "\n")
+            writer.write_table(to_table(kept))
+    except BaseException:  # a worker lost, an interrupt: the previous outputs stay as they were
+        out_tmp.unlink(missing_ok=True)
+        quarantine_tmp.unlink(missing_ok=True)
+        raise
     report = {
-        "read": table.num_rows,
-        "kept": table.num_rows - sum(removed.values()),
+        "read": read,
+        "kept": read - sum(removed.values()),
         "removed": {reason: removed[reason] for reason in REASONS},
         "pii_placeholders": dict(sorted(pii.items())),
     }

@@ -16,6 +16,12 @@ test split dropped by at least `drift_margin` (drift). The drift check costs one
 evaluation of the champion, so it only runs when the dataset changed but grew too
 little to retrain anyway. `max_tasks` and `time_budget_s` bound a night; tasks left
 over are reported as skipped with the reason.
+
+With the ray engine (`NightlyConfig.engine`, else $FACTORY_ENGINE) the curate scrub runs on
+the cluster and the tasks to retrain run at once, one Ray task each asking for its recipe's
+resources (`pipeline.task_resources`); a task that fails, or whose worker dies, is reported
+as failed and the others go on; the time budget then bounds when a task may start. The
+summary is the same as the local engine's, tasks in catalog order.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -34,14 +41,15 @@ from mlflow import MlflowClient
 
 from factory import ingest as ingest_stage
 from factory.curate import CurateConfig, curate_store
+from factory.engine import engine_name, run_each
 from factory.errors import FactoryError
 from factory.evaluate.run import evaluate, load_truth
 from factory.paths import Paths
-from factory.pipeline import finetune
+from factory.pipeline import finetune, open_store, task_resources
 from factory.io import load_split, write_atomic
 from factory.mine import MineConfig, mine
 from factory.records import from_table
-from factory.recipe import load_recipe
+from factory.recipe import RecipeError, load_recipe
 from factory.registry import Gates, write_routes
 
 
@@ -55,6 +63,7 @@ class NightlyConfig:
     overrides: tuple[str, ...] = ()
     truth: Path | None = None
     gates: Gates = Gates()
+    engine: str | None = None  # factory.engine: None is $FACTORY_ENGINE, else local
 
 
 @dataclass
@@ -84,12 +93,13 @@ class NightlyLocked(RuntimeError):
     """Another nightly holds the lock."""
 
 
-def prepare(logs: list[Path], paths: Paths) -> tuple[int, int, dict[str, dict[str, Any]]]:
-    """Ingest, curate and mine; returns (records accepted now, curated total, catalog)."""
+def prepare(logs: list[Path], paths: Paths, engine: str | None = None) -> tuple[int, int, dict[str, dict[str, Any]]]:
+    """Ingest, curate (its scrub mapped by `engine`) and mine; returns (records accepted now,
+    curated total, catalog)."""
     stats = ingest_stage.ingest(logs, paths.data / "records" / "raw", paths.data / "quarantine" / "ingest")
     curated = paths.data / "records" / "curated.parquet"
     report = curate_store(paths.data / "records" / "raw", curated, paths.data / "quarantine" / "curate.jsonl",
-                          paths.data / "curate-report.json", CurateConfig())
+                          paths.data / "curate-report.json", CurateConfig(), engine=engine)
     return stats.accepted, report["kept"], mine(from_table(pq.read_table(curated)), paths.data, MineConfig())
 
 
@@ -159,31 +169,58 @@ def nightly(logs: list[Path], paths: Paths, config: NightlyConfig = NightlyConfi
 
 def _run(logs: list[Path], paths: Paths, config: NightlyConfig) -> Summary:
     start = time.monotonic()
+    deadline = time.time() + config.time_budget_s
     summary = Summary(started=datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    summary.ingested, summary.curated, catalog = prepare(logs, paths)
+    summary.ingested, summary.curated, catalog = prepare(logs, paths, config.engine)
     budget_left = config.max_tasks
     reused = _finished_runs(paths)
+    outcomes: dict[str, TaskOutcome] = {}
+    planned: list[str] = []
     for task, entry in catalog.items():
         needed, reason = decide(task, entry, paths, config)
         if not needed:
-            summary.tasks.append(TaskOutcome(task, "skipped", reason))
-            continue
-        if budget_left <= 0 or time.monotonic() - start > config.time_budget_s:
-            summary.tasks.append(TaskOutcome(task, "skipped", f"over tonight's budget ({reason})"))
-            continue
-        budget_left -= 1
-        try:
-            done = finetune(task, entry, paths, config.recipe, config.overrides, config.truth, config.gates)
-        except (ValueError, RuntimeError, FactoryError) as err:
-            summary.tasks.append(TaskOutcome(task, "failed", f"{reason}; {err}"))
-            continue
-        action = "trained" if done.trained.run_id not in reused else "registered (training reused)"
-        summary.tasks.append(TaskOutcome(task, action, reason, done.version.version, done.promoted,
-                                         done.evaluation["columns"]["specialist"]["score"]))
+            outcomes[task] = TaskOutcome(task, "skipped", reason)
+        elif budget_left <= 0:
+            outcomes[task] = TaskOutcome(task, "skipped", f"over tonight's budget ({reason})")
+        else:
+            budget_left -= 1
+            planned.append(task)
+            outcomes[task] = TaskOutcome(task, "planned", reason)
+    jobs = [partial(_retrain, task, catalog[task], outcomes[task].reason, paths, config, deadline, reused)
+            for task in planned]
+    resources = [_resources(task, config) for task in planned] if engine_name(config.engine) == "ray" else []
+    open_store()
+    for task, done in zip(planned, run_each(jobs, resources, config.engine)):
+        if isinstance(done, BaseException):  # a worker that died, a bug: the other tasks went on
+            done = TaskOutcome(task, "failed", f"{outcomes[task].reason}; {type(done).__name__}: {done}")
+        outcomes[task] = done
+    summary.tasks = [outcomes[task] for task in catalog]
     write_routes(paths.registry / "routes.json")
     summary.seconds = time.monotonic() - start
     _report(summary, paths)
     return summary
+
+
+def _resources(task: str, config: NightlyConfig) -> dict[str, float]:
+    try:
+        return task_resources(task, config.recipe, config.overrides)
+    except RecipeError:
+        return {"num_cpus": 1}  # the task itself reports the bad recipe as its failure
+
+
+def _retrain(task: str, entry: dict[str, Any], reason: str, paths: Paths, config: NightlyConfig, deadline: float,
+             reused: set[str]) -> TaskOutcome:
+    """One task's train -> evaluate -> register, here or on a Ray worker. A task that would
+    start after the night's time budget (`deadline`, wall clock) is skipped."""
+    if time.time() > deadline:
+        return TaskOutcome(task, "skipped", f"over tonight's budget ({reason})")
+    try:
+        done = finetune(task, entry, paths, config.recipe, config.overrides, config.truth, config.gates)
+    except (ValueError, RuntimeError, FactoryError) as err:
+        return TaskOutcome(task, "failed", f"{reason}; {err}")
+    action = "trained" if done.trained.run_id not in reused else "registered (training reused)"
+    return TaskOutcome(task, action, reason, done.version.version, done.promoted,
+                       done.evaluation["columns"]["specialist"]["score"])
 
 
 def _finished_runs(paths: Paths) -> set[str]:

@@ -5,6 +5,12 @@ step is idempotent (training returns a finished run, evaluation a stored result 
 adapter and settings, registration one version per training run), so a killed sequence
 resumes where it stopped. `factory eval` and `factory register` run one step on a finished
 training (`finished_training`) and say "train first" rather than train behind the user's back.
+
+Several tasks may run at once (`factory finetune A B --engine ray`, the nightly on Ray: one
+Ray task each, asking for `task_resources`); registrations of one registered model are
+serialised by a file lock in the registry folder (`registry/locks/<task>.lock`), so two runs
+of the same task never interleave their alias and promotion steps. Different models
+register in parallel.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import filelock
 
 from factory.errors import FactoryError
 from factory.evaluate.run import evaluate, load_truth
@@ -57,5 +65,29 @@ def finetune(task: str, entry: dict[str, Any], paths: Paths, recipe: str | None 
     spec, raw = load_recipe(task, recipe, list(overrides))
     trained = train(task, entry, spec, raw, paths.data, paths.registry)
     evaluation = evaluate_trained(task, entry, spec, trained, paths, truth)
-    version, promoted = register(entry, trained, evaluation, spec, gates)
+    locks = paths.registry / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with filelock.FileLock(str(locks / f"{task}.lock")):
+        version, promoted = register(entry, trained, evaluation, spec, gates)
     return Finetuned(trained, evaluation, version, promoted)
+
+
+def open_store() -> None:
+    """Create the MLflow store's tables (a new sqlite store is migrated on first use) here,
+    before tasks running at once would race to migrate it and fail."""
+    from mlflow import MlflowClient
+
+    MlflowClient().search_registered_models(max_results=1)
+
+
+def task_resources(task: str, recipe: str | None = None, overrides: tuple[str, ...] = ()) -> dict[str, float]:
+    """What one task's train -> evaluate -> register asks a Ray cluster for: its recipe's GPUs
+    (`num_processes` for ddp / DeepSpeed, run by accelerate inside the task; 1 for QLoRA or a
+    bf16/fp16 recipe; none for a CPU recipe) and CPUs (`torch_threads`, else 1).
+    Raises RecipeError as `load_recipe` does."""
+    spec, _ = load_recipe(task, recipe, list(overrides))
+    if spec.distributed != "none":
+        gpus = spec.num_processes or 1
+    else:
+        gpus = 1 if spec.method == "qlora" or spec.precision != "fp32" else 0
+    return {"num_cpus": spec.torch_threads or 1, "num_gpus": gpus}

@@ -14,6 +14,12 @@ Workspaces
 ``enter_workspace`` (a function) points a test's factory at its own folder: cwd, data,
                     registry, MLflow store and artifacts under one root.
 
+Ray
+---
+``ray_cluster``     a real Ray cluster on loopback for the session: a head and one worker
+                    node (`ray start`, 1 CPU each, no dashboard, so no state API), RAY_ADDRESS
+                    set to it; `.processes()` lists its processes; torn down after.
+
 Streams
 -------
 ``stderr``          a buffer for sys.stderr, once a terminal and once not (progress bars
@@ -31,7 +37,14 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import pytest
@@ -135,3 +148,73 @@ def enter_workspace(root: Path, mp: pytest.MonkeyPatch) -> Path:
     mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
     mp.setenv("FACTORY_ARTIFACT_ROOT", str(root / "artifacts"))
     return root
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A Ray cluster of two nodes on 127.0.0.1 (a head and one worker, 1 CPU and 100 MB of
+    object store each; Ray's logs under /tmp/pytest-ray-*), started with `ray start --block` so that the two processes own their
+    cluster; yields its address, set as RAY_ADDRESS, and connects this process to it. Teardown
+    disconnects, stops both `ray start` processes and kills what they started. Yields `address`
+    and `processes()`: the cluster's processes now (its workers included; psutil). Starting
+    takes ~10 s on a quiet 2-core machine."""
+    import psutil
+    import ray
+
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    temp = tempfile.mkdtemp(prefix="pytest-ray-", dir="/tmp")  # Ray's socket paths must stay short
+    port = _free_port()
+    common = ["--block", "--node-ip-address=127.0.0.1", "--num-cpus=1", "--object-store-memory=100000000",
+              "--disable-usage-stats"]
+    logs = open(Path(temp) / "ray-start.log", "wb")
+    nodes = [subprocess.Popen([ray_bin, "start", "--head", f"--port={port}", "--include-dashboard=false",
+                               f"--temp-dir={temp}", *common], stdout=logs, stderr=logs)]
+    address = f"127.0.0.1:{port}"
+    previous = os.environ.get("RAY_ADDRESS")
+    os.environ["RAY_ADDRESS"] = address
+    try:
+        nodes.append(subprocess.Popen([ray_bin, "start", f"--address={address}", *common], stdout=logs, stderr=logs))
+        from factory.engine import connect_ray
+        from factory.errors import FactoryError
+
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                connect_ray()
+                if sum(n["Alive"] for n in ray.nodes()) == 2:
+                    break
+            except FactoryError:  # the head is not up yet
+                pass
+            if time.monotonic() > deadline or any(n.poll() is not None for n in nodes):
+                raise RuntimeError(f"the Ray test cluster did not start: see {logs.name}")
+            time.sleep(1)
+        yield SimpleNamespace(address=address, processes=lambda: [
+            child for node in nodes for child in psutil.Process(node.pid).children(recursive=True)])
+    finally:
+        ray.shutdown()
+        started = [child for node in nodes for child in psutil.Process(node.pid).children(recursive=True)]
+        for process in started:
+            try:
+                process.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(started, timeout=5)
+        for process in alive:
+            process.kill()
+        for node in nodes:  # `ray start --block` exits once its processes are gone; it reaps them
+            try:
+                node.wait(5)
+            except subprocess.TimeoutExpired:
+                node.kill()
+                node.wait()
+        logs.close()  # the session folder stays: Ray Data's log handler may still write there
+        if previous is None:
+            os.environ.pop("RAY_ADDRESS", None)
+        else:
+            os.environ["RAY_ADDRESS"] = previous

@@ -1,4 +1,4 @@
-"""Reliability: SIGKILL during ingest, mine, training and registration, two trainings at
+"""Reliability: SIGKILL during ingest, mine, training and registration, of a Ray worker during curate, two trainings at
 once on one store, PII/secret canaries through the whole loop, and runs that cannot fit
 (too little data, a base model too large for memory, a disk too full).
 
@@ -13,16 +13,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 import random
 import shutil
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 from mlflow import MlflowClient
 
+from factory.curate import curate_store
 from factory.ingest import ingest, read_records
 from factory.catalog import load_catalog
 from factory.io import SPLITS
@@ -39,7 +44,7 @@ COUNTS: Counter[str] = Counter()
 def print_counts(request):
     yield
     writer = request.config.pluginmanager.get_plugin("terminalreporter")
-    kinds = ", ".join(f"{stage} {COUNTS['faults.' + stage]}" for stage in ("ingest", "mine", "finetune", "register"))
+    kinds = ", ".join(f"{stage} {COUNTS['faults.' + stage]}" for stage in ("ingest", "curate-ray", "mine", "finetune", "register"))
     line = ("reliability: faults injected {faults} ({kinds}), kills landed {landed}, kills mid-write {partial}, "
             "reruns matched {matched}, canaries planted {planted}, canaries found {found}").format(
                 kinds=kinds, **{k: COUNTS[k] for k in ("faults", "landed", "partial", "matched", "planted", "found")})
@@ -118,6 +123,46 @@ def test_kill_during_ingest_then_rerun_matches_a_clean_run(tmp_path, seed):
     assert not [p for p in (ws / "datasets" / "records" / "raw").glob("*.parquet") if p.name.startswith(".")]
     again = run(ws, "ingest", "logs")
     assert again.returncode == 0 and _ingest_view(ws / "datasets") == expected
+    COUNTS["matched"] += 1
+
+
+# --- kill -9 of a Ray worker during curate ----------------------------------------------------
+
+CURATED = ("curated.parquet", "curate.jsonl", "report.json")
+
+
+def _curate(raw: Path, out: Path, engine: str, workers: int | None = None) -> dict:
+    return curate_store(raw, *(out / name for name in CURATED), engine=engine, workers=workers)
+
+
+def _title(process) -> str:
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:  # gone, or a zombie
+        return ""
+
+
+def test_kill_a_ray_worker_during_curate_and_the_output_matches_one_core(tmp_path, ray_cluster):
+    """A Ray worker (a scrub actor) killed with SIGKILL mid-stage: Ray restarts it and retries
+    its batch, and the stage writes the bytes one local core writes: nothing lost, nothing twice."""
+    ingest([SAMPLES / "support-agent-2026-11-03.jsonl"], tmp_path / "raw", tmp_path / "quarantine")
+    expected = _curate(tmp_path / "raw", tmp_path / "local", "local", 1)
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(_curate, tmp_path / "raw", tmp_path / "ray", "ray")
+        COUNTS["faults"] += 1
+        COUNTS["faults.curate-ray"] += 1
+        killed = None
+        while killed is None and not running.done():
+            actors = [p for p in ray_cluster.processes() if "MapWorker" in _title(p)]
+            if actors:
+                os.kill(actors[0].pid, signal.SIGKILL)
+                killed = actors[0].pid
+            time.sleep(0.2)
+        assert running.result(timeout=300) == expected
+    assert killed is not None, "the curate finished before a worker could be killed"
+    COUNTS["landed"] += 1
+    for name in CURATED:
+        assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
     COUNTS["matched"] += 1
 
 

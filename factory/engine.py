@@ -1,0 +1,234 @@
+"""Where the record stages and the per-task trainings run: this process and its cores
+(`local`), or a Ray cluster (`ray`).
+
+The stages keep their per-record functions; this module only decides how they are mapped.
+
+* `map_sorted_parquet` feeds the rows of a folder of Parquet partitions, sorted, in batches
+  through a batch function and yields the results in order. `local` reads and sorts the
+  partitions here as one Arrow table and maps the batches over a process pool of
+  `local_workers()` processes (forked, so each inherits the imports and builds its own state
+  once; one worker runs in this process, no pool). `ray` reads the partitions as a Ray Dataset
+  (`ray.data.read_parquet`), sorts it there (materialised in the object store, which spills
+  to disk), and maps the batches with `map_batches` over a pool of actors, one per CPU of
+  the cluster (each builds its state once); the results stream back to this process in
+  order. Either way at most a few batches per worker are in flight, so a worker's memory is
+  one batch plus its own state. (`ray` sets this process's Ray Data context: ordered
+  output, and the sort's partition count.)
+* `run_each` runs independent jobs (one task's train -> evaluate -> register) one after
+  the other here (`local`), or as one Ray task each asking for that job's CPUs and GPUs
+  (`ray`); a job that fails, or whose worker dies, is returned as its exception and the
+  others go on.
+
+The engine is `--engine`, else `FACTORY_ENGINE`, else `local`. With `ray` the cluster is
+`RAY_ADDRESS` (e.g. ``ray://head:10001`` or ``127.0.0.1:6379``), else a cluster started on this
+machine with `ray start`, else a new local one for this process. The factory's own
+environment (FACTORY_*, MLFLOW_*, HF_*) and, for jobs, its working directory travel to
+the workers; the Parquet paths are made absolute, so a multi-machine cluster needs the data
+and registry folders on storage every node mounts at the same path.
+
+Trade-offs: a batch crosses a process boundary both ways (pickled Arrow, cheap next to
+Presidio's ~2 ms a record); `ray` pays the cluster's start (seconds), a sort through the
+object store and its actors' start (each imports Presidio): ~25 s of fixed cost on a
+2-core machine, so it is worth it when the records outgrow one machine's cores. A local worker
+that dies breaks the pool (BrokenProcessPool: the stage fails and writes nothing; a rerun
+starts over); Ray retries a batch whose actor died on a new actor, so the stage completes.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from factory.errors import FactoryError
+
+ENGINES = ("local", "ray")
+_ENV_PREFIXES = ("FACTORY_", "MLFLOW_", "HF_", "TRANSFORMERS_", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+T = TypeVar("T")
+
+
+def engine_name(name: str | None = None) -> str:
+    """`name`, else $FACTORY_ENGINE, else "local". Raises FactoryError for another value."""
+    chosen = name or os.environ.get("FACTORY_ENGINE") or "local"
+    if chosen not in ENGINES:
+        raise FactoryError(f"unknown engine {chosen!r} (--engine or FACTORY_ENGINE): one of {', '.join(ENGINES)}")
+    return chosen
+
+
+def local_workers() -> int:
+    """$FACTORY_WORKERS, else the cores this process may run on. Raises FactoryError for a bad value."""
+    value = os.environ.get("FACTORY_WORKERS")
+    if value is None:
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if not value.isdigit() or int(value) < 1:
+        raise FactoryError(f"FACTORY_WORKERS must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _factory_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES)}
+
+
+def connect_ray() -> Any:
+    """The `ray` module, connected (once per process) to $RAY_ADDRESS or a local cluster.
+
+    Raises FactoryError when ray is not installed (`pip install 'slm-factory[ray]'`) or the
+    cluster at $RAY_ADDRESS cannot be reached."""
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise FactoryError("the ray engine needs ray: pip install 'slm-factory[ray]'") from None
+    if not ray.is_initialized():
+        address = os.environ.get("RAY_ADDRESS") or None
+        try:
+            ray.init(address=address, runtime_env={"env_vars": _factory_env()}, log_to_driver=False,
+                     configure_logging=False)
+        except ConnectionError as err:
+            raise FactoryError(f"no Ray cluster at RAY_ADDRESS={address}: {err}") from None
+        ray.data.DataContext.get_current().enable_progress_bars = False
+    return ray
+
+
+# --- record batches ------------------------------------------------------------------------
+
+_worker_fn: Callable[[pa.Table], pa.Table] | None = None
+
+
+def _init_worker(factory: Callable[[], Callable[[pa.Table], pa.Table]]) -> None:
+    global _worker_fn
+    _worker_fn = factory()
+
+
+def _call_worker(table: pa.Table) -> pa.Table:
+    return _worker_fn(table)
+
+
+def _local_batches(files: Sequence[Path], schema: pa.Schema, sort: list[str], batch_size: int) -> Iterator[pa.Table]:
+    tables = [pq.read_table(p, schema=schema) for p in files]
+    table = pa.concat_tables(tables) if tables else schema.empty_table()
+    table = table.sort_by([(key, "ascending") for key in sort])
+    for batch in table.to_batches(max_chunksize=batch_size):
+        yield pa.Table.from_batches([batch], schema=schema)
+
+
+def _map_local(factory: Callable[[], Callable[[pa.Table], pa.Table]], batches: Iterator[pa.Table],
+               workers: int) -> Iterator[pa.Table]:
+    if workers == 1:
+        fn = factory()
+        yield from map(fn, batches)
+        return
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(factory,)) as pool:
+        pending: deque = deque()
+        for batch in batches:
+            pending.append(pool.submit(_call_worker, batch))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+class _RayBatchFn:
+    """Ray Data's callable-class form: the function is built once per actor."""
+
+    def __init__(self, factory: Callable[[], Callable[[pa.Table], pa.Table]]):
+        self.fn = factory()
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        return self.fn(table)
+
+
+def _map_ray(factory: Callable[[], Callable[[pa.Table], pa.Table]], files: Sequence[Path], schema: pa.Schema,
+             sort: list[str], batch_size: int) -> Iterator[pa.Table]:
+    """Read and sort first (`materialize`: the sorted blocks wait in the object store, which
+    spills to disk), then map over one actor per cluster CPU: an actor pool started beside a
+    running sort would hold the CPUs the sort waits for."""
+    if not files:
+        return
+    ray = connect_ray()
+    context = ray.data.DataContext.get_current()
+    context.execution_options.preserve_order = True
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    rows = sum(pq.ParquetFile(p).metadata.num_rows for p in files)
+    blocks = max(cpus, min(len(files) + cpus, -(-rows // (4 * batch_size))))  # a few batches a block
+    context.default_hash_shuffle_parallelism = blocks  # the sort's partitions (else 200 tiny ones)
+    dataset = ray.data.read_parquet([str(Path(p).resolve()) for p in files], schema=schema,
+                                    override_num_blocks=blocks)
+    dataset = dataset.sort(sort).materialize()
+    dataset = dataset.map_batches(_RayBatchFn, fn_constructor_args=(factory,), batch_size=batch_size,
+                                  batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=cpus),
+                                  zero_copy_batch=True)
+    for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+        if batch.num_rows:
+            yield batch
+
+
+def map_sorted_parquet(factory: Callable[[], Callable[[pa.Table], pa.Table]], files: Sequence[Path],
+                       schema: pa.Schema, sort: list[str], batch_size: int, engine: str | None = None,
+                       workers: int | None = None) -> Iterator[pa.Table]:
+    """`factory()`'s function over the rows of `files` sorted by the `sort` columns (ascending),
+    `batch_size` rows at a time; yields its output tables in row order.
+
+    `factory` is pickled to each worker and called there once; it must be a module-level
+    callable (or a functools.partial of one). `workers` (local engine): default
+    `local_workers()`. The output tables' batch boundaries differ between engines; their
+    concatenation does not. Raises FactoryError at once for an unknown engine or a bad
+    FACTORY_WORKERS, and, while iterating, for a missing ray or an unreachable cluster, and
+    what the batch function raises.
+    """
+    if engine_name(engine) == "ray":
+        return _map_ray(factory, files, schema, sort, batch_size)
+    return _map_local(factory, _local_batches(files, schema, sort, batch_size), workers or local_workers())
+
+
+# --- independent jobs ----------------------------------------------------------------------
+
+
+def _run_job(job: Callable[[], T], env: dict[str, str], cwd: str) -> T:
+    """`job` on a Ray worker, under the caller's factory environment and, where the folder
+    exists there (one machine, a shared file system), its working directory (recipes/ is
+    found relative to it)."""
+    os.environ.update(env)
+    if os.path.isdir(cwd):
+        os.chdir(cwd)
+    return job()
+
+
+def run_each(jobs: Sequence[Callable[[], T]], resources: Sequence[dict[str, float]],
+             engine: str | None = None) -> list[T | BaseException]:
+    """Each job's result, or the exception it raised, in the order of `jobs`.
+
+    `resources[i]` is what job i asks the cluster for (`num_cpus`, `num_gpus`); the local
+    engine runs the jobs one after the other in this process and ignores it. With ray, a job
+    whose worker dies is retried once, then returned as ray's error.
+    """
+    if engine_name(engine) == "local":
+        results: list[T | BaseException] = []
+        for job in jobs:
+            try:
+                results.append(job())
+            except Exception as err:  # noqa: BLE001 - the caller reports each job's failure
+                results.append(err)
+        return results
+    ray = connect_ray()
+    remote = ray.remote(max_retries=1)(_run_job)
+    env, cwd = _factory_env(), os.getcwd()
+    refs = [remote.options(**res).remote(job, env, cwd) for job, res in zip(jobs, resources)]
+    results = []
+    for ref in refs:
+        try:
+            results.append(ray.get(ref))
+        except ray.exceptions.RayTaskError as err:
+            results.append(err.as_instanceof_cause())
+        except ray.exceptions.RayError as err:  # the worker died, the node went away
+            results.append(err)
+    return results

@@ -1,0 +1,101 @@
+"""The engines: curate writes the same bytes on one core, on every core and on Ray; Ray runs
+independent jobs with a failure stopping none of the others; the nightly's tasks run as Ray
+tasks with the same summary. The Ray tests share one real two-node cluster (`ray_cluster`)."""
+
+from __future__ import annotations
+
+import os
+from functools import partial
+from pathlib import Path
+
+import pytest
+
+import mlflow
+from mlflow import MlflowClient
+
+from factory.curate import curate_store
+from factory.engine import engine_name, local_workers, run_each
+from factory.errors import FactoryError
+from factory.ingest import ingest
+from factory.nightly import NightlyConfig, Paths, nightly
+
+ROOT = Path(__file__).resolve().parents[1]
+DAY = ROOT / "datasets" / "samples" / "logs" / "support-agent-2026-11-03.jsonl"
+OUTPUTS = ("curated.parquet", "curate.jsonl", "report.json")
+
+
+def curate_with(raw: Path, out: Path, **engine) -> dict:
+    return curate_store(raw, out / OUTPUTS[0], out / OUTPUTS[1], out / OUTPUTS[2], **engine)
+
+
+@pytest.fixture(scope="module")
+def raw(tmp_path_factory) -> Path:
+    """One day of the sample logs ingested (523 records: PII, failures, duplicates)."""
+    root = tmp_path_factory.mktemp("engine")
+    ingest([DAY], root / "raw", root / "quarantine")
+    return root / "raw"
+
+
+def test_an_unknown_engine_or_worker_count_is_refused_by_name(monkeypatch):
+    with pytest.raises(FactoryError, match="unknown engine 'spark'.*FACTORY_ENGINE"):
+        engine_name("spark")
+    monkeypatch.setenv("FACTORY_ENGINE", "ray")
+    assert engine_name() == "ray" and engine_name("local") == "local"
+    monkeypatch.setenv("FACTORY_WORKERS", "0")
+    with pytest.raises(FactoryError, match="FACTORY_WORKERS"):
+        local_workers()
+
+
+def test_curate_on_every_core_writes_the_same_bytes_as_one_core(raw, tmp_path):
+    """(Ray's bytes are checked against one core's in test_reliability.py, with a worker killed.)"""
+    one = curate_with(raw, tmp_path / "one", engine="local", workers=1)
+    assert one["read"] == 523 and 0 < one["kept"] < one["read"] and one["pii_placeholders"]
+    assert curate_with(raw, tmp_path / "all", engine="local", workers=2) == one
+    for name in OUTPUTS:
+        assert (tmp_path / "all" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+
+
+def test_ray_runs_each_job_on_a_worker_and_a_failed_one_stops_no_other(ray_cluster):
+    import ray
+
+    jobs = [os.getpid, partial(engine_name, "spark"), partial(os._exit, 3), os.getpid]
+    results = run_each(jobs, [{"num_cpus": 1}] * 4, "ray")
+    assert all(isinstance(pid, int) and pid != os.getpid() for pid in (results[0], results[3]))
+    assert isinstance(results[1], FactoryError) and "unknown engine" in str(results[1])
+    assert isinstance(results[2], ray.exceptions.RayError)  # its worker died twice (one retry)
+
+
+def test_the_nightly_trains_its_tasks_as_ray_tasks(ray_cluster, tmp_path, monkeypatch, tiny_model_dir):
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    monkeypatch.setenv("FACTORY_ARTIFACT_ROOT", str(tmp_path / "artifacts"))
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "day1.jsonl").write_bytes(DAY.read_bytes())
+    paths = Paths(tmp_path / "datasets", tmp_path / "registry", tmp_path / "reports")
+    config = NightlyConfig(recipe=str(ROOT / "recipes" / "base" / "cpu-lora.yaml"), overrides=(
+        f"base_model={tiny_model_dir}", "max_train_samples=8", "max_eval_samples=4", "max_new_tokens=4",
+        "save_steps=1000"), max_tasks=2, engine="ray")
+    summary = nightly([tmp_path / "logs"], paths, config)
+
+    assert [t.action for t in summary.tasks].count("trained") == 2, summary.tasks
+    assert [t.reason.startswith("over tonight's budget") for t in summary.tasks].count(True) == 2
+    client = MlflowClient()
+    for task in summary.trained:
+        assert [int(v.version) for v in client.search_model_versions(f"name='{task}'")] == [1]
+    assert (paths.registry / "nightly" / "latest.md").read_text().count("| trained |") == 2
+
+
+def test_the_cli_names_a_bad_engine_and_writes_nothing(raw, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from factory.cli import app
+
+    data = tmp_path / "datasets"
+    (data / "records").mkdir(parents=True)
+    (data / "records" / "raw").symlink_to(raw)
+    monkeypatch.setenv("FACTORY_DATA_DIR", str(data))
+    done = CliRunner().invoke(app, ["curate", "--engine", "spark"])
+    assert done.exit_code == 1 and "unknown engine 'spark'" in done.output, done.output
+    assert not (data / "records" / "curated.parquet").exists()
