@@ -54,9 +54,27 @@ class Quantization(_Strict):
     compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
 
 
+class Relabel(_Strict):
+    """`factory relabel` (factory.relabel): teacher-made examples join the train split until the task
+    has `target_examples`, at most `max_share` of that split; `workers` teacher requests at a time."""
+
+    max_share: float = Field(0.6, gt=0, lt=1)
+    target_examples: int = Field(50, gt=0)
+    workers: int = Field(4, gt=0)
+
+
+class Dpo(_Strict):
+    """`method: dpo`: TRL's DPO continuing the task's LoRA SFT adapter on its preference pairs; the
+    nightly runs it for a task with at least `min_pairs` pairs."""
+
+    beta: float = Field(0.1, gt=0)
+    min_pairs: int = Field(8, gt=0)
+
+
 class Recipe(_Strict):
     base_model: str = Field(min_length=1)
-    method: Literal["lora", "qlora", "dora", "full"] = "lora"
+    # dpo: LoRA SFT (this recipe with method lora) first, then DPO on its adapter (factory.train.train_dpo)
+    method: Literal["lora", "qlora", "dora", "full", "dpo"] = "lora"
     lora: Lora = Lora()
     quantization: Quantization | None = None
     # the sequence budget: this quantile of the task's example lengths, at most max_seq_length;
@@ -104,6 +122,8 @@ class Recipe(_Strict):
     # the escalation threshold is certified on validation: its kept quality reaches the target
     # on new traffic with probability >= 1 - escalation_delta (factory.evaluate.calibrate)
     escalation_delta: float = Field(0.1, gt=0, lt=1)
+    relabel: Relabel = Relabel()
+    dpo: Dpo = Dpo()
 
     @field_validator("optimizer")
     @classmethod
@@ -131,8 +151,10 @@ class Recipe(_Strict):
         return self
 
     def digest(self) -> str:
-        """Hash of the fields that shape the trained weights (evaluation and speed settings excluded)."""
-        fields = self.model_dump(exclude=EVAL_FIELDS | _SPEED_FIELDS)
+        """Hash of the fields that shape the trained weights (evaluation and speed settings excluded;
+        `relabel` shapes the dataset version instead, `dpo` only a dpo run)."""
+        fields = self.model_dump(exclude=EVAL_FIELDS | _SPEED_FIELDS | {"relabel"}
+                                 | (set() if self.method == "dpo" else {"dpo"}))
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:12]
 
 
