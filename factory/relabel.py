@@ -8,7 +8,8 @@ A mine-stage step, run after `factory mine` (`factory relabel TASK --teacher URL
     becomes a training example.
 (b) Synthetic: new inputs made from the task's own training examples by deterministic
     perturbation (`perturb`): the values a prompt carries (numbers, ids, quoted strings) are
-    swapped for values other examples of the task carry, and a tool list is rotated; the
+    swapped for values other examples of the task carry or fresh ones of the same shape (digits
+    redrawn), and a tool list is rotated; the
     teacher answers each. Trade-off against asking the teacher for paraphrases: reproducible,
     no teacher tokens spent on writing inputs, and the inputs stay in the task's own
     distribution (its templates, its tools), but the wording never changes, so a task whose
@@ -194,13 +195,16 @@ def _last_user(messages: list[dict[str, Any]]) -> int | None:
                  and isinstance(messages[i].get("content"), str)), None)
 
 
-def perturb(rows: list[dict[str, Any]], count: int, seed: int = 0) -> list[dict[str, Any]]:
+def perturb(rows: list[dict[str, Any]], count: int, seed: int = 0,
+            exclude: set[str] = frozenset()) -> list[dict[str, Any]]:
     """Up to `count` new inputs ({"messages", "tools", "seed_id"}) made from `rows` (a task's training examples).
 
-    Each variant takes a seed row (seeded order, round robin) and swaps every value slot of its
-    last user message (a quoted string, a number or an id) for a value of the same shape another
-    row carries, and rotates its tool list when it offers several tools. Variants identical to a
-    row or to another variant are skipped; fewer than `count` come back when the rows give no more.
+    Each variant takes a seed row (seeded order, round robin) and replaces every value slot of its
+    last user message (a quoted string, a number or an id) by, at even odds, a value of the same
+    shape another row carries or a fresh one (its digits redrawn: A12345 -> A80417), and rotates
+    its tool list when it offers several tools. Variants whose input equals a row's, another
+    variant's or one in `exclude` (input keys, `_input_key`: the held-out examples') are skipped;
+    fewer than `count` come back when the rows give no more.
     """
     rng = Random(seed)
     pool: dict[str, list[str]] = {}
@@ -209,7 +213,14 @@ def perturb(rows: list[dict[str, Any]], count: int, seed: int = 0) -> list[dict[
         for value in _SLOTS.findall(row["messages"][i]["content"]) if i is not None else []:
             pool.setdefault(_shape(value), []).append(value)
     pool = {shape: sorted(set(values)) for shape, values in pool.items()}
-    seen = {_input_key(r["messages"], r.get("tools") or []) for r in rows}
+
+    def swap(match: re.Match) -> str:
+        value = match.group()
+        if rng.random() < 0.5 and len(pool.get(_shape(value), [])) > 1:
+            return rng.choice(pool[_shape(value)])
+        return re.sub(r"\d", lambda _: str(rng.randrange(10)), value)
+
+    seen = set(exclude) | {_input_key(r["messages"], r.get("tools") or []) for r in rows}
     out: list[dict[str, Any]] = []
     order = sorted(rows, key=lambda r: hashlib.sha256(f"{seed}:{r['id']}".encode()).hexdigest())
     for attempt in range(8 * count):
@@ -220,8 +231,7 @@ def perturb(rows: list[dict[str, Any]], count: int, seed: int = 0) -> list[dict[
         tools = list(row.get("tools") or [])
         i = _last_user(messages)
         if i is not None:
-            messages[i]["content"] = _SLOTS.sub(lambda m: rng.choice(pool.get(_shape(m.group()), [m.group()])),
-                                                messages[i]["content"])
+            messages[i]["content"] = _SLOTS.sub(swap, messages[i]["content"])
         if len(tools) > 1:
             shift = 1 + attempt // len(order) % (len(tools) - 1)
             tools = tools[shift:] + tools[:shift]
@@ -327,7 +337,8 @@ def relabel(task: str, data_dir: Path, teacher: Teacher, max_share: float = 0.6,
               "what": f"quarantined record {r.id} ({r.location})"} for r in failed]
     items = list({item["key"]: item for item in items}.values())[:cap]
     wanted = max(0, min(cap - len(items), target_examples - logged - len(items)))
-    for variant in perturb(rows["train"], wanted, seed):
+    held_out_inputs = {_input_key(r["messages"], r.get("tools") or []) for s in ("validation", "test") for r in rows[s]}
+    for variant in perturb(rows["train"], wanted, seed, held_out_inputs):
         key = _input_key(variant["messages"], variant["tools"])
         items.append({"key": key, "origin": "synthetic", "source_record": variant["seed_id"],
                       "session_id": f"synthetic-{key[:16]}", "messages": variant["messages"],
