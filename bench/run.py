@@ -19,7 +19,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-STAGES = ["ingest", "mine", "train", "evaluate", "calibration", "serve", "real_logs", "export"]
+STAGES = ["ingest", "mine", "train", "evaluate", "calibration", "serve", "real_logs", "export", "quality"]
 RESULTS = Path(__file__).parent / "results" / "latest.json"
 
 

@@ -10,6 +10,11 @@ the same run, and registration makes one version per training run. A run killed
 after training and before registration therefore completes the registration next
 time without retraining.
 
+A task retrained tonight that has at least `dpo.min_pairs` preference pairs (escalations whose
+specialist answer differs from the teacher's, `factory.relabel.write_preferences`) then gets a
+DPO run on its new SFT adapter (`method: dpo`), registered like any version: it becomes the
+champion only when the registry's gates pass, else the SFT specialist stays.
+
 A task is retrained when it has no champion, when its data grew by at least
 `min_growth` since the champion's dataset, or when the champion's score on the new
 test split dropped by at least `drift_margin` (drift). The drift check costs one
@@ -43,6 +48,7 @@ from factory.mine import MineConfig, mine
 from factory.records import from_table
 from factory.recipe import load_recipe
 from factory.registry import Gates, write_routes
+from factory.relabel import write_preferences
 
 
 @dataclass(frozen=True)
@@ -180,10 +186,27 @@ def _run(logs: list[Path], paths: Paths, config: NightlyConfig) -> Summary:
         action = "trained" if done.trained.run_id not in reused else "registered (training reused)"
         summary.tasks.append(TaskOutcome(task, action, reason, done.version.version, done.promoted,
                                          done.evaluation["columns"]["specialist"]["score"]))
+        summary.tasks.extend(_dpo(task, entry, paths, config))
     write_routes(paths.registry / "routes.json")
     summary.seconds = time.monotonic() - start
     _report(summary, paths)
     return summary
+
+
+def _dpo(task: str, entry: dict[str, Any], paths: Paths, config: NightlyConfig) -> list[TaskOutcome]:
+    """The DPO step (see the module docstring): no outcome when the task has too few pairs."""
+    records = from_table(pq.read_table(paths.data / "records" / "curated.parquet"))
+    pairs = write_preferences(task, entry, records, paths.data)
+    if pairs < load_recipe(task, config.recipe, list(config.overrides))[0].dpo.min_pairs:
+        return []
+    why = f"{pairs} preference pairs"
+    try:
+        done = finetune(task, entry, paths, config.recipe, (*config.overrides, "method=dpo"), config.truth,
+                        config.gates)
+    except (ValueError, RuntimeError, FactoryError) as err:
+        return [TaskOutcome(task, "failed", f"dpo on {why}; {err}")]
+    return [TaskOutcome(task, "trained (dpo)", why, done.version.version, done.promoted,
+                        done.evaluation["columns"]["specialist"]["score"])]
 
 
 def _finished_runs(paths: Paths) -> set[str]:

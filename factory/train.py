@@ -684,7 +684,7 @@ def train_dpo(task: str, entry: dict[str, Any], recipe: Recipe, raw_recipe: dict
     pairs = load_preferences(data_dir, task, version)
     if not pairs:
         raise ValueError(f"task {task!r} has no preference pairs for dataset {version}: method dpo needs escalated "
-                         "calls whose specialist answer the request log kept")
+                         f"calls whose specialist answer the request log kept (`factory relabel {task}` stores them)")
     base_path = resolve_base(recipe.base_model)
     tokenizer = load_tokenizer(base_path)
     rows = []
@@ -699,8 +699,10 @@ def train_dpo(task: str, entry: dict[str, Any], recipe: Recipe, raw_recipe: dict
     set_seed(recipe.seed)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32),
                                       sft.adapter_dir, is_trainable=True)  # DPOTrainer copies it as "ref"
-    args = DPOConfig(output_dir=str(out_dir), beta=recipe.dpo.beta, learning_rate=recipe.learning_rate,
-                     num_train_epochs=recipe.epochs, max_steps=train_steps(recipe, len(rows)),
+    losses = ["sigmoid", "sft"] if recipe.dpo.sft_weight else ["sigmoid"]
+    args = DPOConfig(output_dir=str(out_dir), beta=recipe.dpo.beta, learning_rate=recipe.dpo.learning_rate,
+                     loss_type=losses, loss_weights=[1.0, recipe.dpo.sft_weight][:len(losses)],
+                     num_train_epochs=recipe.epochs, max_steps=recipe.max_steps,
                      per_device_train_batch_size=recipe.batch_size, seed=recipe.seed, data_seed=recipe.seed,
                      gradient_accumulation_steps=recipe.gradient_accumulation_steps, optim=recipe.optimizer,
                      lr_scheduler_type=recipe.lr_scheduler, max_length=sft.seq_budget or recipe.max_seq_length,

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 from mlflow import MlflowClient
 
@@ -109,7 +110,7 @@ def test_dpo_continues_the_sft_adapter_and_its_loss_moves(tmp_path, tiny_model_d
     data_dir, entry = _dpo_task(tmp_path)
     common = [f"base_model={tiny_model_dir}", "learning_rate=0.01", "batch_size=4", "max_train_samples=null",
               "warmup_ratio=0", "max_steps=8", "logging_steps=2", "save_steps=1000", "lr_scheduler=constant"]
-    recipe, raw = load_recipe(None, "cpu-lora", [*common, "method=dpo", "dpo.beta=0.5"], ROOT / "recipes")
+    recipe, raw = load_recipe(None, "cpu-lora", [*common, "method=dpo", "dpo.beta=0.5", "dpo.learning_rate=0.01", "dpo.sft_weight=0"], ROOT / "recipes")
     sft_recipe, _ = load_recipe(None, "cpu-lora", common, ROOT / "recipes")
     result = train("order-status", entry, recipe, raw, data_dir, tmp_path / "registry")
     sft = train("order-status", entry, sft_recipe, raw, data_dir, tmp_path / "registry")  # reused, not retrained
@@ -139,3 +140,50 @@ def test_dpo_without_pairs_is_a_clear_error(tmp_path, tiny_model_dir, tracking):
                               ROOT / "recipes")
     with pytest.raises(ValueError, match="no preference pairs"):
         train("order-status", entry, recipe, raw, data_dir, tmp_path / "registry")
+
+
+def test_nightly_runs_dpo_for_a_task_with_enough_pairs_and_registers_it_through_the_gates(tmp_path, monkeypatch,
+                                                                                          tiny_model_dir, tracking):
+    from factory.nightly import NightlyConfig, Paths, nightly
+
+    monkeypatch.chdir(tmp_path)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    day = (ROOT / "datasets" / "samples" / "logs" / "support-agent-2026-11-03.jsonl").read_text(errors="replace")
+    calls = []
+    for line in day.splitlines():
+        try:
+            call = json.loads(line)
+        except ValueError:  # the sample logs plant malformed lines
+            continue
+        if isinstance(call, dict) and call.get("metadata", {}).get("step") == "classify_intent":
+            calls.append(call)
+    (logs / "day1.jsonl").write_text("".join(json.dumps(c) + "\n" for c in calls[:60]))
+    log = RequestLog(logs / "serve")  # the router escalated these after its specialist said "other"
+    for n, call in enumerate(c for c in calls[60:] if c["response"].get("choices")):
+        if n == 24:
+            break
+        log.write(log_entry(call["id"], call["request"], call["response"], agent="acme-support",
+                            step="classify_intent", session_id=call["metadata"]["session_id"], route="upstream",
+                            task="classify-intent", confidence=0.3, reason="low_confidence", match="signature",
+                            latency_ms=3.0, specialist_answer={"content": "other", "tool_calls": []}))
+    log.close()
+    paths = Paths(tmp_path / "datasets", tmp_path / "registry", tmp_path / "reports")
+    config = NightlyConfig(recipe=str(ROOT / "recipes" / "base" / "cpu-lora.yaml"), overrides=(
+        f"base_model={tiny_model_dir}", "max_train_samples=8", "max_eval_samples=4", "max_new_tokens=4",
+        "save_steps=1000", "min_train_steps=4", "dpo.min_pairs=4"))
+    summary = nightly([logs], paths, config)
+    outcomes = {t.action: t for t in summary.tasks if t.task == "classify-intent"}
+    assert set(outcomes) == {"trained", "trained (dpo)"}, summary.tasks
+    dpo = outcomes["trained (dpo)"]
+    pairs = load_preferences(paths.data, "classify-intent",
+                             yaml.safe_load((paths.data / "tasks.yaml").read_text())["tasks"]["classify-intent"][
+                                 "dataset_version"])
+    assert len(pairs) >= 4 and dpo.reason == f"{len(pairs)} preference pairs"
+    assert all(p["rejected"]["content"] == "other" != p["chosen"]["content"] for p in pairs)
+    client = MlflowClient()
+    versions = {v.version: v for v in client.search_model_versions("name='classify-intent'")}
+    assert set(versions) == {outcomes["trained"].version, dpo.version}
+    champion = client.get_registered_model("classify-intent").aliases.get("champion")
+    assert (champion == dpo.version) == dpo.promoted  # only the gates make the DPO version the champion
+    assert "| trained (dpo) |" in (paths.registry / "nightly" / "latest.md").read_text()

@@ -163,4 +163,5 @@ def test_cli_relabel_reads_the_recipe_cap_and_names_an_unreachable_teacher(works
         result = runner.invoke(cli_app, ["relabel", task, "--teacher", f"{url}/v1"])
     assert result.exit_code == 0, result.output
     assert "30 logged + 4 relabelled + 16 synthetic" in result.output
+    assert f"preference pairs of {task}: 0" in result.output  # no escalation in these logs
     assert yaml.safe_load((data / "tasks.yaml").read_text())["tasks"][task]["status"] == "ready"
