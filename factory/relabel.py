@@ -145,7 +145,8 @@ def _claimed_elsewhere(data_dir: Path, catalog: dict[str, dict[str, Any]], task:
 def logged_rows(task: str, entry: dict[str, Any], catalog: dict[str, dict[str, Any]], data_dir: Path,
                 seed: int = 0) -> dict[str, list[dict[str, Any]]]:
     """The task's logged examples per split: its dataset version's (generated rows dropped) when it has
-    one, else its curated records (matched by signature) split as `factory mine` splits them."""
+    one, else its curated records (matched by signature) split as `factory mine` splits them, the
+    sessions of its newest version on disk (an earlier relabel's) keeping their split."""
     if entry.get("dataset_version"):
         return {s: [r for r in load_split(data_dir, task, entry["dataset_version"], s) if "origin" not in r]
                 for s in SPLITS}
@@ -160,7 +161,11 @@ def logged_rows(task: str, entry: dict[str, Any], catalog: dict[str, dict[str, A
     sessions: dict[str, list[str]] = {}
     for record in members:
         sessions.setdefault(mine_stage.session_key(record), []).append(label(record))
-    split_of = mine_stage.assign_splits(sessions, {}, mine_stage.MineConfig(seed=seed))
+    # a re-mine drops a relabelled version from the catalog; its sessions keep their splits all the same
+    versions = sorted((p for p in (data_dir / task).glob("*") if (p / "train.jsonl").exists()),
+                      key=lambda p: p.stat().st_mtime)
+    previous = mine_stage._previous_splits(data_dir, versions[-1].name) if versions else {}
+    split_of = mine_stage.assign_splits(sessions, previous, mine_stage.MineConfig(seed=seed))
     rows: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
     for record in members:
         rows[split_of[mine_stage.session_key(record)]].append(mine_stage._row(record))

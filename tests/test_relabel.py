@@ -142,6 +142,13 @@ def test_a_task_under_min_examples_becomes_trainable_with_marked_capped_train_on
         again = relabel(task, data, Teacher(f"{url}/v1", model="big-teacher"), max_share=0.6, target_examples=50)
     assert again["dataset_version"] == report["dataset_version"] and seen == []
 
+    # a re-mine forgets the relabelled version; relabel makes it again from the kept answers, splits unchanged
+    mine(from_table(pq.read_table(data / "records" / "curated.parquet")), data, MineConfig(min_examples=50))
+    assert load_catalog(data / "tasks.yaml")[task]["status"] == "not_enough_data"
+    with running(_teacher(seen)) as url:
+        again = relabel(task, data, Teacher(f"{url}/v1", model="big-teacher"), max_share=0.6, target_examples=50)
+    assert again["dataset_version"] == report["dataset_version"] and seen == []
+
 
 def test_a_cap_too_small_to_reach_the_target_is_an_error_that_changes_nothing(workspace):
     data, task = workspace, _task(workspace)
