@@ -669,7 +669,9 @@ def train_dpo(task: str, entry: dict[str, Any], recipe: Recipe, raw_recipe: dict
     continuing its adapter on the task's preference pairs (`factory.relabel.write_preferences`),
     a frozen copy of the SFT adapter as the reference (TRL makes it, named "ref"). Padded batches
     and TRL's own loss: pairs are few, so the SFT path's speed work is not worth its code here.
-    Raises ValueError when the task has no preference pairs; otherwise as `train`.
+    The pairs are those beside the dataset version (the run is keyed by it and the recipe), and
+    the run is in this process whatever `distributed` says.
+    Raises ValueError when the task has no preference pairs that render; otherwise as `train`.
     """
     from peft import PeftModel
     from trl import DPOConfig, DPOTrainer
@@ -696,12 +698,14 @@ def train_dpo(task: str, entry: dict[str, Any], recipe: Recipe, raw_recipe: dict
                          "rejected": chat.render_completion(tokenizer, pair["messages"], tools, pair["rejected"])})
         except chat.ChatError:
             continue
+    if not rows:
+        raise ValueError(f"task {task!r}: none of its {len(pairs)} preference pairs renders with the base's chat template")
     set_seed(recipe.seed)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32),
                                       sft.adapter_dir, is_trainable=True)  # DPOTrainer copies it as "ref"
-    losses = ["sigmoid", "sft"] if recipe.dpo.sft_weight else ["sigmoid"]
+    loss_types = ["sigmoid", "sft"] if recipe.dpo.sft_weight else ["sigmoid"]
     args = DPOConfig(output_dir=str(out_dir), beta=recipe.dpo.beta, learning_rate=recipe.dpo.learning_rate,
-                     loss_type=losses, loss_weights=[1.0, recipe.dpo.sft_weight][:len(losses)],
+                     loss_type=loss_types, loss_weights=[1.0, recipe.dpo.sft_weight][:len(loss_types)],
                      num_train_epochs=recipe.epochs, max_steps=recipe.max_steps,
                      per_device_train_batch_size=recipe.batch_size, seed=recipe.seed, data_seed=recipe.seed,
                      gradient_accumulation_steps=recipe.gradient_accumulation_steps, optim=recipe.optimizer,
