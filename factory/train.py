@@ -711,7 +711,8 @@ def train_dpo(task: str, entry: dict[str, Any], recipe: Recipe, raw_recipe: dict
                      gradient_accumulation_steps=recipe.gradient_accumulation_steps, optim=recipe.optimizer,
                      lr_scheduler_type=recipe.lr_scheduler, max_length=sft.seq_budget or recipe.max_seq_length,
                      logging_steps=recipe.logging_steps, save_strategy="no", report_to="none",
-                     use_cpu=not torch.cuda.is_available())
+                     bf16=recipe.precision == "bf16", fp16=recipe.precision == "fp16",  # TRL's default: bf16
+                     activation_checkpointing=recipe.gradient_checkpointing, use_cpu=not torch.cuda.is_available())
     trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                          callbacks=[_MlflowLog()])
     task_experiment(task)
