@@ -169,6 +169,7 @@ def _run(logs: list[Path], paths: Paths, config: NightlyConfig) -> Summary:
     summary.ingested, summary.curated, catalog = prepare(logs, paths)
     budget_left = config.max_tasks
     reused = _finished_runs(paths)
+    curated: list = []  # read once, by the first DPO step that needs it
     for task, entry in catalog.items():
         needed, reason = decide(task, entry, paths, config)
         if not needed:
@@ -186,17 +187,19 @@ def _run(logs: list[Path], paths: Paths, config: NightlyConfig) -> Summary:
         action = "trained" if done.trained.run_id not in reused else "registered (training reused)"
         summary.tasks.append(TaskOutcome(task, action, reason, done.version.version, done.promoted,
                                          done.evaluation["columns"]["specialist"]["score"]))
-        summary.tasks.extend(_dpo(task, entry, paths, config))
+        summary.tasks.extend(_dpo(task, entry, paths, config, curated))
     write_routes(paths.registry / "routes.json")
     summary.seconds = time.monotonic() - start
     _report(summary, paths)
     return summary
 
 
-def _dpo(task: str, entry: dict[str, Any], paths: Paths, config: NightlyConfig) -> list[TaskOutcome]:
-    """The DPO step (see the module docstring): no outcome when the task has too few pairs."""
-    records = from_table(pq.read_table(paths.data / "records" / "curated.parquet"))
-    pairs = write_preferences(task, entry, records, paths.data)
+def _dpo(task: str, entry: dict[str, Any], paths: Paths, config: NightlyConfig, curated: list) -> list[TaskOutcome]:
+    """The DPO step (see the module docstring): no outcome when the task has too few pairs. `curated`
+    holds the curated records once read (filled here when empty)."""
+    if not curated:
+        curated.extend(from_table(pq.read_table(paths.data / "records" / "curated.parquet")))
+    pairs = write_preferences(task, entry, curated, paths.data)
     if pairs < load_recipe(task, config.recipe, list(config.overrides))[0].dpo.min_pairs:
         return []
     why = f"{pairs} preference pairs"

@@ -16,6 +16,8 @@ from factory.relabel import load_preferences, preference_pairs, write_preference
 from factory.records import from_table
 from factory.serve.requestlog import RequestLog, log_entry
 from factory.train import train
+from tests.test_serve import TEACHER, adapters, specialists, upstream  # noqa: F401 (fixtures)
+from tests.test_serve import _config as serve_config, _messages as serve_messages, _post as serve_post
 
 ROOT = Path(__file__).resolve().parents[1]
 SYSTEM = "Route the customer's request: answer with the tool to call."
@@ -63,6 +65,28 @@ def _serve_log(log_dir: Path, n: int) -> None:
                         agent="desk", step="route", session_id="sc", task="order-status", confidence=0.99,
                         reason="confident", match="signature", latency_ms=5.0))
     log.close()
+
+
+def test_the_server_logs_the_answer_it_escalated_and_that_makes_a_pair(tmp_path, specialists, upstream):
+    """Through `factory serve`: the "summary" specialist answers below its threshold, the teacher answers."""
+    import httpx
+    import pyarrow.parquet as pq
+
+    from factory.serve.app import create_app, running
+    from factory.serve.router import Router
+
+    app = create_app(Router(specialists.routes), specialists, serve_config(tmp_path, upstream[0]))
+    with running(app) as url, httpx.Client() as client:
+        escalated = serve_post(client, url, serve_messages("summary"), headers={"X-Session-Id": "s-2"})
+        served = serve_post(client, url, serve_messages("reply"), headers={"X-Session-Id": "s-1"})
+    assert escalated.json()["factory"]["route"] == "upstream" and served.json()["factory"]["route"] == "specialist"
+    ingest_stage.ingest([tmp_path / "logs"], tmp_path / "raw", tmp_path / "quarantine")
+    records = from_table(pq.read_table(tmp_path / "raw"))
+    served_record = next(r for r in records if r.metadata["route"] == "specialist")
+    assert "specialist_answer" not in served_record.metadata  # its answer is the record's output already
+    [pair] = preference_pairs(records, "summary")
+    assert pair["chosen"]["content"] == TEACHER and pair["session_id"] == "s-2"
+    assert pair["rejected"]["content"] and pair["rejected"]["content"] != TEACHER
 
 
 def test_escalations_the_specialist_got_wrong_become_pairs_and_held_out_sessions_do_not(tmp_path):
