@@ -89,7 +89,8 @@ def _calls(path: Path, limit: int | None = None) -> None:
 
 
 def _workspace(name: str, calls: int | None, min_examples: int = 50):
-    """A fresh data folder, registry and MLflow store with the calls ingested, curated and mined; (paths, task, entry)."""
+    """A fresh data folder, registry and MLflow store with the calls ingested, curated and mined;
+    (paths, task, entry)."""
     import mlflow
 
     from factory import ingest as ingest_stage

@@ -49,8 +49,8 @@ warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", categ
 warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted", category=UserWarning)
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per file when routes download adapters
 # the commands whose process runs torch's heavy math (training, generation, embeddings)
-TORCH_COMMANDS = frozenset({"mine", "relabel", "train", "eval", "finetune", "register", "demo", "nightly", "serve", "simulate",
-                            "export"})
+TORCH_COMMANDS = frozenset({"mine", "relabel", "train", "eval", "finetune", "register", "demo", "nightly", "serve",
+                            "simulate", "export"})
 
 
 @app.callback()

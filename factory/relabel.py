@@ -417,7 +417,8 @@ def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return norm(a) == norm(b)
 
 
-def preference_pairs(records: list[Record], task: str, exclude_sessions: set[str] = frozenset()) -> list[dict[str, Any]]:
+def preference_pairs(records: list[Record], task: str,
+                     exclude_sessions: set[str] = frozenset()) -> list[dict[str, Any]]:
     """DPO pairs of `task` from escalated calls: {"id", "session_id", "messages", "tools", "chosen", "rejected"}.
 
     A record is one when the router escalated it (`metadata.route == "upstream"`) for this task
@@ -443,7 +444,8 @@ def write_preferences(task: str, entry: dict[str, Any], records: list[Record], d
     version = entry.get("dataset_version")
     if not version:
         return 0
-    held_out = {mine_stage.session_key(r) for s in ("validation", "test") for r in load_split(data_dir, task, version, s)}
+    held_out = {mine_stage.session_key(r) for s in ("validation", "test")
+                for r in load_split(data_dir, task, version, s)}
     pairs = preference_pairs(records, task, held_out)
     write_atomic(data_dir / check_task_name(task) / version / PREFERENCES,
                  "".join(json.dumps(p, ensure_ascii=False, sort_keys=True) + "\n" for p in pairs))

@@ -699,7 +699,8 @@ def train_dpo(task: str, entry: dict[str, Any], recipe: Recipe, raw_recipe: dict
         except chat.ChatError:
             continue
     if not rows:
-        raise ValueError(f"task {task!r}: none of its {len(pairs)} preference pairs renders with the base's chat template")
+        raise ValueError(f"task {task!r}: none of its {len(pairs)} preference pairs renders with the base's "
+                         "chat template")
     set_seed(recipe.seed)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32),
                                       sft.adapter_dir, is_trainable=True)  # DPOTrainer copies it as "ref"

@@ -134,7 +134,8 @@ def test_dpo_continues_the_sft_adapter_and_its_loss_moves(tmp_path, tiny_model_d
     data_dir, entry = _dpo_task(tmp_path)
     common = [f"base_model={tiny_model_dir}", "learning_rate=0.01", "batch_size=4", "max_train_samples=null",
               "warmup_ratio=0", "max_steps=8", "logging_steps=2", "save_steps=1000", "lr_scheduler=constant"]
-    recipe, raw = load_recipe(None, "cpu-lora", [*common, "method=dpo", "dpo.beta=0.5", "dpo.learning_rate=0.01", "dpo.sft_weight=0"], ROOT / "recipes")
+    recipe, raw = load_recipe(None, "cpu-lora", [*common, "method=dpo", "dpo.beta=0.5", "dpo.learning_rate=0.01",
+                                                 "dpo.sft_weight=0"], ROOT / "recipes")
     sft_recipe, _ = load_recipe(None, "cpu-lora", common, ROOT / "recipes")
     result = train("order-status", entry, recipe, raw, data_dir, tmp_path / "registry")
     sft = train("order-status", entry, sft_recipe, raw, data_dir, tmp_path / "registry")  # reused, not retrained

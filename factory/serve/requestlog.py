@@ -11,9 +11,9 @@ One JSON object per line:
 to); escalated calls carry the teacher's answer and so become the next round's training
 examples. An escalated call whose specialist did answer (below the threshold) also carries that
 answer, `specialist_answer` ({"content", "tool_calls"}): with the teacher's answer it makes a
-preference pair (factory.relabel.preference_pairs). Specialist-served calls carry the specialist's own answer: a later stage must
-not train on them as teacher labels (they are marked by `metadata.route`, which ingest
-keeps in the record's metadata).
+preference pair (factory.relabel.preference_pairs). Specialist-served calls carry the
+specialist's own answer: a later stage must not train on them as teacher labels (they are
+marked by `metadata.route`, which ingest keeps in the record's metadata).
 
 Nothing from the HTTP headers is written (no Authorization header, no upstream key). The
 prompts are written as the agents sent them, so the folder is made 0700 and every segment
