@@ -17,9 +17,11 @@ A mine-stage step, run after `factory mine` (`factory relabel TASK --teacher URL
     were made). Inputs are only made until the task reaches `target_examples`.
 
 Relabelled and synthetic rows carry `"origin"` ("relabelled" / "synthetic"; logged rows
-have none) and the teacher's model name, go to the train split only (never validation or
-test; a failed call of a held-out session and any perturbation of a held-out example are
-left out, so nothing of a held-out session leaks into training), and are capped at
+have none) and the teacher's model name; answers the task's kind cannot use (`Kind.usable`: a
+label outside the task's labels, a call to no offered tool) are left out and counted. They go
+to the train split only (never validation or test; a failed call of a held-out session and any
+perturbation of a held-out example are left out, so nothing of a held-out session leaks into
+training), and are capped at
 `Relabel.max_share` of the train split (recipe `relabel:` section). The new dataset version
 and its card (which counts them) are written as `factory mine` writes them, and the
 catalog entry points to it. Every teacher answer is kept in `data/records/relabel/<task>.jsonl`
@@ -51,6 +53,7 @@ import httpx
 import pyarrow.parquet as pq
 import yaml
 
+from factory import kinds
 from factory import mine as mine_stage
 from factory.catalog import CATALOG_HEADER, check_task_name, load_catalog
 from factory.errors import FactoryError
@@ -352,17 +355,21 @@ def relabel(task: str, data_dir: Path, teacher: Teacher, max_share: float = 0.6,
         asked = ask(teacher, items, store, workers)
     finally:
         _save_store(store_path, store)
-    generated = [_generated_row(store[item["key"]]) for item in items]
+    kind = kinds.get(entry["kind"])
+    answered = [_generated_row(store[item["key"]]) for item in items]
+    generated = [r for r in answered if kind.usable(r["output"], entry["output_schema"], r["tools"])]
     total = logged + len(generated)
     if total < target_examples:
         raise RelabelError(f"task {task!r}: {logged} logged + {len(generated)} generated examples (cap "
-                           f"max_share={max_share} of {train_logged} logged training examples) < {target_examples}; "
-                           f"raise relabel.max_share or log more calls")
+                           f"max_share={max_share} of {train_logged} logged training examples; "
+                           f"{len(answered) - len(generated)} teacher answers unusable as a {entry['kind']} answer "
+                           f"left out) < {target_examples}; raise relabel.max_share or log more calls")
     splits = {s: list(rows[s]) for s in SPLITS}
     splits["train"] += generated
     counts = Counter(row["origin"] for row in generated)
     report = {"task": task, "logged": logged, "relabelled": counts["relabelled"], "synthetic": counts["synthetic"],
-              "teacher_calls": asked, "cap": cap, "max_share": max_share, "store": str(store_path)}
+              "unusable": len(answered) - len(generated), "teacher_calls": asked, "cap": cap, "max_share": max_share,
+              "store": str(store_path)}
     with FileLock(data_dir / ".mine.lock"):  # the catalog and dataset folders are mine's
         catalog = load_catalog(catalog_path)
         report["dataset_version"] = _publish(task, catalog[task], splits, data_dir, report)
@@ -397,6 +404,7 @@ def _publish(task: str, entry: dict[str, Any], splits: dict[str, list[dict]], da
              f"- synthetic (perturbed inputs of training examples, answered by the teacher): {report['synthetic']}\n"
              f"- {report['relabelled'] + report['synthetic']} of {train} training examples "
              f"(cap: max_share {report['max_share']}); none in validation or test\n"
+             f"- teacher answers left out as unusable for a {entry['kind']} task: {report['unusable']}\n"
              "- marked in the rows by `origin` and `teacher`\n")
     version = mine_stage._write_version(data_dir / check_task_name(task), splits, card, centroid)
     report["similarity_p05"] = p05

@@ -159,6 +159,20 @@ def test_a_cap_too_small_to_reach_the_target_is_an_error_that_changes_nothing(wo
     assert (data / "tasks.yaml").read_text() == before
 
 
+def test_answers_the_task_cannot_use_are_left_out_and_counted(workspace):
+    data, task = workspace, _task(workspace)
+    chatty = FastAPI()
+
+    @chatty.post("/v1/chat/completions")
+    async def chat(request: Request):
+        return {"choices": [{"index": 0, "message": {"role": "assistant", "content": "Let me check that order."}}]}
+
+    with running(chatty) as url:
+        with pytest.raises(RelabelError, match="20 teacher answers unusable as a tool_call answer left out"):
+            relabel(task, data, Teacher(f"{url}/v1"), max_share=0.6, target_examples=50)
+    assert load_catalog(data / "tasks.yaml")[task]["status"] == "not_enough_data"
+
+
 def test_cli_relabel_reads_the_recipe_cap_and_names_an_unreachable_teacher(workspace, monkeypatch):
     data, task = workspace, _task(workspace)
     runner = CliRunner()
