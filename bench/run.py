@@ -19,7 +19,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-STAGES = ["ingest", "mine", "scale", "train", "evaluate", "select", "calibration", "serve", "real_logs", "export"]
+STAGES = ["ingest", "mine", "scale", "train", "evaluate", "select", "calibration", "serve", "real_logs", "export",
+          "quality"]
 RESULTS = Path(__file__).parent / "results" / "latest.json"
 
 

@@ -50,8 +50,8 @@ warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", categ
 warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted", category=UserWarning)
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per file when routes download adapters
 # the commands whose process runs torch's heavy math (training, generation, embeddings)
-TORCH_COMMANDS = frozenset({"mine", "train", "eval", "finetune", "register", "demo", "nightly", "serve", "simulate",
-                            "export", "select"})
+TORCH_COMMANDS = frozenset({"mine", "relabel", "train", "eval", "finetune", "register", "demo", "nightly", "serve",
+                            "simulate", "export", "select"})
 
 
 @app.callback()
@@ -243,6 +243,35 @@ TruthOpt = Annotated[Optional[Path], typer.Option(help="JSONL of {id, output}: g
 EngineOpt = Annotated[Optional[str], typer.Option(
     "--engine", help="local (this machine's cores) or ray (the cluster at $RAY_ADDRESS) [default: $FACTORY_ENGINE "
                      "or local]")]
+
+
+@app.command()
+def relabel(task: str, teacher: Annotated[Optional[str], typer.Option(
+                help="the teacher's OpenAI-compatible base URL (.../v1); without it only the preference pairs")] = None,
+            teacher_model: Annotated[str, typer.Option(help="model name sent to the teacher")] = "teacher",
+            teacher_key_env: Annotated[str, typer.Option(help="env var holding the teacher's key")] =
+            "FACTORY_UPSTREAM_API_KEY", recipe: RecipeOpt = None, set_: SetOpt = None, seed: int = 0) -> None:
+    """Have the teacher answer the task's failed calls and perturbed inputs until it is trainable
+    (recipe `relabel:` caps them), publishing a new dataset version; then store the task's
+    preference pairs from escalations for `method: dpo` (factory.relabel)."""
+    import pyarrow.parquet as pq
+
+    from factory import relabel as relabel_stage
+    from factory.recipe import load_recipe
+
+    if teacher is not None:
+        spec = load_recipe(task, recipe, set_ or [])[0].relabel
+        source = relabel_stage.Teacher(teacher, teacher_model, os.environ.get(teacher_key_env))
+        report = relabel_stage.relabel(task, data_dir(), source, spec.max_share, spec.target_examples, spec.workers,
+                                       seed)
+        console.print(f"relabel {task}: {report['logged']} logged + {report['relabelled']} relabelled + "
+                      f"{report['synthetic']} synthetic examples ({report['teacher_calls']} teacher calls, cap "
+                      f"{report['cap']}); dataset version {report['dataset_version']}")
+    curated = data_dir() / "records" / "curated.parquet"
+    if curated.exists():
+        pairs = relabel_stage.write_preferences(task, _entry(task), from_table(pq.read_table(curated)), data_dir())
+        console.print(f"preference pairs of {task}: {pairs} (escalations whose specialist answer the teacher's differs "
+                      "from, training sessions)")
 
 
 @app.command()

@@ -10,6 +10,11 @@ the same run, and registration makes one version per training run. A run killed
 after training and before registration therefore completes the registration next
 time without retraining.
 
+A task retrained tonight that has at least `dpo.min_pairs` preference pairs (escalations whose
+specialist answer differs from the teacher's, `factory.relabel.write_preferences`) then gets a
+DPO run on its new SFT adapter (`method: dpo`), registered like any version: it becomes the
+champion only when the registry's gates pass, else the SFT specialist stays.
+
 A task is retrained when it has no champion, when its data grew by at least
 `min_growth` since the champion's dataset, or when the champion's score on the new
 test split dropped by at least `drift_margin` (drift). The drift check costs one
@@ -51,6 +56,7 @@ from factory.mine import MineConfig, mine
 from factory.records import from_table
 from factory.recipe import RecipeError, load_recipe
 from factory.registry import Gates, write_routes
+from factory.relabel import write_preferences
 
 
 @dataclass(frozen=True)
@@ -174,27 +180,27 @@ def _run(logs: list[Path], paths: Paths, config: NightlyConfig) -> Summary:
     summary.ingested, summary.curated, catalog = prepare(logs, paths, config.engine)
     budget_left = config.max_tasks
     reused = _finished_runs(paths)
-    outcomes: dict[str, TaskOutcome] = {}
+    outcomes: dict[str, list[TaskOutcome]] = {}
     planned: list[str] = []
     for task, entry in catalog.items():
         needed, reason = decide(task, entry, paths, config)
         if not needed:
-            outcomes[task] = TaskOutcome(task, "skipped", reason)
+            outcomes[task] = [TaskOutcome(task, "skipped", reason)]
         elif budget_left <= 0:
-            outcomes[task] = TaskOutcome(task, "skipped", f"over tonight's budget ({reason})")
+            outcomes[task] = [TaskOutcome(task, "skipped", f"over tonight's budget ({reason})")]
         else:
             budget_left -= 1
             planned.append(task)
-            outcomes[task] = TaskOutcome(task, "planned", reason)
-    jobs = [partial(_retrain, task, catalog[task], outcomes[task].reason, paths, config, deadline, reused)
+            outcomes[task] = [TaskOutcome(task, "planned", reason)]
+    jobs = [partial(_retrain, task, catalog[task], outcomes[task][0].reason, paths, config, deadline, reused)
             for task in planned]
     resources = [_resources(task, config) for task in planned] if engine_name(config.engine) == "ray" else []
     open_store()
     for task, done in zip(planned, run_each(jobs, resources, config.engine)):
         if isinstance(done, BaseException):  # a worker that died, a bug: the other tasks went on
-            done = TaskOutcome(task, "failed", f"{outcomes[task].reason}; {type(done).__name__}: {done}")
+            done = [TaskOutcome(task, "failed", f"{outcomes[task][0].reason}; {type(done).__name__}: {done}")]
         outcomes[task] = done
-    summary.tasks = [outcomes[task] for task in catalog]
+    summary.tasks = [outcome for task in catalog for outcome in outcomes[task]]
     write_routes(paths.registry / "routes.json")
     summary.seconds = time.monotonic() - start
     _report(summary, paths)
@@ -209,18 +215,34 @@ def _resources(task: str, config: NightlyConfig) -> dict[str, float]:
 
 
 def _retrain(task: str, entry: dict[str, Any], reason: str, paths: Paths, config: NightlyConfig, deadline: float,
-             reused: set[str]) -> TaskOutcome:
-    """One task's train -> evaluate -> register, here or on a Ray worker. A task that would
-    start after the night's time budget (`deadline`, wall clock) is skipped."""
+             reused: set[str]) -> list[TaskOutcome]:
+    """One task's train -> evaluate -> register, then its DPO step, here or on a Ray worker. A task
+    that would start after the night's time budget (`deadline`, wall clock) is skipped."""
     if time.time() > deadline:
-        return TaskOutcome(task, "skipped", f"over tonight's budget ({reason})")
+        return [TaskOutcome(task, "skipped", f"over tonight's budget ({reason})")]
     try:
         done = finetune(task, entry, paths, config.recipe, config.overrides, config.truth, config.gates)
     except (ValueError, RuntimeError, FactoryError) as err:
-        return TaskOutcome(task, "failed", f"{reason}; {err}")
+        return [TaskOutcome(task, "failed", f"{reason}; {err}")]
     action = "trained" if done.trained.run_id not in reused else "registered (training reused)"
-    return TaskOutcome(task, action, reason, done.version.version, done.promoted,
-                       done.evaluation["columns"]["specialist"]["score"])
+    return [TaskOutcome(task, action, reason, done.version.version, done.promoted,
+                        done.evaluation["columns"]["specialist"]["score"]), *_dpo(task, entry, paths, config)]
+
+
+def _dpo(task: str, entry: dict[str, Any], paths: Paths, config: NightlyConfig) -> list[TaskOutcome]:
+    """The DPO step (see the module docstring): no outcome when the task has too few pairs."""
+    curated = from_table(pq.read_table(paths.data / "records" / "curated.parquet"))
+    pairs = write_preferences(task, entry, curated, paths.data)
+    if pairs < load_recipe(task, config.recipe, list(config.overrides))[0].dpo.min_pairs:
+        return []
+    why = f"{pairs} preference pairs"
+    try:
+        done = finetune(task, entry, paths, config.recipe, (*config.overrides, "method=dpo"), config.truth,
+                        config.gates)
+    except (ValueError, RuntimeError, FactoryError) as err:
+        return [TaskOutcome(task, "failed", f"dpo on {why}; {err}")]
+    return [TaskOutcome(task, "trained (dpo)", why, done.version.version, done.promoted,
+                        done.evaluation["columns"]["specialist"]["score"])]
 
 
 def _finished_runs(paths: Paths) -> set[str]:

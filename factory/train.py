@@ -585,6 +585,8 @@ def train(task: str, entry: dict[str, Any], recipe: Recipe, raw_recipe: dict[str
     """
     if entry.get("status") != "ready" or not entry.get("dataset_version"):
         raise ValueError(f"task {task!r} has no dataset ready (status: {entry.get('status')})")
+    if recipe.method == "dpo":
+        return train_dpo(task, entry, recipe, raw_recipe, data_dir, registry_dir)
     version = entry["dataset_version"]
     out_dir = run_dir(registry_dir, task, version, recipe)
     result_path = out_dir / "train.json"
@@ -658,6 +660,87 @@ def train(task: str, entry: dict[str, Any], recipe: Recipe, raw_recipe: dict[str
                             "train_peak_rss_mb": _peak_rss_mb()})
         mlflow.log_artifacts(str(adapter_dir), "adapter")
     write_atomic(result_path, json.dumps(asdict(result), indent=2))
+    return result
+
+
+def train_dpo(task: str, entry: dict[str, Any], recipe: Recipe, raw_recipe: dict[str, Any], data_dir: Path,
+              registry_dir: Path) -> TrainResult:
+    """`method: dpo`: the LoRA SFT specialist of this recipe (trained, or reused), then TRL's DPOTrainer
+    continuing its adapter on the task's preference pairs (`factory.relabel.write_preferences`),
+    a frozen copy of the SFT adapter as the reference (TRL makes it, named "ref"). Padded batches
+    and TRL's own loss: pairs are few, so the SFT path's speed work is not worth its code here.
+    The pairs are those beside the dataset version (the run is keyed by it and the recipe), and
+    the run is in this process whatever `distributed` says.
+    Raises ValueError when the task has no preference pairs that render; otherwise as `train`.
+    """
+    from peft import PeftModel
+    from trl import DPOConfig, DPOTrainer
+
+    from factory.relabel import load_preferences
+
+    sft = train(task, entry, recipe.model_copy(update={"method": "lora"}), raw_recipe, data_dir, registry_dir)
+    version = entry["dataset_version"]
+    out_dir = run_dir(registry_dir, task, version, recipe)
+    if (out_dir / "train.json").exists():
+        return TrainResult(**json.loads((out_dir / "train.json").read_text()))
+    pairs = load_preferences(data_dir, task, version)
+    if not pairs:
+        raise ValueError(f"task {task!r} has no preference pairs for dataset {version}: method dpo needs escalated "
+                         f"calls whose specialist answer the request log kept (`factory relabel {task}` stores them)")
+    base_path = resolve_base(recipe.base_model)
+    tokenizer = load_tokenizer(base_path)
+    rows = []
+    for pair in pairs:
+        tools = pair.get("tools") or []
+        try:
+            rows.append({"prompt": chat.render_prompt(tokenizer, pair["messages"], tools),
+                         "chosen": chat.render_completion(tokenizer, pair["messages"], tools, pair["chosen"]),
+                         "rejected": chat.render_completion(tokenizer, pair["messages"], tools, pair["rejected"])})
+        except chat.ChatError:
+            continue
+    if not rows:
+        raise ValueError(f"task {task!r}: none of its {len(pairs)} preference pairs renders with the base's "
+                         "chat template")
+    set_seed(recipe.seed)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32),
+                                      sft.adapter_dir, is_trainable=True)  # DPOTrainer copies it as "ref"
+    loss_types = ["sigmoid", "sft"] if recipe.dpo.sft_weight else ["sigmoid"]
+    args = DPOConfig(output_dir=str(out_dir), beta=recipe.dpo.beta, learning_rate=recipe.dpo.learning_rate,
+                     loss_type=loss_types, loss_weights=[1.0, recipe.dpo.sft_weight][:len(loss_types)],
+                     num_train_epochs=recipe.epochs, max_steps=recipe.max_steps,
+                     per_device_train_batch_size=recipe.batch_size, seed=recipe.seed, data_seed=recipe.seed,
+                     gradient_accumulation_steps=recipe.gradient_accumulation_steps, optim=recipe.optimizer,
+                     lr_scheduler_type=recipe.lr_scheduler, max_length=sft.seq_budget or recipe.max_seq_length,
+                     logging_steps=recipe.logging_steps, save_strategy="no", report_to="none",
+                     bf16=recipe.precision == "bf16", fp16=recipe.precision == "fp16",  # TRL's default: bf16
+                     activation_checkpointing=recipe.gradient_checkpointing, use_cpu=not torch.cuda.is_available())
+    trainer = DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                         callbacks=[_MlflowLog()])
+    task_experiment(task)
+    with mlflow.start_run(run_name=f"dpo-{task}") as run:
+        mlflow.log_params({"task": task, "kind": entry["kind"], "dataset_version": version, "method": "dpo",
+                           "recipe_digest": recipe.digest(), "base_model": recipe.base_model, "sft_run_id": sft.run_id,
+                           "dpo.beta": recipe.dpo.beta, "preference_pairs": len(rows)})
+        mlflow.log_text(yaml.safe_dump(raw_recipe, sort_keys=False), "recipe.yaml")
+        mlflow.set_tags({"task": task, "dataset_version": version, "stage": "train", "method": "dpo"})
+        start = time.perf_counter()
+        output = trainer.train()
+        seconds = time.perf_counter() - start
+        if "ref" in model.peft_config:
+            model.delete_adapter("ref")
+        tmp, adapter_dir = out_dir / "adapter.tmp", out_dir / "adapter"
+        model.save_pretrained(str(tmp))
+        shutil.rmtree(adapter_dir, ignore_errors=True)
+        os.replace(tmp, adapter_dir)
+        losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+        result = TrainResult(task=task, kind=entry["kind"], run_id=run.info.run_id, adapter_dir=str(adapter_dir),
+                             base_model=recipe.base_model, dataset_version=version, recipe_digest=recipe.digest(),
+                             train_examples=len(rows), train_loss=float(output.training_loss), train_tokens=0,
+                             tokens_per_s=0.0, seconds=seconds, seq_budget=sft.seq_budget,
+                             data={"preference_pairs": len(rows), "sft_run_id": sft.run_id, "losses": losses})
+        mlflow.log_metrics({"train_loss_final": result.train_loss, "train_seconds": seconds})
+        mlflow.log_artifacts(str(adapter_dir), "adapter")
+    write_atomic(out_dir / "train.json", json.dumps(asdict(result), indent=2))
     return result
 
 

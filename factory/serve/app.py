@@ -394,7 +394,8 @@ def create_app(router: Router, specialists: Specialists | RemoteSpecialists, con
             state["log"].write(log_entry(
                 f"req-{uuid.uuid4().hex}", body, response, agent=agent, step=step, session_id=session_id,
                 route=served_by, task=task, confidence=info["confidence"], reason=decision.reason,
-                match=match.method, latency_ms=seconds * 1000))
+                match=match.method, latency_ms=seconds * 1000,
+                specialist_answer=None if answer is None else answer.output))
 
         stream = bool(chat_request.stream)
         if served_by == SPECIALIST:

@@ -3,14 +3,17 @@
 One JSON object per line:
 
     {"id", "timestamp", "latency_ms",
-     "metadata": {"agent", "step", "session_id", "route", "task", "confidence", "reason", "match"},
+     "metadata": {"agent", "step", "session_id", "route", "task", "confidence", "reason", "match",
+                  ["specialist_answer"]},
      "request": <the request body as received>, "response": <the body returned, or {"error": ...}>}
 
 `route` is "specialist", "upstream" or "unavailable" (an escalation with no upstream to go
 to); escalated calls carry the teacher's answer and so become the next round's training
-examples. Specialist-served calls carry the specialist's own answer: a later stage must
-not train on them as teacher labels (they are marked by `metadata.route`, which ingest
-keeps in the record's metadata).
+examples. An escalated call whose specialist did answer (below the threshold) also carries that
+answer, `specialist_answer` ({"content", "tool_calls"}): with the teacher's answer it makes a
+preference pair (factory.relabel.preference_pairs). Specialist-served calls carry the
+specialist's own answer: a later stage must not train on them as teacher labels (they are
+marked by `metadata.route`, which ingest keeps in the record's metadata).
 
 Nothing from the HTTP headers is written (no Authorization header, no upstream key). The
 prompts are written as the agents sent them, so the folder is made 0700 and every segment
@@ -41,12 +44,15 @@ OPEN_SUFFIX = ".open"
 
 def log_entry(call_id: str, request: dict[str, Any], response: dict[str, Any], *, agent: str, step: str,
               session_id: str, route: str, task: str | None, confidence: float | None, reason: str,
-              match: str, latency_ms: float) -> dict[str, Any]:
+              match: str, latency_ms: float, specialist_answer: dict[str, Any] | None = None) -> dict[str, Any]:
+    metadata = {"agent": agent, "step": step, "session_id": session_id, "route": route, "task": task,
+                "confidence": confidence, "reason": reason, "match": match}
+    if specialist_answer is not None and route != "specialist":
+        metadata["specialist_answer"] = specialist_answer
     return {
         "id": call_id,
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-        "metadata": {"agent": agent, "step": step, "session_id": session_id, "route": route, "task": task,
-                     "confidence": confidence, "reason": reason, "match": match},
+        "metadata": metadata,
         "request": request,
         "response": response,
         "latency_ms": round(latency_ms, 2),
