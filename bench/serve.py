@@ -148,7 +148,7 @@ def _adapters(base: Path, folder: Path) -> dict[str, Path]:
     return out
 
 
-def _load(url: str, bodies: list[dict], clients: int) -> tuple[list[float], int]:
+def _clients(url: str, bodies: list[dict], clients: int) -> tuple[list[float], int]:
     """Send `bodies` from `clients` threads, each with its own keep-alive connection; (latencies, specialist
     answers)."""
     import threading
@@ -177,6 +177,16 @@ def _load(url: str, bodies: list[dict], clients: int) -> tuple[list[float], int]
         for future in [pool.submit(client) for _ in range(clients)]:
             future.result()
     return latencies, served[0]
+
+
+def _load(url: str, bodies: list[dict], clients: int) -> tuple[list[float], int]:
+    """`_clients` in a process of its own, as an agent fleet would be: client threads in the server's
+    process would take the interpreter lock from the engine's thread and the server's."""
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(_clients, url, bodies, clients).result()
 
 
 def bench_serving() -> dict[str, float]:
