@@ -21,12 +21,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -34,63 +32,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SESSIONS = 1300  # ~4,000 records
 DAY = ROOT / "datasets" / "samples" / "logs" / "support-agent-2026-11-03.jsonl"
 TINY = ("max_train_samples=8", "max_eval_samples=4", "max_new_tokens=4", "save_steps=1000")
-
-
-@contextmanager
-def _cluster(temp: Path):
-    """Two nodes of 1 CPU on loopback (`ray start --block`), RAY_ADDRESS set; stopped after."""
-    import psutil
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ray_bin = str(Path(sys.executable).with_name("ray"))
-    common = ["--block", "--node-ip-address=127.0.0.1", "--num-cpus=1", "--object-store-memory=200000000",
-              "--disable-usage-stats"]
-    log = open(temp / "ray-start.log", "wb")
-    nodes = [subprocess.Popen([ray_bin, "start", "--head", f"--port={port}", "--include-dashboard=false",
-                               f"--temp-dir={temp}", *common], stdout=log, stderr=log)]
-    os.environ["RAY_ADDRESS"] = f"127.0.0.1:{port}"
-    try:
-        nodes.append(subprocess.Popen([ray_bin, "start", f"--address=127.0.0.1:{port}", *common],
-                                      stdout=log, stderr=log))
-        import ray
-
-        from factory.engine import connect_ray
-        from factory.errors import FactoryError
-
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                connect_ray()
-                if sum(n["Alive"] for n in ray.nodes()) == 2:
-                    break
-            except FactoryError:  # the head is not up yet
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the Ray cluster did not start: see {log.name}")
-            time.sleep(1)
-        yield
-    finally:
-        import ray
-
-        ray.shutdown()
-        started = [c for node in nodes for c in psutil.Process(node.pid).children(recursive=True)]
-        for process in started:
-            try:
-                process.terminate()
-            except psutil.NoSuchProcess:
-                pass
-        for process in psutil.wait_procs(started, timeout=10)[1]:
-            process.kill()
-        for node in nodes:
-            try:
-                node.wait(5)
-            except subprocess.TimeoutExpired:
-                node.kill()
-                node.wait()
-        log.close()
-        os.environ.pop("RAY_ADDRESS", None)
 
 
 def _curate_rate(raw: Path, out: Path, **engine) -> float:
@@ -164,7 +105,7 @@ def run() -> dict[str, float]:
 
 
 def _run() -> dict[str, float]:
-    from factory.engine import local_workers
+    from factory.engine import local_workers, loopback_cluster
     from factory.ingest import ingest
     from factory.nightly import prepare
     from factory.paths import Paths
@@ -184,7 +125,7 @@ def _run() -> dict[str, float]:
         model = _tiny_model(tmp / "tiny")
         sequential = _retrain_all(tmp / "data", tmp / "local", model, "local")
         (tmp / "ray").mkdir()
-        with _cluster(tmp / "ray"):
+        with loopback_cluster(tmp / "ray", object_store_bytes=200_000_000):
             figures["curate_records_per_s_ray"] = _curate_rate(tmp / "raw", tmp / "on-ray", engine="ray")
             parallel = _retrain_all(tmp / "data", tmp / "tasks-on-ray", model, "ray")
         same = all((tmp / "one" / f).read_bytes() == (tmp / d / f).read_bytes()

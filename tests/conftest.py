@@ -37,14 +37,8 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import socket
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import mlflow
 import pytest
@@ -150,71 +144,13 @@ def enter_workspace(root: Path, mp: pytest.MonkeyPatch) -> Path:
     return root
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A Ray cluster of two nodes on 127.0.0.1 (a head and one worker, 1 CPU and 100 MB of
-    object store each; Ray's logs under /tmp/pytest-ray-*), started with `ray start --block` so that the two processes own their
-    cluster; yields its address, set as RAY_ADDRESS, and connects this process to it. Teardown
-    disconnects, stops both `ray start` processes and kills what they started. Yields `address`
-    and `processes()`: the cluster's processes now (its workers included; psutil). Starting
-    takes ~10 s on a quiet 2-core machine."""
-    import psutil
-    import ray
+    """A Ray cluster of two nodes on 127.0.0.1 for the session (`factory.engine.loopback_cluster`:
+    a head and one worker, 1 CPU and 100 MB of object store each; Ray's logs under
+    /tmp/pytest-ray-*, kept: Ray Data's log handler may still write there). Yields `address` and
+    `processes()`."""
+    from factory.engine import loopback_cluster
 
-    ray_bin = str(Path(sys.executable).with_name("ray"))
-    temp = tempfile.mkdtemp(prefix="pytest-ray-", dir="/tmp")  # Ray's socket paths must stay short
-    port = _free_port()
-    common = ["--block", "--node-ip-address=127.0.0.1", "--num-cpus=1", "--object-store-memory=100000000",
-              "--disable-usage-stats"]
-    logs = open(Path(temp) / "ray-start.log", "wb")
-    nodes = [subprocess.Popen([ray_bin, "start", "--head", f"--port={port}", "--include-dashboard=false",
-                               f"--temp-dir={temp}", *common], stdout=logs, stderr=logs)]
-    address = f"127.0.0.1:{port}"
-    previous = os.environ.get("RAY_ADDRESS")
-    os.environ["RAY_ADDRESS"] = address
-    try:
-        nodes.append(subprocess.Popen([ray_bin, "start", f"--address={address}", *common], stdout=logs, stderr=logs))
-        from factory.engine import connect_ray
-        from factory.errors import FactoryError
-
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                connect_ray()
-                if sum(n["Alive"] for n in ray.nodes()) == 2:
-                    break
-            except FactoryError:  # the head is not up yet
-                pass
-            if time.monotonic() > deadline or any(n.poll() is not None for n in nodes):
-                raise RuntimeError(f"the Ray test cluster did not start: see {logs.name}")
-            time.sleep(1)
-        yield SimpleNamespace(address=address, processes=lambda: [
-            child for node in nodes for child in psutil.Process(node.pid).children(recursive=True)])
-    finally:
-        ray.shutdown()
-        started = [child for node in nodes for child in psutil.Process(node.pid).children(recursive=True)]
-        for process in started:
-            try:
-                process.terminate()
-            except psutil.NoSuchProcess:
-                pass
-        _, alive = psutil.wait_procs(started, timeout=5)
-        for process in alive:
-            process.kill()
-        for node in nodes:  # `ray start --block` exits once its processes are gone; it reaps them
-            try:
-                node.wait(5)
-            except subprocess.TimeoutExpired:
-                node.kill()
-                node.wait()
-        logs.close()  # the session folder stays: Ray Data's log handler may still write there
-        if previous is None:
-            os.environ.pop("RAY_ADDRESS", None)
-        else:
-            os.environ["RAY_ADDRESS"] = previous
+    with loopback_cluster(Path(tempfile.mkdtemp(prefix="pytest-ray-", dir="/tmp"))) as cluster:
+        yield cluster
