@@ -33,12 +33,22 @@ MIN_SHARED_PREFIX = 32  # tokens; below this, running the prefix apart saves les
 MAX_BATCH_TOKENS = 16_384
 
 
+def confidence(logprobs: list[float]) -> float:
+    """The geometric mean of the chosen tokens' probabilities (exp of the mean log-probability); 0 for no tokens."""
+    return math.exp(sum(logprobs) / len(logprobs)) if logprobs else 0.0
+
+
 @dataclass(frozen=True)
 class Generation:
     text: str
     confidence: float
     min_prob: float
     new_tokens: int
+
+    @classmethod
+    def of(cls, text: str, logprobs: list[float]) -> Generation:
+        """An answer from its text and its chosen tokens' log-probabilities (the end-of-sequence token's included)."""
+        return cls(text, confidence(logprobs), math.exp(min(logprobs)) if logprobs else 0.0, len(logprobs))
 
 
 class _ChosenLogprobs(LogitsProcessor):
@@ -104,11 +114,6 @@ def generate(model, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_
         for row, i in enumerate(idx):
             tokens = new[row].tolist()
             length = tokens.index(eos) + 1 if eos in tokens else len(tokens)
-            lp = logprobs[row, :length]
-            results[i] = Generation(
-                text=tokenizer.decode(tokens[:length], skip_special_tokens=True),
-                confidence=math.exp(lp.mean().item()) if length else 0.0,
-                min_prob=math.exp(lp.min().item()) if length else 0.0,
-                new_tokens=length,
-            )
+            results[i] = Generation.of(tokenizer.decode(tokens[:length], skip_special_tokens=True),
+                                       logprobs[row, :length].tolist())
     return results

@@ -57,7 +57,6 @@ refuses a routing table whose tasks span several bases; the exports start one se
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -65,6 +64,7 @@ from typing import Any
 import httpx
 
 from factory.base_model import resolve_base
+from factory.evaluate.generate import confidence
 from factory.models import load_tokenizer
 from factory.serve.engine import BackendError
 from factory.serve.router import Route
@@ -77,11 +77,6 @@ BACKENDS = ("local", "vllm", "llamacpp")
 class Completion:
     text: str
     logprobs: list[float]  # of the chosen tokens, in order
-
-
-def confidence(logprobs: list[float]) -> float:
-    """The geometric mean of the chosen tokens' probabilities (exp of the mean log-prob); 0 for no tokens."""
-    return math.exp(sum(logprobs) / len(logprobs)) if logprobs else 0.0
 
 
 def vllm_request(task: str, prompt_ids: list[int], max_tokens: int) -> tuple[str, dict[str, Any]]:

@@ -32,7 +32,6 @@ complete (waiting or generating). The server escalates both to the upstream LLM.
 
 from __future__ import annotations
 
-import math
 import os
 import threading
 import time
@@ -266,10 +265,7 @@ class Engine:
         self._kv = [(k[index, :, start:], v[index, :, start:]) for k, v in self._kv]
 
     def _generation(self, request: _Request) -> Generation:
-        lp = request.logprobs
-        return Generation(text=self.tokenizer.decode(request.tokens, skip_special_tokens=True),
-                          confidence=math.exp(sum(lp) / len(lp)), min_prob=math.exp(min(lp)),
-                          new_tokens=len(request.tokens))
+        return Generation.of(self.tokenizer.decode(request.tokens, skip_special_tokens=True), request.logprobs)
 
     def _fail_all(self, error: BackendError) -> None:
         with self._wake:
