@@ -15,7 +15,7 @@ import pytest
 from factory import chat
 from factory.evaluate.generate import generate
 from factory.serve.app import ServeConfig, create_app, running
-from factory.serve.engine import MIN_SHARED_PREFIX, BackendError, Engine, PrefixCache
+from factory.serve.engine import MIN_SHARED_PREFIX, BackendError, Engine, PrefixCache, supports
 from factory.serve.router import Router, load_routes, request_template
 
 SAMPLES = Path(__file__).parents[1] / "datasets" / "samples" / "logs"
@@ -37,7 +37,7 @@ def sample_requests(per_step: int) -> list[tuple[str, list[dict]]]:
     return [(step, messages) for step in STEPS for messages in found[step]]
 
 
-def peft_model(base_dir: Path, tasks: tuple[str, ...], scale: float):
+def peft_model(base_dir: Path, tasks: tuple[str, ...], scale: float, **lora_options):
     """A PeftModel on `base_dir` with one LoRA adapter per task, B matrices drawn at `scale` so each
     adapter changes the output differently."""
     import torch
@@ -45,7 +45,7 @@ def peft_model(base_dir: Path, tasks: tuple[str, ...], scale: float):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM")
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM", **lora_options)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_dir), lora, adapter_name=tasks[0])
     for task in tasks[1:]:
         model.add_adapter(task, lora)
@@ -75,14 +75,22 @@ def check_against_unbatched(model, tokenizer, requests: list[tuple[str, list[dic
     return engine
 
 
-def test_mixed_tasks_in_one_batch_answer_as_alone(tiny_model_dir):
+@pytest.mark.parametrize("max_batch, lora_options", [
+    (5, {}),  # the stacked adapters; rows retire at different steps while others join in groups
+    (16, {}),  # 9 to 15 running rows are padded to 16
+    (16, {"lora_dropout": 0.1, "layers_to_transform": [0]}),  # fewer layers adapted
+    (16, {"use_rslora": True, "alpha_pattern": {"v_proj": 16}}),  # scalings differ between layers
+], ids=["stacked", "padded", "some-layers", "scalings"])
+def test_mixed_tasks_in_one_batch_answer_as_alone(tiny_model_dir, max_batch, lora_options):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    model = peft_model(tiny_model_dir, STEPS, scale=0.5)
+    model = peft_model(tiny_model_dir, STEPS, scale=0.5, **lora_options)
     requests = sample_requests(per_step=4)
-    budgets = [3 + (5 * i) % 11 for i in range(len(requests))]  # rows retire at different steps, others join
-    engine = check_against_unbatched(model, tokenizer, requests, budgets, max_batch=5)
+    # rows retire at different steps while others join; the longest outgrow the cache's spare columns
+    budgets = [3 + (29 * i) % 97 for i in range(len(requests))]
+    engine = check_against_unbatched(model, tokenizer, requests, budgets, max_batch=max_batch)
+    assert engine._lora is not None  # the stacked adapters answered, not PEFT's per-adapter split
     # each task's prompts share their system prompt: its cache was learnt and is reused
     for step, messages in requests[::4]:
         prompt = chat.render_prompt(tokenizer, messages, [])
@@ -99,6 +107,13 @@ def test_sample_prompts_answer_as_unbatched_on_smollm2(smollm2_dir):
     model = peft_model(smollm2_dir, STEPS, scale=0.02)
     requests = sample_requests(per_step=3)
     check_against_unbatched(model, tokenizer, requests, [24] * len(requests), max_batch=16)
+
+
+def test_dora_adapters_are_served_one_at_a_time(tiny_model_dir):
+    """PEFT cannot mix DoRA adapters in one batch: such a base is not given to the engine (the server
+    answers its requests one by one)."""
+    assert supports(peft_model(tiny_model_dir, STEPS[:1], scale=0.5))
+    assert not supports(peft_model(tiny_model_dir, STEPS[:1], scale=0.5, use_dora=True))
 
 
 def test_prefix_cache_keeps_the_shared_part():
