@@ -563,7 +563,9 @@ EmbeddingOpt = Annotated[bool, typer.Option(help="nearest task centroid when no 
 def _router(routes_file: Path | None, embedding: bool, min_similarity: float, specialists=None):
     """Routes, router and specialists (adapters are fetched from the MLflow store when not local);
     `specialists(routes)` builds them when given (`serve --backend`), else `Specialists`."""
+    from factory.embed import embed_texts
     from factory.serve.centroids import build_router
+    from factory.serve.engine import single_threaded
     from factory.serve.router import load_routes
     from factory.serve.specialists import Specialists
 
@@ -572,7 +574,7 @@ def _router(routes_file: Path | None, embedding: bool, min_similarity: float, sp
     except (OSError, ValueError) as err:
         raise _fail(str(err)) from None
     _tracking()
-    router, missing = build_router(table, data_dir(), embedding, min_similarity)
+    router, missing = build_router(table, data_dir(), embedding, min_similarity, single_threaded(embed_texts))
     for task in missing:
         console.print(f"{task}: no dataset under {data_dir()}, so no embedding centroid (signature matches only)")
     return router, (specialists or Specialists)(table)

@@ -200,3 +200,14 @@ def test_concurrent_clients_over_http_get_their_own_answers(tiny_model_dir, tmp_
     specialists.close()
     assert [r.headers["x-factory-route"] for r in responses] == ["specialist"] * len(bodies)
     assert [r.json()["choices"][0]["message"]["content"] for r in responses] == expected
+
+
+def test_single_threaded_runs_torch_on_one_thread_and_restores_the_count():
+    """The router's embeddings in a serving process run torch on one thread (see `single_threaded`)."""
+    import torch
+
+    from factory.serve.engine import single_threaded
+
+    threads = torch.get_num_threads()
+    assert single_threaded(torch.get_num_threads)() == 1
+    assert torch.get_num_threads() == threads

@@ -76,10 +76,10 @@ def build_centroids(routes: dict[str, Route], data_dir: Path, embed: Embed = emb
 
 
 def build_router(routes: dict[str, Route], data_dir: Path, embedding: bool = True,
-                 min_similarity: float = 0.8) -> tuple[Router, list[str]]:
+                 min_similarity: float = 0.8, embed: Embed = embed_texts) -> tuple[Router, list[str]]:
     """The router for `routes`, with the embedding fallback unless `embedding` is False; also
     returns the tasks without a centroid (reachable by signature only)."""
     if not embedding or not routes:
         return Router(routes), []
-    centroids, missing = build_centroids(routes, data_dir, min_similarity=min_similarity)
+    centroids, missing = build_centroids(routes, data_dir, embed, min_similarity)
     return Router(routes, centroids), missing

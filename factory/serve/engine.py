@@ -474,6 +474,23 @@ class Engine:
                 request.future.set_exception(error)
 
 
+def single_threaded(fn):
+    """`fn` with torch on one thread, for the torch work a serving process does outside the engines
+    (the router's embeddings, at startup and in request threads). A thread that runs torch on several
+    threads gets an OpenMP thread team of its own, and with a second team in the process (libgomp)
+    every engine step took 1.7x as long on this machine, for the life of the process."""
+
+    def wrapped(*args, **kwargs):
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # this thread only (and the default of threads started meanwhile)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+
+    return wrapped
+
+
 def _padded(rows: int, limit: int) -> int:
     """The rows a decoding step runs: 9 to 15 rows are padded to 16 (when `limit` allows). Matrix products with fewer than
     16 rows take slower kernels here (MKL on AVX-512): a 14-row step of SmolLM2-135M costs 91 ms,
