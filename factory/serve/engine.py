@@ -251,7 +251,7 @@ class _Slots:
         width = max(self.end - self.start, length)
         self._reserve(self.n + 1, width, 0, like=kv)
         if width > self.end - self.start:
-            self.mask = _pad_left(self.mask, width - (self.end - self.start))
+            self.mask = torch.cat([self.mask.new_zeros(self.n, width - (self.end - self.start)), self.mask], dim=1)
             self.start = self.end - width
         for (keys, values), (k, v) in zip(zip(self.keys, self.values), kv):
             keys[self.n, :, self.end - length:self.end] = k[0]
@@ -308,7 +308,7 @@ class Engine:
     def __init__(self, model, tokenizer, max_batch: int = 32, max_queue: int = 256, timeout: float = 60.0):
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue, self.timeout = max_batch, max_queue, timeout
-        self.eos, self.pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+        self.eos = tokenizer.eos_token_id
         self.prefixes = PrefixCache()
         self._lora = _MixedLoRA(model, list(model.peft_config)) if _MixedLoRA.supports(model) else None
         self._waiting: deque[_Request] = deque()
@@ -503,11 +503,6 @@ def _tuner_layers(model) -> list:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
-
-
-def _pad_left(mask: torch.Tensor, n: int) -> torch.Tensor:
-    """`mask` with `n` zero columns before its first."""
-    return torch.cat([mask.new_zeros(mask.shape[0], n), mask], dim=1)
 
 
 def _timed_out(request: _Request, timeout: float) -> None:
