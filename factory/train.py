@@ -777,9 +777,15 @@ def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _worker(spec_path: str) -> None:
     """One `accelerate launch` process: train from the spec `launch_command` wrote."""
+    import torch.distributed as dist
+
     spec = json.loads(Path(spec_path).read_text())
-    train(spec["task"], spec["entry"], Recipe.model_validate(spec["raw_recipe"]), spec["raw_recipe"],
-          Path(spec["data_dir"]), Path(spec["registry_dir"]))
+    try:
+        train(spec["task"], spec["entry"], Recipe.model_validate(spec["raw_recipe"]), spec["raw_recipe"],
+              Path(spec["data_dir"]), Path(spec["registry_dir"]))
+    finally:  # the process group's communication threads must end before the interpreter does
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":
