@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import Cache, DynamicLayer
 
 from factory.evaluate.generate import Generation
 
@@ -375,7 +375,7 @@ class Engine:
                 joining.append(request)
         return joining
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache,
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Cache,
                  tasks: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """One forward pass; (chosen token, its log-probability) per row from the last position."""
         inputs = dict(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
@@ -433,8 +433,8 @@ class Engine:
         rows = _padded(len(self._rows), self.max_batch)
         padding = rows - len(self._rows)
         last = torch.tensor([[r.tokens[-1]] for r in self._rows] + [[self.eos]] * padding)
-        cache = DynamicCache(config=self.model.config)
-        cache.layers, mask, positions = self._slots.step(rows)
+        layers, mask, positions = self._slots.step(rows)
+        cache = Cache(layers=layers)  # not DynamicCache(config=...): it would build layers only to drop them
         tokens, logprobs = self._forward(last, mask, positions, cache,
                                          [r.task for r in self._rows] + [self._rows[0].task] * padding)
         self._slots.advance()
