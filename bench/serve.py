@@ -148,9 +148,9 @@ def _adapters(base: Path, folder: Path) -> dict[str, Path]:
     return out
 
 
-def _clients(url: str, bodies: list[dict], clients: int) -> tuple[list[float], int]:
+def _clients(url: str, bodies: list[dict], clients: int) -> tuple[list[float], int, float]:
     """Send `bodies` from `clients` threads, each with its own keep-alive connection; (latencies, specialist
-    answers)."""
+    answers, seconds from the first request to the last answer)."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
@@ -173,15 +173,17 @@ def _clients(url: str, bodies: list[dict], clients: int) -> tuple[list[float], i
                     latencies.append(seconds)
                     served[0] += response.headers.get("x-factory-route") == "specialist"
 
+    start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         for future in [pool.submit(client) for _ in range(clients)]:
             future.result()
-    return latencies, served[0]
+    return latencies, served[0], time.perf_counter() - start
 
 
-def _load(url: str, bodies: list[dict], clients: int) -> tuple[list[float], int]:
+def _load(url: str, bodies: list[dict], clients: int) -> tuple[list[float], int, float]:
     """`_clients` in a process of its own, as an agent fleet would be: client threads in the server's
-    process would take the interpreter lock from the engine's thread and the server's."""
+    process would take the interpreter lock from the engine's thread and the server's. The seconds are
+    timed in that process: its start (a second or two of imports) is not the server's time."""
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
@@ -217,9 +219,7 @@ def bench_serving() -> dict[str, float]:
             with running(app) as url:
                 _load(url, bodies[-8:], 4)  # warm up: first forward passes, prefix caches
                 for clients, count in LEVELS.items():
-                    start = time.perf_counter()
-                    latencies, served = _load(url, bodies[:count], clients)
-                    wall = time.perf_counter() - start
+                    latencies, served, wall = _load(url, bodies[:count], clients)
                     figures |= {f"serve_rps_c{clients}": count / wall,
                                 f"serve_p50_ms_c{clients}": _pct(latencies, 50),
                                 f"serve_p99_ms_c{clients}": _pct(latencies, 99),

@@ -76,7 +76,7 @@ def check_against_unbatched(model, tokenizer, requests: list[tuple[str, list[dic
 
 
 @pytest.mark.parametrize("max_batch, lora_options", [
-    (5, {}),  # the stacked adapters; rows retire at different steps while others join in groups
+    (5, {}),  # rows retire at different steps; waiting prompts join in the running rows' passes
     (16, {}),  # 9 to 15 running rows are padded to 16
     (16, {"lora_dropout": 0.1, "layers_to_transform": [0]}),  # fewer layers adapted
     (16, {"use_rslora": True, "alpha_pattern": {"v_proj": 16}}),  # scalings differ between layers
@@ -109,11 +109,12 @@ def test_sample_prompts_answer_as_unbatched_on_smollm2(smollm2_dir):
     check_against_unbatched(model, tokenizer, requests, [24] * len(requests), max_batch=16)
 
 
-def test_dora_adapters_are_served_one_at_a_time(tiny_model_dir):
-    """PEFT cannot mix DoRA adapters in one batch: such a base is not given to the engine (the server
-    answers its requests one by one)."""
+def test_adapters_the_engine_cannot_stack_are_served_one_at_a_time(tiny_model_dir):
+    """DoRA adapters (PEFT cannot mix them in one batch) and LoRA biases are not stacked: such a base is
+    not given to the engine (the server answers its requests one by one)."""
     assert supports(peft_model(tiny_model_dir, STEPS[:1], scale=0.5))
     assert not supports(peft_model(tiny_model_dir, STEPS[:1], scale=0.5, use_dora=True))
+    assert not supports(peft_model(tiny_model_dir, STEPS[:1], scale=0.5, bias="lora_only"))
 
 
 def test_prefix_cache_keeps_the_shared_part():
