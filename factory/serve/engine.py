@@ -22,7 +22,8 @@ costs about twice a step of one):
 - `_MixedLoRA`: every adapter's matrices stacked, two products per layer for the whole pass, each
   token gated to its own adapter; PEFT's mixed-adapter batches split the batch by adapter in every
   layer and set up hooks on every call (a third of the step).
-- `_padded`: 9 to 15 tokens run as 16 (faster matrix kernels).
+- `_padded`: 9 to 15 tokens run as 16, and 4 to 15 rows of the vocabulary projection (faster
+  matrix kernels).
 - `PrefixCache`: each prompt is prefilled from the end of its task's shared prefix (the system
   prompt and tool list its prompts share, learnt from the prompts, at least `MIN_SHARED_PREFIX`
   tokens), copied into its row.
