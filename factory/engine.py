@@ -14,6 +14,8 @@ The stages keep their per-record functions; this module only decides how they ar
   order. Either way at most a few batches per worker are in flight, so a worker's memory is
   one batch plus its own state. (`ray` sets this process's Ray Data context: ordered
   output, and the sort's partition count.)
+* `map_batches` does the same over a table in memory with fixed batch boundaries (mining's
+  embeddings): in this process (`local`), or one Ray actor per CPU (`ray`).
 * `run_each` runs independent jobs (one task's train -> evaluate -> register) one after
   the other here (`local`), or as one Ray task each asking for that job's CPUs and GPUs
   (`ray`); a job that fails, or whose worker dies, is returned as its exception and the
@@ -194,6 +196,32 @@ def map_sorted_parquet(factory: Callable[[], Callable[[pa.Table], pa.Table]], fi
     if engine_name(engine) == "ray":
         return _map_ray(factory, files, schema, sort, batch_size)
     return _map_local(factory, _local_batches(files, schema, sort, batch_size), workers or local_workers())
+
+
+def map_batches(factory: Callable[[], Callable[[pa.Table], pa.Table]], table: pa.Table, batch_size: int,
+                engine: str | None = None) -> Iterator[pa.Table]:
+    """`factory()`'s function over `table` (in this process's memory), `batch_size` rows at a time;
+    yields its output tables in row order. Unlike `map_sorted_parquet`, the batches are the same
+    rows on every engine (slices of `batch_size`), for functions whose results depend on what
+    shares their batch (a model's padded batch). `local` runs them in this process, whose torch
+    already uses every core; `ray` sends each slice to an actor (one per cluster CPU). `factory`
+    as for `map_sorted_parquet`. Raises FactoryError as it does, and what the function raises."""
+    slices = [table.slice(start, batch_size) for start in range(0, table.num_rows, batch_size)]
+    if engine_name(engine) == "local":
+        fn = factory()
+        yield from map(fn, slices)
+        return
+    if not slices:
+        return
+    ray = connect_ray()
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    dataset = ray.data.from_arrow(slices).map_batches(  # one block per slice: a batch is a block
+        _RayBatchFn, fn_constructor_args=(factory,), batch_size=batch_size, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=min(cpus, len(slices))), zero_copy_batch=True)
+    for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+        if batch.num_rows:
+            yield batch
 
 
 # --- independent jobs ----------------------------------------------------------------------

@@ -20,7 +20,7 @@ Discovery has two layers.
     task stated in the user message) splits by instruction, not by topic; they also dedupe
     massively (100k prompts give a few hundred). The `anchors_per_group` most frequent
     skeletons of each group (at most `max_anchors` in all) are embedded with
-    all-MiniLM-L6-v2 (`embed_texts`); rarer ones join their lexical nearest anchor (TF-IDF).
+    all-MiniLM-L6-v2 (`embed_all`); rarer ones join their lexical nearest anchor (TF-IDF).
     All anchors are then clustered together by agglomerative clustering (average linkage,
     cosine distance <= `cluster_distance`) with two constraints: anchors whose outputs
     differ in shape (tool call, JSON, label of <= 4 words, text) or have a disjoint
@@ -55,7 +55,7 @@ entry's name (so renames persist) and description. To merge task B into A, set
 A. Entries no longer matched stay with status `absent`.
 
 Centroid (the router's fallback): `datasets/<task>/<version>/centroid.npy`, float32, unit
-norm, the normalised mean of `embed_texts([prompt_text(messages)])` over up to
+norm, the normalised mean of `embed_all([prompt_text(messages)])` over up to
 `centroid_sample` distinct prompts of the task; the entry's `embedding` field gives the
 model, that file (relative to the data folder) and `similarity_p05`, the 5th percentile of
 the sampled prompts' similarity to it.
@@ -93,12 +93,11 @@ import yaml
 from factory import kinds
 from factory.catalog import CATALOG_HEADER, CatalogError, check_task_name, load_catalog
 from factory.chat import text_of
-from factory.embed import EMBEDDING_MODEL, embed_texts
+from factory.embed import EMBEDDING_MODEL, embed_all
 from factory.errors import FactoryError
 from factory.io import SPLITS, write_atomic
 from factory.kinds.agent_turn import MIN_CALL_SHARE
 from factory.kinds.base import json_object
-from factory.progress import progress
 from factory.records import Record
 from factory.schemas import CatalogEntry
 
@@ -308,10 +307,11 @@ def _attach_tail(items: dict[str, list[int]], top: list[str], tail: list[str]) -
 
 
 def discover(records: list[Record], config: MineConfig = MineConfig(),
-             keys: list[Group] | None = None) -> list[Cluster]:
+             keys: list[Group] | None = None, engine: str | None = None) -> list[Cluster]:
     """Group `records` into tasks (see the module docstring); largest first, members in input order.
 
-    `keys` are the records' groups when the caller has them (`group_keys`).
+    `keys` are the records' groups when the caller has them (`group_keys`); `engine` maps the
+    anchors' embeddings (`embed_all`).
     """
     if not records:
         return []
@@ -352,7 +352,7 @@ def discover(records: list[Record], config: MineConfig = MineConfig(),
                        and _overlap(vocab[a], vocab[b]) for b in kinds] for a in kinds])
     per_anchor = np.array([kinds.index((g, shape)) for (g, _, _), shape in zip(anchors, shapes)])
     group_ids = np.array([g for g, _, _ in anchors])
-    vectors = embed_texts([s for _, s, _ in anchors])
+    vectors = embed_all([s for _, s, _ in anchors], engine)
     distance = np.clip(1.0 - vectors @ vectors.T, 0.0, 1.0)
     distance += config.cross_group_penalty * (group_ids[:, None] != group_ids[None, :])
     compatible = agree[per_anchor][:, per_anchor]
@@ -539,11 +539,20 @@ def _new_name(task: dict[str, Any], terms: list[str], unique_step: bool, taken: 
     return name
 
 
-def _centroid(members: list[Record], config: MineConfig) -> tuple[np.ndarray, float]:
-    """Normalised mean embedding of up to `centroid_sample` distinct prompts (hash-chosen) and the p05 similarity."""
-    chosen = sorted(members, key=lambda r: _rank(config.seed, r.id))[:4 * config.centroid_sample]
-    sample = list(dict.fromkeys(prompt_text(r.messages) for r in chosen))[:config.centroid_sample]
-    vectors = embed_texts(sample)
+def _centroids(groups: list[list[Record]], config: MineConfig, engine: str | None = None) -> list[tuple[np.ndarray, float]]:
+    """Per group of records: the normalised mean embedding of up to `centroid_sample` of its distinct
+    prompts (hash-chosen) and their p05 similarity to it; every group's prompts embedded in one
+    `embed_all` (mapped by `engine`)."""
+    samples = []
+    for members in groups:
+        chosen = sorted(members, key=lambda r: _rank(config.seed, r.id))[:4 * config.centroid_sample]
+        samples.append(list(dict.fromkeys(prompt_text(r.messages) for r in chosen))[:config.centroid_sample])
+    vectors = embed_all([text for sample in samples for text in sample], engine)
+    ends = np.cumsum([len(sample) for sample in samples])
+    return [_centroid_of(part) for part in np.split(vectors, ends[:-1])] if samples else []
+
+
+def _centroid_of(vectors: np.ndarray) -> tuple[np.ndarray, float]:
     mean = vectors.mean(axis=0)
     mean = (mean / np.linalg.norm(mean)).astype(np.float32)
     return mean, round(float(np.percentile(vectors @ mean, 5)), 4)
@@ -623,8 +632,12 @@ def _remove_stale_tmp(data_dir: Path) -> None:
             path.unlink(missing_ok=True)
 
 
-def mine(records: list[Record], data_dir: Path, config: MineConfig = MineConfig()) -> dict[str, dict[str, Any]]:
+def mine(records: list[Record], data_dir: Path, config: MineConfig = MineConfig(),
+         engine: str | None = None) -> dict[str, dict[str, Any]]:
     """Discover tasks in `records`, write a dataset version per task and the catalog; return the catalog.
+
+    The embeddings (the anchors', the task centroids') are mapped by `engine` (`factory.engine`:
+    local or ray, default $FACTORY_ENGINE), with the same results on both (`embed_all`).
 
     One mine at a time per data folder (a file lock, `.mine.lock`); it first deletes the
     temporary files a killed run left. Raises CatalogError when the existing catalog is
@@ -639,21 +652,20 @@ def mine(records: list[Record], data_dir: Path, config: MineConfig = MineConfig(
     data_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(data_dir / ".mine.lock"):
         _remove_stale_tmp(data_dir)
-        return _mine(records, data_dir, config)
+        return _mine(records, data_dir, config, engine)
 
 
-def _mine(records: list[Record], data_dir: Path, config: MineConfig) -> dict[str, dict[str, Any]]:
+def _mine(records: list[Record], data_dir: Path, config: MineConfig, engine: str | None) -> dict[str, dict[str, Any]]:
     catalog_path = data_dir / "tasks.yaml"
     old = load_catalog(catalog_path)
     records = sorted(records, key=lambda r: (r.timestamp, r.id))
     keys = group_keys(records, config)
     found = []
-    clusters = discover(records, config, keys)
-    for cluster in progress(clusters, len(clusters), "mine: task centroids", "task"):  # each embeds its prompts
-        members = [records[i] for i in cluster.members]
+    clusters = discover(records, config, keys, engine)
+    members_of = [[records[i] for i in cluster.members] for cluster in clusters]
+    for cluster, members, (centroid, p05) in zip(clusters, members_of, _centroids(members_of, config, engine)):
         groups = Counter(keys[i] for i in cluster.members)
         primary = max(groups, key=lambda g: (bool(g.step), bool(g.agent), groups[g], g))
-        centroid, p05 = _centroid(members, config)
         found.append({"members": members, "groups": groups, "signature": primary, "skeleton": cluster.skeleton,
                       "centroid": centroid, "p05": p05})
 
@@ -680,7 +692,7 @@ def _mine(records: list[Record], data_dir: Path, config: MineConfig) -> dict[str
             kept["members"] = kept["members"] + task["members"]
             kept["groups"] = kept["groups"] + task["groups"]
             kept["continues"] = task["continues"] + kept["continues"]
-            kept["centroid"], kept["p05"] = _centroid(kept["members"], config)
+            (kept["centroid"], kept["p05"]), = _centroids([kept["members"]], config, engine)
         else:
             tasks[target] = task
 

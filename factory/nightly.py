@@ -22,7 +22,7 @@ evaluation of the champion, so it only runs when the dataset changed but grew to
 little to retrain anyway. `max_tasks` and `time_budget_s` bound a night; tasks left
 over are reported as skipped with the reason.
 
-With the ray engine (`NightlyConfig.engine`, else $FACTORY_ENGINE) the curate scrub runs on
+With the ray engine (`NightlyConfig.engine`, else $FACTORY_ENGINE) the curate scrub and mine's embeddings run on
 the cluster and the tasks to retrain run at once, one Ray task each asking for its recipe's
 resources (`pipeline.task_resources`); a task that fails, or whose worker dies, is reported
 as failed and the others go on; the time budget then bounds when a task may start. The
@@ -100,13 +100,13 @@ class NightlyLocked(RuntimeError):
 
 
 def prepare(logs: list[Path], paths: Paths, engine: str | None = None) -> tuple[int, int, dict[str, dict[str, Any]]]:
-    """Ingest, curate (its scrub mapped by `engine`) and mine; returns (records accepted now,
-    curated total, catalog)."""
+    """Ingest, curate and mine (the scrub and the embeddings mapped by `engine`); returns (records
+    accepted now, curated total, catalog)."""
     stats = ingest_stage.ingest(logs, paths.data / "records" / "raw", paths.data / "quarantine" / "ingest")
     curated = paths.data / "records" / "curated.parquet"
     report = curate_store(paths.data / "records" / "raw", curated, paths.data / "quarantine" / "curate.jsonl",
                           paths.data / "curate-report.json", CurateConfig(), engine=engine)
-    return stats.accepted, report["kept"], mine(from_table(pq.read_table(curated)), paths.data, MineConfig())
+    return stats.accepted, report["kept"], mine(from_table(pq.read_table(curated)), paths.data, MineConfig(), engine)
 
 
 def _alias(client: MlflowClient, task: str, alias: str):

@@ -1,4 +1,5 @@
-"""The engines: curate writes the same bytes on one core, on every core and on Ray; Ray runs
+"""The engines: curate writes the same bytes on one core, on every core and on Ray, and so does
+mining with its embeddings on Ray; Ray runs
 independent jobs with a failure stopping none of the others; the nightly's tasks run as Ray
 tasks with the same summary. The Ray tests share one real two-node cluster (`ray_cluster`)."""
 
@@ -85,6 +86,25 @@ def test_the_nightly_trains_its_tasks_as_ray_tasks(ray_cluster, tmp_path, monkey
     for task in summary.trained:
         assert [int(v.version) for v in client.search_model_versions(f"name='{task}'")] == [1]
     assert (paths.registry / "nightly" / "latest.md").read_text().count("| trained |") == 2
+
+
+def test_mining_on_ray_writes_the_same_datasets_as_local(ray_cluster, raw, tmp_path):
+    """The embeddings (anchors, centroids) run on the cluster's actors: same tasks, same bytes."""
+    import pyarrow.parquet as pq
+
+    from factory.mine import mine
+    from factory.records import from_table
+
+    curate_with(raw, tmp_path / "curated", engine="local", workers=1)
+    records = from_table(pq.read_table(tmp_path / "curated" / OUTPUTS[0]))
+    local = mine(records, tmp_path / "local", engine="local")
+    assert mine(records, tmp_path / "ray", engine="ray") == local
+    assert [e["status"] for e in local.values()].count("ready") >= 2
+    files = sorted(p.relative_to(tmp_path / "local") for p in (tmp_path / "local").rglob("*") if p.is_file()
+                   and not p.name.startswith("."))
+    assert any(f.name == "centroid.npy" for f in files)
+    for name in files:
+        assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
 
 
 def test_the_cli_names_a_bad_engine_and_writes_nothing(raw, tmp_path, monkeypatch):
