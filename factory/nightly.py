@@ -22,11 +22,11 @@ evaluation of the champion, so it only runs when the dataset changed but grew to
 little to retrain anyway. `max_tasks` and `time_budget_s` bound a night; tasks left
 over are reported as skipped with the reason.
 
-With the ray engine (`NightlyConfig.engine`, else $FACTORY_ENGINE) the curate scrub and mine's embeddings run on
-the cluster and the tasks to retrain run at once, one Ray task each asking for its recipe's
-resources (`pipeline.task_resources`); a task that fails, or whose worker dies, is reported
-as failed and the others go on; the time budget then bounds when a task may start. The
-summary is the same as the local engine's, tasks in catalog order.
+With the ray engine (`NightlyConfig.engine`, else $FACTORY_ENGINE) the curate scrub and mine's
+embeddings run on the cluster and the tasks to retrain run at once, one Ray task each asking
+for its recipe's resources (`pipeline.task_resources`); a task that fails, or whose worker
+dies, is reported as failed and the others go on; the time budget then bounds when a task
+may start. The summary is the same as the local engine's, tasks in catalog order.
 """
 
 from __future__ import annotations
