@@ -642,7 +642,8 @@ def curate_store(
     indexes then run here, in order, on the scrubbed stream, so every engine writes the same
     bytes. Memory here holds the few batches in flight, the duplicate indexes and
     `batch_size` kept records (written out in row groups); the local engine also holds the
-    raw records as one Arrow table (sorting needs them all; Ray sorts in its object store).
+    raw records' Arrow buffers (sorting needs them all; Ray sorts in its object store): ~6 GB
+    in all here for 1M sample records, each worker ~0.6 GB (`bench/million.py`).
     Every file is written to a temporary name and renamed. A progress bar counts the
     records on stderr when it is a terminal (`factory.progress`). Raises ValueError as
     `curate` does, FactoryError for a bad engine or worker count.

@@ -4,10 +4,11 @@
 The stages keep their per-record functions; this module only decides how they are mapped.
 
 * `map_sorted_parquet` feeds the rows of a folder of Parquet partitions, sorted, in batches
-  through a batch function and yields the results in order. `local` reads and sorts the
-  partitions here as one Arrow table and maps the batches over a process pool of
-  `local_workers()` processes (forked, so each inherits the imports and builds its own state
-  once; one worker runs in this process, no pool). `ray` reads the partitions as a Ray Dataset
+  through a batch function and yields the results in order. `local` reads the partitions
+  here (Arrow), sorts their sort columns, gathers each batch's rows into a table of its own,
+  and maps the batches over a process pool of `local_workers()` processes (forked before the
+  read, so each inherits the imports but not the records, and builds its own state once; one
+  worker runs in this process, no pool). `ray` reads the partitions as a Ray Dataset
   (`ray.data.read_parquet`), sorts it there (materialised in the object store, which spills
   to disk), and maps the batches with `map_batches` over a pool of actors, one per CPU of
   the cluster (each builds its state once); the results stream back to this process in
@@ -52,7 +53,9 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, TypeVar
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from factory.errors import FactoryError
@@ -120,11 +123,23 @@ def _call_worker(table: pa.Table) -> pa.Table:
 
 
 def _local_batches(files: Sequence[Path], schema: pa.Schema, sort: list[str], batch_size: int) -> Iterator[pa.Table]:
-    tables = [pq.read_table(p, schema=schema) for p in files]
-    table = pa.concat_tables(tables) if tables else schema.empty_table()
-    table = table.sort_by([(key, "ascending") for key in sort])
-    for batch in table.to_batches(max_chunksize=batch_size):
-        yield pa.Table.from_batches([batch], schema=schema)
+    """The rows of `files` in sorted order, `batch_size` at a time. Only the sort columns are sorted;
+    each batch gathers its rows from the files' record batches (row groups) into buffers of its own.
+    Two pyarrow 25 costs avoided: a slice of one big table pickles to a worker with the whole
+    buffers it views (a 256-record batch of a 1M-record table sent ~4 GB), and `take` on a table of
+    many chunks concatenates each column first (a copy of every record per batch)."""
+    chunks = [b for p in files for b in pq.read_table(p, schema=schema).to_batches() if b.num_rows]
+    if not chunks:
+        return
+    keys = pa.Table.from_batches([b.select(sort) for b in chunks])
+    order = pc.sort_indices(keys, sort_keys=[(key, "ascending") for key in sort]).to_numpy().astype(np.int64)
+    starts = np.cumsum([0] + [b.num_rows for b in chunks])
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        chunk = np.searchsorted(starts, rows, side="right") - 1
+        grouped = np.argsort(chunk, kind="stable")  # the batch's rows grouped by chunk, in order within each
+        pieces = [chunks[c].take(pa.array(rows[grouped][chunk[grouped] == c] - starts[c])) for c in np.unique(chunk)]
+        yield pa.Table.from_batches(pieces, schema).take(pa.array(np.argsort(grouped)))
 
 
 def _map_local(factory: Callable[[], Callable[[pa.Table], pa.Table]], batches: Iterator[pa.Table],
@@ -136,6 +151,9 @@ def _map_local(factory: Callable[[], Callable[[pa.Table], pa.Table]], batches: I
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(factory,)) as pool:
+        # fork the workers now, before `batches` reads the records: a worker forked later would
+        # share this process's heap of that moment, and copy it page by page as it touches it
+        pool.submit(int).result()
         pending: deque = deque()
         for batch in batches:
             pending.append(pool.submit(_call_worker, batch))

@@ -56,6 +56,32 @@ def test_curate_on_every_core_writes_the_same_bytes_as_one_core(raw, tmp_path):
         assert (tmp_path / "all" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
 
 
+def test_local_batches_come_sorted_across_files_and_carry_only_their_own_rows(tmp_path):
+    """A worker is sent its batch alone: a slice of the whole sorted table would pickle with all of its
+    buffers (a 1M-record curate sent ~4 GB per 256-record batch)."""
+    import pickle
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from factory.engine import _local_batches
+
+    rng = np.random.default_rng(0)
+    tables = []
+    for i in range(4):
+        n = int(rng.integers(1, 2000))
+        tables.append(pa.table({"timestamp": [f"2026-11-{d:02d}" for d in rng.integers(1, 28, n)],
+                                "id": [f"{x:012x}" for x in rng.integers(0, 1 << 40, n)],
+                                "text": ["x" * int(k) for k in rng.integers(1, 200, n)]}))
+        pq.write_table(tables[-1], tmp_path / f"part-{i}.parquet", row_group_size=500)
+    whole = pa.concat_tables(tables).sort_by([("timestamp", "ascending"), ("id", "ascending")])
+    batches = list(_local_batches(sorted(tmp_path.glob("*.parquet")), whole.schema, ["timestamp", "id"], 256))
+    assert pa.concat_tables(batches).equals(whole)
+    assert all(b.num_rows <= 256 for b in batches)
+    assert max(len(pickle.dumps(b)) for b in batches) < 256 * 300
+
+
 def test_ray_runs_each_job_on_a_worker_and_a_failed_one_stops_no_other(ray_cluster):
     import ray
 

@@ -1,0 +1,84 @@
+"""A 1M-record curate in bounded memory per worker (not in `make bench`'s default stages: ~15 minutes
+on 2 cores; run it with `python -m bench.run million`).
+
+The sample generator is run with 233 seeds (its PII check is quadratic in one run's size), the
+logs are ingested (~1.03M records), and `curate_store` runs on them with the local engine on
+every core while a thread samples, every half second, the private memory (USS) of each worker
+and the resident memory of this process (the driver).
+
+curate_1m_records              records curated
+curate_1m_records_per_s        their rate (wall clock, every core)
+curate_1m_worker_peak_mib      the largest worker's peak private memory
+curate_1m_worker_start_mib     the same over the first minute (its state: Presidio, a batch)
+curate_1m_driver_peak_mib      this process's peak resident memory (the raw records' Arrow
+                               buffers, the duplicate indexes, a row group of kept records)
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SEEDS = 233  # x ~4,400 distinct records a seed (x 1,300 sessions)
+MIB = 2 ** 20
+
+
+def _generate(folder: Path) -> list[Path]:
+    def one(seed: int) -> Path:
+        out = folder / f"seed-{seed}"
+        subprocess.run([sys.executable, str(ROOT / "datasets" / "samples" / "generate.py"), "--sessions", "1300",
+                        "--seed", str(seed), "--out", str(out)], check=True, capture_output=True)
+        return out / "logs"
+
+    with ThreadPoolExecutor(2) as pool:
+        return list(pool.map(one, range(1, SEEDS + 1)))
+
+
+def _sample(peaks: dict[str, float], stop: threading.Event, start: float) -> None:
+    import psutil
+
+    me = psutil.Process()
+    while not stop.wait(0.5):
+        peaks["driver"] = max(peaks.get("driver", 0), me.memory_info().rss)
+        for child in me.children(recursive=True):
+            try:
+                uss = child.memory_full_info().uss
+            except psutil.Error:
+                continue
+            peaks["worker"] = max(peaks.get("worker", 0), uss)
+            if time.monotonic() - start < 60:
+                peaks["worker_start"] = max(peaks.get("worker_start", 0), uss)
+
+
+def run() -> dict[str, float]:
+    from factory.curate import curate_store
+    from factory.ingest import ingest
+
+    with tempfile.TemporaryDirectory(prefix="bench-million-", dir="/tmp") as tmp:
+        tmp = Path(tmp)
+        ingest(_generate(tmp / "gen"), tmp / "raw", tmp / "quarantine")
+        peaks: dict[str, float] = {}
+        stop, start = threading.Event(), time.monotonic()
+        sampler = threading.Thread(target=_sample, args=(peaks, stop, start), daemon=True)
+        sampler.start()
+        try:
+            report = curate_store(tmp / "raw", tmp / "curated.parquet", tmp / "curate.jsonl", tmp / "report.json",
+                                  engine="local")
+        finally:
+            stop.set()
+            sampler.join()
+        seconds = time.monotonic() - start
+    return {"curate_1m_records": float(report["read"]), "curate_1m_records_per_s": round(report["read"] / seconds, 1),
+            "curate_1m_worker_peak_mib": round(peaks["worker"] / MIB), "curate_1m_worker_start_mib":
+            round(peaks["worker_start"] / MIB), "curate_1m_driver_peak_mib": round(peaks["driver"] / MIB)}
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(), indent=2))
