@@ -1,7 +1,7 @@
 """A 1M-record curate in bounded memory per worker (not in `make bench`'s default stages: ~15 minutes
 on 2 cores; run it with `python -m bench.run million`).
 
-The sample generator is run with 233 seeds (its PII check is quadratic in one run's size), the
+The sample generator is run with 241 seeds (its PII check is quadratic in one run's size), the
 logs are ingested (~1.03M records), and `curate_store` runs on them with the local engine on
 every core while a thread samples, every half second, the private memory (USS) of each worker
 and the resident memory of this process (the driver).
@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SEEDS = 233  # x ~4,400 distinct records a seed (x 1,300 sessions)
+SEEDS = 241  # x ~4,270 distinct records a seed (1,300 sessions each): 1,028,736 records
 MIB = 2 ** 20
 
 

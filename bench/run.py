@@ -2,7 +2,8 @@
 
 Each stage module in this folder has `run() -> dict[str, float]`: it measures its
 figures and its baseline in the same run and returns them under the keys the issues
-name. Stages run in pipeline order; `python -m bench.run ingest mine` runs a subset.
+name. Stages run in pipeline order; `python -m bench.run ingest mine` runs a subset, and
+`python -m bench.run million` (a 1M-record curate, ~15 minutes) runs only when named.
 `calibration` needs trained specialists: it uses the ones `make demo` left, and trains
 the sample tasks first when there are none (see bench/calibration.py).
 """

@@ -224,9 +224,9 @@ class _Slots:
         self.mask = torch.zeros(0, 0, dtype=torch.bool)  # [n, end - start]
         self.positions = torch.zeros(0, dtype=torch.long)  # the next token's position id, per row
         # the pass being run: the running rows' mask with the new column, and per joining prompt
-        # (slot, first token's index in the pass, new tokens, prompt length)
+        # (slot, first token's index in the pass, new tokens, prompt length, its causal mask)
         self._pass_mask = self.mask
-        self._joins: list[tuple[int, int, int, int]] = []
+        self._joins: list[tuple[int, int, int, int, torch.Tensor]] = []
 
     def plan(self, joins: list[tuple[int, int, int]], prefixes: list[KV | None]) -> None:
         """Make room for the next pass: the running rows' next token, and joining prompts given as
@@ -238,8 +238,9 @@ class _Slots:
             self.mask = torch.cat([self.mask.new_zeros(self.n, width - 1 - (self.end - self.start)), self.mask], 1)
             self.start = self.end - (width - 1)
         self._pass_mask = torch.cat([self.mask, self.mask.new_ones(self.n, 1)], 1)[:, None, None, :]
-        self._joins = [(self.n + j, first, new, length) for j, (first, new, length) in enumerate(joins)]
-        for (slot, _, new, length), kv in zip(self._joins, prefixes):
+        self._joins = [(self.n + j, first, new, length, torch.ones(new, length, dtype=torch.bool).tril(length - new))
+                       for j, (first, new, length) in enumerate(joins)]
+        for (slot, _, new, length, _), kv in zip(self._joins, prefixes):
             if kv is not None:
                 column = self.end + 1 - length
                 for keys, values, (k, v) in zip(self.keys, self.values, kv):
@@ -262,11 +263,10 @@ class _Slots:
             rows = sdpa(query[0, :, :n].transpose(0, 1).unsqueeze(2), keys[:n, :, self.start:end + 1],
                         values[:n, :, self.start:end + 1], attn_mask=self._pass_mask, scale=scale, enable_gqa=True)
             out[0, :n] = rows[:, :, 0]
-        for slot, first, new, length in self._joins:
+        for slot, first, new, length, causal in self._joins:
             tokens = slice(first, first + new)
             keys[slot, :, end + 1 - new:end + 1] = key[0, :, tokens]
             values[slot, :, end + 1 - new:end + 1] = value[0, :, tokens]
-            causal = torch.ones(new, length, dtype=torch.bool).tril(length - new)
             prompt = sdpa(query[:, :, tokens], keys[slot:slot + 1, :, end + 1 - length:end + 1],
                           values[slot:slot + 1, :, end + 1 - length:end + 1], attn_mask=causal, scale=scale,
                           enable_gqa=True)
@@ -275,7 +275,7 @@ class _Slots:
 
     def prompt_cache(self, join: int) -> KV:
         """The `join`-th joining prompt's cache after its pass (views of the buffers), before `advance`."""
-        slot, _, _, length = self._joins[join]
+        slot, _, _, length, _ = self._joins[join]
         columns = slice(self.end + 1 - length, self.end + 1)
         return [(k[slot:slot + 1, :, columns], v[slot:slot + 1, :, columns]) for k, v in zip(self.keys, self.values)]
 
@@ -283,11 +283,10 @@ class _Slots:
         """After a pass: its column is part of every running row, and the joining prompts are running rows."""
         width = self.end + 1 - self.start
         joined = torch.zeros(len(self._joins), width, dtype=torch.bool)
-        for j, (_, _, _, length) in enumerate(self._joins):
+        for j, (_, _, _, length, _) in enumerate(self._joins):
             joined[j, width - length:] = True
         self.mask = torch.cat([self._pass_mask[:, 0, 0], joined])
-        self.positions = torch.cat([self.positions + 1, torch.tensor([length for *_, length in self._joins],
-                                                                     dtype=torch.long)])
+        self.positions = torch.cat([self.positions + 1, torch.tensor([j[3] for j in self._joins], dtype=torch.long)])
         self.n, self.end, self._joins = self.n + len(self._joins), self.end + 1, []
 
     def keep(self, rows: list[int]) -> list[int]:
