@@ -59,8 +59,6 @@ def embed_texts(texts: list[str]) -> np.ndarray:
     return np.stack(found) if found else np.zeros((0, EMBEDDING_DIM), np.float32)
 
 
-
-
 CHUNK = 256  # texts per batch of `embed_all`, on every engine
 
 

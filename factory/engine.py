@@ -138,7 +138,8 @@ def _local_batches(files: Sequence[Path], schema: pa.Schema, sort: list[str], ba
         rows = order[start:start + batch_size]
         chunk = np.searchsorted(starts, rows, side="right") - 1
         grouped = np.argsort(chunk, kind="stable")  # the batch's rows grouped by chunk, in order within each
-        pieces = [chunks[c].take(pa.array(rows[grouped][chunk[grouped] == c] - starts[c])) for c in np.unique(chunk)]
+        ids, firsts = np.unique(chunk[grouped], return_index=True)
+        pieces = [chunks[c].take(pa.array(part - starts[c])) for c, part in zip(ids, np.split(rows[grouped], firsts[1:]))]
         yield pa.Table.from_batches(pieces, schema).take(pa.array(np.argsort(grouped)))
 
 

@@ -692,7 +692,7 @@ def _mine(records: list[Record], data_dir: Path, config: MineConfig, engine: str
             kept["members"] = kept["members"] + task["members"]
             kept["groups"] = kept["groups"] + task["groups"]
             kept["continues"] = task["continues"] + kept["continues"]
-            (kept["centroid"], kept["p05"]), = _centroids([kept["members"]], config, engine)
+            kept["centroid"], kept["p05"] = _centroids([kept["members"]], config, engine)[0]
         else:
             tasks[target] = task
 

@@ -395,7 +395,7 @@ def _publish(task: str, entry: dict[str, Any], splits: dict[str, list[dict]], da
              report: dict[str, Any]) -> str:
     """Write the dataset version (mine's layout and card, plus the generated examples' section); its version."""
     logged = [r for s in SPLITS for r in splits[s] if "origin" not in r]
-    (centroid, p05), = mine_stage._centroids([[_as_record(r) for r in logged]], mine_stage.MineConfig())
+    centroid, p05 = mine_stage._centroids([[_as_record(r) for r in logged]], mine_stage.MineConfig())[0]
     template = entry.get("description", "")
     card = mine_stage._card(task, entry, splits, template)
     train = len(splits["train"])

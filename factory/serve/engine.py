@@ -329,12 +329,14 @@ class Engine:
     """Continuous batching of greedy generation on one PEFT model (see the module docstring).
 
     `model` is a PeftModel holding every task's adapter under the task's name, one that `supports`
-    accepts; `max_batch` rows decode together; `max_queue` requests may wait; `timeout` seconds bound
-    a request from submit to answer. The engine owns the model until `close`: its adapters are disabled
-    (`_MixedLoRA` adds them) and its attention is `_Slots.attend`.
+    accepts (else ValueError); `max_batch` rows decode together; `max_queue` requests may wait;
+    `timeout` seconds bound a request from submit to answer. The engine owns the model until
+    `close`: its adapters are disabled (`_MixedLoRA` adds them) and its attention is `_Slots.attend`.
     """
 
     def __init__(self, model, tokenizer, max_batch: int = 32, max_queue: int = 256, timeout: float = 60.0):
+        if not supports(model):
+            raise ValueError("the engine cannot batch this model (see `supports`): serve it one request at a time")
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue, self.timeout = max_batch, max_queue, timeout
         self.eos = tokenizer.eos_token_id
