@@ -8,8 +8,8 @@ Figures (each ingest runs in a fresh subprocess, so imports and the RSS
 high-water mark belong to that run alone):
 
 * ``ingest_records_per_s``: records read per CPU-second of the 100k ingest
-  (per core: ingest is single-threaded Python; parquet's own threads count
-  against it), after a warm-up ingest in the same process so one-time imports
+  on one core (``FACTORY_WORKERS=1``: the parsing in the ingesting process; parquet's own
+  threads count against it), after a warm-up ingest in the same process so one-time imports
   are not counted. ``ingest_wall_records_per_s``: the same per wall second
   (noisy on a shared machine). ``ingest_calibration_loop_ms``: CPU milliseconds of
   ``sum(range(2_000_000))`` in the same process, to compare machines and load
@@ -25,6 +25,7 @@ high-water mark belong to that run alone):
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -78,8 +79,9 @@ def _copies(lines: list[bytes], count: int) -> bytes:
 
 
 def _python(code: str, *args: str) -> dict:
+    env = {**os.environ, "FACTORY_WORKERS": "1"}  # one process: per-core figures (bench/scale.py has every core)
     done = subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=ROOT, check=True,
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=env)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

@@ -118,15 +118,17 @@ def ingest(paths: Annotated[Optional[list[Path]], typer.Argument(help="log files
            fmt: Annotated[Optional[str], typer.Option(
                "--format", help=f"force a format: {', '.join(ingest_stage.FORMATS)}")] = None,
            from_mlflow: Annotated[Optional[str], typer.Option(
-               "--from-mlflow", help="also read the traces of an MLflow tracking URI")] = None) -> None:
-    """Read agent logs into canonical records; bad records go to the quarantine."""
+               "--from-mlflow", help="also read the traces of an MLflow tracking URI")] = None,
+           engine: EngineOpt = None) -> None:
+    """Read agent logs into canonical records; bad records go to the quarantine (--engine: where the
+    JSONL lines are parsed)."""
     if not paths and not from_mlflow:
         raise _fail("give log files or folders, or --from-mlflow URI")
     records, quarantine = data_dir() / "records" / "raw", data_dir() / "quarantine" / "ingest"
     runs = []
     try:
         if paths:
-            runs.append(("files", ingest_stage.ingest(paths, records, quarantine, fmt)))
+            runs.append(("files", ingest_stage.ingest(paths, records, quarantine, fmt, engine=engine)))
     except (FileNotFoundError, KeyError, OSError) as err:
         raise _fail(str(err).strip("'\"")) from None
     if from_mlflow:

@@ -17,6 +17,9 @@ The stages keep their per-record functions; this module only decides how they ar
   output, and the sort's partition count.)
 * `map_batches` does the same over a table in memory with fixed batch boundaries (mining's
   embeddings): in this process (`local`), or one Ray actor per CPU (`ray`).
+* `map_each` maps a function over small units of work read lazily (ingest's pieces of log
+  lines), results in order: the same process pool, or one Ray task per unit (retried on
+  another worker when its worker dies).
 * `run_each` runs independent jobs (one task's train -> evaluate -> register) one after
   the other here (`local`), or as one Ray task each asking for that job's CPUs and GPUs
   (`ray`); a job that fails, or whose worker dies, is returned as its exception and the
@@ -46,9 +49,10 @@ import subprocess
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, TypeVar
@@ -143,25 +147,40 @@ def _local_batches(files: Sequence[Path], schema: pa.Schema, sort: list[str], ba
         yield pa.Table.from_batches(pieces, schema).take(pa.array(np.argsort(grouped)))
 
 
-def _map_local(factory: Callable[[], Callable[[pa.Table], pa.Table]], batches: Iterator[pa.Table],
-               workers: int) -> Iterator[pa.Table]:
+def _windowed(submit: Callable[[Any], Any], result: Callable[[Any], T], inputs: Iterable[Any],
+              window: int) -> Iterator[T]:
+    """`result(submit(x))` for each input, in order, with at most `window` submitted and not yet
+    returned. When reading `inputs` raises, the results of the inputs read before it come first."""
+    pending: deque = deque()
+    iterator = iter(inputs)
+    while True:
+        try:
+            item = next(iterator)
+        except StopIteration:
+            break
+        except Exception:
+            while pending:
+                yield result(pending.popleft())
+            raise
+        pending.append(submit(item))
+        if len(pending) >= window:
+            yield result(pending.popleft())
+    while pending:
+        yield result(pending.popleft())
+
+
+def _map_local(factory: Callable[[], Callable[[Any], Any]], inputs: Iterable[Any], workers: int) -> Iterator[Any]:
     if workers == 1:
         fn = factory()
-        yield from map(fn, batches)
+        yield from map(fn, inputs)
         return
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
     with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(factory,)) as pool:
-        # fork the workers now, before `batches` reads the records: a worker forked later would
+        # fork the workers now, before `inputs` reads the records: a worker forked later would
         # share this process's heap of that moment, and copy it page by page as it touches it
         pool.submit(int).result()
-        pending: deque = deque()
-        for batch in batches:
-            pending.append(pool.submit(_call_worker, batch))
-            if len(pending) >= 2 * workers:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+        yield from _windowed(partial(pool.submit, _call_worker), Future.result, inputs, 2 * workers)
 
 
 class _RayBatchFn:
@@ -241,6 +260,38 @@ def map_batches(factory: Callable[[], Callable[[pa.Table], pa.Table]], table: pa
     for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
         if batch.num_rows:
             yield batch
+
+
+def _same(fn: Callable[[Any], T]) -> Callable[[Any], T]:
+    return fn
+
+
+def _apply(fn: Callable[[Any], T], value: Any) -> T:
+    return fn(value)
+
+
+def map_each(fn: Callable[[Any], T], inputs: Iterable[Any], engine: str | None = None,
+             workers: int | None = None) -> Iterator[T]:
+    """`fn` of each input, yielded in the order of `inputs`, which are read lazily (a few per
+    worker in flight, so memory holds a few inputs per worker, not all of them).
+
+    For small units of work that are not rows of a table (ingest's pieces of log lines). `local`:
+    a process pool of `workers` (default `local_workers()`), `fn` in this process when one;
+    `ray`: one Ray task per input (a task whose worker dies is retried on another). `fn` and the
+    inputs are pickled: `fn` must be a module-level function or a functools.partial of one.
+    Raises FactoryError for an unknown engine; while iterating, what `fn` raises, and what
+    reading `inputs` raises, after the results of the inputs read before it."""
+    if engine_name(engine) == "local":
+        return _map_local(partial(_same, fn), inputs, workers or local_workers())
+    return _each_ray(fn, inputs)
+
+
+def _each_ray(fn: Callable[[Any], T], inputs: Iterable[Any]) -> Iterator[T]:
+    ray = connect_ray()
+    remote = ray.remote(_apply)
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    fn_ref = ray.put(fn)
+    yield from _windowed(lambda value: remote.remote(fn_ref, value), ray.get, inputs, 2 * cpus)
 
 
 # --- independent jobs ----------------------------------------------------------------------

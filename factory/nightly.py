@@ -22,8 +22,8 @@ evaluation of the champion, so it only runs when the dataset changed but grew to
 little to retrain anyway. `max_tasks` and `time_budget_s` bound a night; tasks left
 over are reported as skipped with the reason.
 
-With the ray engine (`NightlyConfig.engine`, else $FACTORY_ENGINE) the curate scrub and mine's
-embeddings run on the cluster and the tasks to retrain run at once, one Ray task each asking
+With the ray engine (`NightlyConfig.engine`, else $FACTORY_ENGINE) ingest's parsing, the curate
+scrub and mine's embeddings run on the cluster and the tasks to retrain run at once, one Ray task each asking
 for its recipe's resources (`pipeline.task_resources`); a task that fails, or whose worker
 dies, is reported as failed and the others go on; the time budget then bounds when a task
 may start. The summary is the same as the local engine's, tasks in catalog order.
@@ -100,9 +100,10 @@ class NightlyLocked(RuntimeError):
 
 
 def prepare(logs: list[Path], paths: Paths, engine: str | None = None) -> tuple[int, int, dict[str, dict[str, Any]]]:
-    """Ingest, curate and mine (the scrub and the embeddings mapped by `engine`); returns (records
-    accepted now, curated total, catalog)."""
-    stats = ingest_stage.ingest(logs, paths.data / "records" / "raw", paths.data / "quarantine" / "ingest")
+    """Ingest, curate and mine (the parsing, the scrub and the embeddings mapped by `engine`);
+    returns (records accepted now, curated total, catalog)."""
+    stats = ingest_stage.ingest(logs, paths.data / "records" / "raw", paths.data / "quarantine" / "ingest",
+                                engine=engine)
     curated = paths.data / "records" / "curated.parquet"
     report = curate_store(paths.data / "records" / "raw", curated, paths.data / "quarantine" / "curate.jsonl",
                           paths.data / "curate-report.json", CurateConfig(), engine=engine)

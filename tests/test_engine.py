@@ -1,11 +1,14 @@
-"""The engines: curate writes the same bytes on one core, on every core and on Ray, and so does
-mining with its embeddings on Ray; Ray runs
+"""The engines: ingest and curate write the same bytes on one core, on every core and on Ray, and
+so does mining with its embeddings on Ray; Ray runs
 independent jobs with a failure stopping none of the others; the nightly's tasks run as Ray
 tasks with the same summary. The Ray tests share one real two-node cluster (`ray_cluster`)."""
 
 from __future__ import annotations
 
+import gzip
+import json
 import os
+import shutil
 from functools import partial
 from pathlib import Path
 
@@ -17,7 +20,7 @@ from mlflow import MlflowClient
 from factory.curate import curate_store
 from factory.engine import engine_name, local_workers, run_each
 from factory.errors import FactoryError
-from factory.ingest import ingest
+from factory.ingest import MAX_RECORD_BYTES, ingest
 from factory.nightly import NightlyConfig, Paths, nightly
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,6 +57,42 @@ def test_curate_on_every_core_writes_the_same_bytes_as_one_core(raw, tmp_path):
     assert curate_with(raw, tmp_path / "all", engine="local", workers=2) == one
     for name in OUTPUTS:
         assert (tmp_path / "all" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+
+
+def _ingested(root: Path) -> dict[str, bytes]:
+    """Every file an ingest wrote under `root`, the watermarks without their times."""
+    files = {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    marks = json.loads(files.pop("records/watermarks.json"))
+    return {**files, "records/watermarks.json": json.dumps({k: {**m, "updated": ""} for k, m in marks.items()}).encode()}
+
+
+def test_ingest_writes_the_same_files_in_one_piece_on_one_core_every_core_and_ray(ray_cluster, tmp_path, monkeypatch):
+    """Ingest's parsing is mapped in pieces of lines; wherever the pieces run, and however small
+    they are, the records, the quarantine and the watermarks are the same bytes."""
+    logs = tmp_path / "logs"
+    shutil.copytree(ROOT / "datasets" / "samples" / "logs", logs / "samples")
+    shutil.copytree(ROOT / "tests" / "fixtures" / "formats", logs / "formats")  # documents: parsed by the driver
+    (logs / "day.jsonl.gz").write_bytes(gzip.compress(DAY.read_bytes()[:200_000]))
+    long = b'{"pad": "' + b"x" * MAX_RECORD_BYTES + b'"}\n'  # over the record limit, and 64 pieces long
+    (logs / "torn.jsonl").write_bytes(DAY.read_bytes()[:150_000] + b"\n[1]\n{bad\n\n" + long + b"\n" + long[:-1]
+                                      + DAY.read_bytes()[:70_000] + b"\n" + DAY.read_bytes()[-3000:-10])
+    runs = {}
+    for label, piece, workers, engine in (("one piece", 1 << 30, "1", "local"), ("one core", 16 << 10, "1", "local"),
+                                          ("every core", 16 << 10, "2", "local"), ("ray", 16 << 10, "1", "ray")):
+        monkeypatch.setattr("factory.ingest.PIECE_BYTES", piece)
+        monkeypatch.setenv("FACTORY_WORKERS", workers)
+        out = tmp_path / label
+        stats = ingest([logs], out / "records" / "raw", out / "quarantine", engine=engine)
+        runs[label] = stats, _ingested(out)
+    stats, files = runs["one piece"]
+    assert stats.accepted > 3000 and stats.duplicates and stats.quarantined >= 15 and len(stats.formats) >= 5
+    assert stats.reasons["line is over the N byte limit"] == 2
+    assert json.loads(files["records/watermarks.json"])[str((logs / "torn.jsonl").resolve())]["tail"]
+    for label, (other_stats, other_files) in runs.items():
+        assert other_stats == stats, label
+        assert other_files.keys() == files.keys(), label
+        for name in files:
+            assert other_files[name] == files[name], (label, name)
 
 
 def test_local_batches_come_sorted_across_files_and_carry_only_their_own_rows(tmp_path):

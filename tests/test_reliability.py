@@ -1,4 +1,4 @@
-"""Reliability: SIGKILL during ingest, mine, training and registration, of a Ray worker during curate, two trainings at
+"""Reliability: SIGKILL during ingest, mine, training and registration, of a Ray worker during ingest and curate, two trainings at
 once on one store, PII/secret canaries through the whole loop, and runs that cannot fit
 (too little data, a base model too large for memory, a disk too full).
 
@@ -44,7 +44,8 @@ COUNTS: Counter[str] = Counter()
 def print_counts(request):
     yield
     writer = request.config.pluginmanager.get_plugin("terminalreporter")
-    kinds = ", ".join(f"{stage} {COUNTS['faults.' + stage]}" for stage in ("ingest", "curate-ray", "mine", "finetune", "register"))
+    kinds = ", ".join(f"{stage} {COUNTS['faults.' + stage]}" for stage in ("ingest", "ingest-ray", "curate-ray", "mine", "finetune",
+                                                                   "register"))
     line = ("reliability: faults injected {faults} ({kinds}), kills landed {landed}, kills mid-write {partial}, "
             "reruns matched {matched}, canaries planted {planted}, canaries found {found}").format(
                 kinds=kinds, **{k: COUNTS[k] for k in ("faults", "landed", "partial", "matched", "planted", "found")})
@@ -163,6 +164,37 @@ def test_kill_a_ray_worker_during_curate_and_the_output_matches_one_core(tmp_pat
     COUNTS["landed"] += 1
     for name in CURATED:
         assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
+    COUNTS["matched"] += 1
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_kill_a_ray_worker_during_ingest_and_the_store_matches_one_core(tmp_path, ray_cluster, monkeypatch):
+    """A Ray worker parsing a piece of log lines killed with SIGKILL: Ray retries the piece on
+    another worker, and the records and the quarantine are the bytes one local core writes."""
+    monkeypatch.setattr("factory.ingest.PIECE_BYTES", 4 << 10)  # ~1,500 pieces: time to land a kill
+    monkeypatch.setenv("FACTORY_WORKERS", "1")
+    local = tmp_path / "local"
+    expected = ingest([SAMPLES], local / "raw", local / "quarantine", engine="local")
+    with ThreadPoolExecutor(1) as pool:
+        running = pool.submit(ingest, [SAMPLES], tmp_path / "ray" / "raw", tmp_path / "ray" / "quarantine",
+                              engine="ray")
+        COUNTS["faults"] += 1
+        COUNTS["faults.ingest-ray"] += 1
+        killed = None
+        while killed is None and not running.done():
+            busy = [p for p in ray_cluster.processes() if "_apply" in _title(p)]
+            if busy:
+                os.kill(busy[0].pid, signal.SIGKILL)
+                killed = busy[0].pid
+            time.sleep(0.02)
+        assert running.result(timeout=300) == expected
+    assert killed is not None, "the ingest finished before a worker could be killed"
+    COUNTS["landed"] += 1
+    for folder in ("raw", "quarantine"):
+        assert _files(tmp_path / "ray" / folder) == _files(local / folder), folder
     COUNTS["matched"] += 1
 
 

@@ -28,41 +28,51 @@ after a crash between the partition and the watermark write is idempotent.
 Private: the records and the quarantine hold the logs' prompts verbatim, so both folders
 are made 0700 and every partition and quarantine file is created 0600 (`_private_file`).
 
-Memory is bounded by one row group (`ROW_GROUP` records or `ROW_GROUP_BYTES`), one
-item and the set of stored ids (an int per record).
+Parallel. This process (the driver) reads each JSONL file in pieces of whole lines
+(`PIECE_BYTES`; reading and finding newlines only) and the engine (`factory.engine.map_each`:
+this machine's cores by default, or Ray tasks) frames and parses them (`parse.parse_jsonl`);
+the driver takes the results in file order, drops the duplicates, writes the partitions and
+the watermarks. Pieces are cut the same way on every engine and parsing a piece depends on
+nothing else, so every engine writes the same bytes. JSON documents and MLflow traces are
+parsed in the driver (one streaming parser a source). Trade-off: the driver still reads every
+byte and writes every record (~10 us a record, Parquet encoding the most of it), which caps
+ingest at about 2x one core's rate however many workers parse.
+
+Memory is bounded by a few pieces per worker, one row group (`ROW_GROUP` records or
+`ROW_GROUP_BYTES`) and the set of stored ids (an int per record).
 """
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import os
-import re
-import reprlib
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
+import numpy as np
 import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from factory.ingest.common import BadRecord
-from factory.ingest.formats import FORMATS, detect
-from factory.ingest.reader import CONTAINER_KEYS, MAX_RECORD_BYTES, Item, open_log, read_document, read_jsonl, sniff
+from factory.engine import engine_name, map_each
+from factory.ingest.formats import FORMATS
+from factory.ingest.parse import Parsed, fewer_gc_passes, parse_items, parse_jsonl
+from factory.ingest.reader import MAX_RECORD_BYTES, Item, open_log, read_document, sniff
 from factory.io import private_dir
 from factory.progress import progress
-from factory.records import SCHEMA, Record, from_table, to_table
+from factory.records import SCHEMA, Record, from_table
 from factory.resources import check_disk
 
-_REPR = reprlib.Repr()  # excerpts of values orjson cannot write: bounded depth and size
-_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxdict, _REPR.maxlist = 8, 2000, 200, 50, 50
 ROW_GROUP = 5_000
 ROW_GROUP_BYTES = 64 << 20
+PIECE_BYTES = 4 << 20  # of log lines: the unit of work a worker parses (~2,000 calls)
 LOG_SUFFIXES = (".jsonl", ".json", ".ndjson", ".jsonl.gz", ".json.gz", ".ndjson.gz")
 __all__ = ["FORMATS", "MAX_RECORD_BYTES", "IngestStats", "find_log_files", "ingest", "ingest_mlflow", "iter_records",
            "read_records", "stored_ids"]
@@ -131,87 +141,57 @@ def _private_file(path: Path) -> IO[bytes]:
     return os.fdopen(fd, "wb")
 
 
-def _short_reason(error: str) -> str:
-    """A count key for a reason: the part before its first colon (the field, or the kind of
-    failure), with list indices and other numbers dropped."""
-    head = re.sub(r"\[\d+\]", "[]", error.split(":", 1)[0])
-    return re.sub(r"\s*\(.*", "", re.sub(r"(?<![\w-])\d+(?![\w-])", "N", head))[:80]
-
-
 class _Partition:
     """The records and rejects of one read of one source range, written atomically on close."""
 
-    def __init__(self, records_dir: Path, quarantine_dir: Path, name: str, seen: set[int], source: str,
-                 unstorable: Callable[[Record, str], None]):
+    def __init__(self, records_dir: Path, quarantine_dir: Path, name: str, seen: set[int]):
         self.path = records_dir / f"{name}.parquet"
         self.quarantine = quarantine_dir / f"{name}.jsonl"
         self.tmp = records_dir / f".{name}.parquet.tmp"
         self.quarantine_tmp = quarantine_dir / f".{name}.jsonl.tmp"
-        self.source, self.unstorable = source, unstorable
         if self.path.exists():  # a re-read of the same range replaces it: forget its ids first
             ids = pq.read_table(self.path, columns=["id"]).column("id").to_pylist()
             seen.difference_update(int(i, 16) for i in ids)
         self.writer: pq.ParquetWriter | None = None
         self.rejects: IO[bytes] | None = None
-        self.batch: list[Record] = []
-        self.batch_bytes = 0
+        self.pending: list[pa.Table] = []
+        self.pending_sizes: list[int] = []
         self.count = 0
         self.max_timestamp = ""
 
-    def add(self, record: Record, size: int) -> None:
-        self.batch.append(record)
-        self.batch_bytes += size
-        self.count += 1
-        if record.timestamp > self.max_timestamp:
-            self.max_timestamp = record.timestamp
-        if len(self.batch) >= ROW_GROUP or self.batch_bytes >= ROW_GROUP_BYTES:
-            self._flush()
+    def add(self, table: pa.Table, sizes: list[int]) -> None:
+        """Append records (`sizes`: the bytes each came from); a row group is written once it
+        reaches ROW_GROUP records or ROW_GROUP_BYTES, cut where a record-by-record count would."""
+        self.count += table.num_rows
+        self.max_timestamp = max(self.max_timestamp, pc.max(table["timestamp"]).as_py() or "")
+        self.pending.append(table)
+        self.pending_sizes += sizes
+        while self.pending_sizes:
+            full = np.cumsum(self.pending_sizes) >= ROW_GROUP_BYTES
+            full[ROW_GROUP - 1:] = True
+            if not full.any():
+                return
+            cut = int(full.argmax()) + 1
+            pending = pa.concat_tables(self.pending)
+            self._write(pending.slice(0, cut))
+            self.pending, self.pending_sizes = [pending.slice(cut)], self.pending_sizes[cut:]
 
-    def reject(self, item: Item | None, reason: str, location: str | None = None, value: Any = None) -> None:
-        """Quarantine one unit: where it was (file, line, byte offset, location), why, and an excerpt."""
-        if self.rejects is None:
-            self.rejects = _private_file(self.quarantine_tmp)
-        excerpt = item.excerpt if item is not None else ""
-        if not excerpt and value is not None:
-            try:
-                dumped = orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS)
-                excerpt = dumped[:4000].decode("utf-8", "ignore")
-            except TypeError:  # nested past orjson's limit, or a lone surrogate: a bounded repr
-                excerpt = _REPR.repr(value)
-        row = {"location": location or (item.location if item else ""), "file": self.source,
-               "line": item.line if item else None, "offset": item.offset if item else None,
-               "reason": reason, "excerpt": excerpt[:2000].encode("utf-8", "replace").decode()}
-        self.rejects.write(orjson.dumps(row) + b"\n")
+    def reject(self, rows: list[bytes]) -> None:
+        if rows:
+            if self.rejects is None:
+                self.rejects = _private_file(self.quarantine_tmp)
+            self.rejects.writelines(rows)
 
-    def _flush(self) -> None:
-        if self.batch:
-            if self.writer is None:
-                _private_file(self.tmp).close()  # pyarrow truncates and writes it, keeping the mode
-                self.writer = pq.ParquetWriter(self.tmp, SCHEMA)
-            try:
-                table = to_table(self.batch)
-            except (ValueError, TypeError, RecursionError):  # checked per record only when a batch fails
-                table = to_table([r for r in self.batch if self._storable(r)])
-            self.writer.write_table(table)
-            self.batch, self.batch_bytes = [], 0
-
-    def _storable(self, record: Record) -> bool:
-        """Whether `record` converts to a Parquet row; if not, quarantine it and undo its acceptance.
-
-        A lone surrogate (json.loads and ijson decode "\\ud800" to one) cannot be stored
-        as UTF-8; checking this here, on the rare failing batch, keeps the check off
-        the per-record path."""
-        try:
-            to_table([record])
-            return True
-        except (ValueError, TypeError, RecursionError) as err:
-            self.count -= 1
-            self.unstorable(record, f"record: cannot be stored ({err})")
-            return False
+    def _write(self, table: pa.Table) -> None:
+        if self.writer is None:
+            _private_file(self.tmp).close()  # pyarrow truncates and writes it, keeping the mode
+            self.writer = pq.ParquetWriter(self.tmp, SCHEMA)
+        self.writer.write_table(table)
 
     def close(self) -> None:
         """Publish what was written (or remove a stale partition of the same range)."""
-        self._flush()
+        if self.pending_sizes:
+            self._write(pa.concat_tables(self.pending))
         outputs = ((self.writer, self.tmp, self.path), (self.rejects, self.quarantine_tmp, self.quarantine))
         for writer, tmp, final in outputs:
             if writer is not None:
@@ -241,99 +221,49 @@ class _Run:
             json.loads(self.watermarks.read_text()) if self.watermarks.exists() else {})
         self.seen = stored_ids(records_dir)
         self.stats = IngestStats()
-        self.last_kind: str | None = None
 
-    def partition(self, source: str, name: str) -> _Partition:
-        part = _Partition(self.records_dir, self.quarantine_dir, name, self.seen, source,
-                          lambda record, reason: self._unstorable(part, record, reason))
-        return part
-
-    def _unstorable(self, part: _Partition, record: Record, reason: str) -> None:
-        self.seen.discard(int(record.id, 16))
-        self.stats.accepted -= 1
-        self.stats.formats[record.source] -= 1
-        self.stats.read -= 1  # _reject counts it again
-        self._reject(part, None, reason, record.location)
+    def partition(self, name: str) -> _Partition:
+        return _Partition(self.records_dir, self.quarantine_dir, name, self.seen)
 
     def save_mark(self, source: str, mark: dict[str, Any]) -> None:
         self.marks[source] = mark
         _write_json_atomic(self.watermarks, self.marks)
 
-    def consume(self, items: Iterable[Item], part: _Partition) -> Iterator[Item]:
-        """Turn items into records, duplicates, skips and rejects; yields each item once handled."""
-        for item in items:
-            if item.error is not None:
-                self._reject(part, item, item.error)
-            elif item.fmt is not None:
-                self._unit(part, item, item.fmt, item.value, item.location)
-            elif not isinstance(item.value, dict):  # a document's array may hold anything
-                self._reject(part, item, f"expected a JSON object, got {type(item.value).__name__}", value=item.value)
-            else:
-                self._object(part, item, item.value, item.location)
-            yield item
-
-    def _object(self, part: _Partition, item: Item, value: dict[str, Any], location: str,
-                expand: bool = True) -> None:
-        kind = self.fmt
-        if kind is None:
-            # a file is usually one format: try the last one seen before all of them
-            last = self.last_kind
-            kind = last if last is not None and FORMATS[last].detect(value) == last else detect(value)
-            self.last_kind = kind
-        if kind is None:
-            containers = [k for k in CONTAINER_KEYS if isinstance(value.get(k), list)] if expand else []
-            if not containers:
-                self._reject(part, item, "unrecognised log shape: not a logged OpenAI call, fine-tuning example, "
-                             "OTLP export, MLflow trace, Langfuse observation or LangSmith run", value=value)
-            for key in containers:
-                for i, element in enumerate(value[key]):
-                    where = f"{location}:{key}[{i}]"
-                    if isinstance(element, dict):
-                        self._object(part, item, element, where, expand=False)  # one page level, no deeper
-                    else:
-                        self._reject(part, item, f"{key}[{i}]: expected an object", where, element)
-            return
-        split = FORMATS[kind].units
-        if split is None:
-            self._unit(part, item, kind, value, location)
-            return
-        units = split(value)
-        while True:
-            try:
-                sub, unit = next(units)
-            except StopIteration:
-                return
-            except BadRecord as err:
-                self._reject(part, item, str(err), location, value)
-                return
-            self._unit(part, item, kind, unit, f"{location}:{sub}" if sub else location)
-
-    def _unit(self, part: _Partition, item: Item, kind: str, unit: Any, location: str) -> None:
-        try:
-            record = FORMATS[kind].parse(unit, location)
-        except BadRecord as err:
-            self._reject(part, item, str(err), location, unit)
-            return
+    def merge(self, part: _Partition, parsed: Parsed) -> None:
+        """Count a parsed run of items and store its records not seen before, in order."""
         stats = self.stats
-        stats.read += 1
-        if record is None:
-            stats.skipped += 1
+        stats.read += parsed.read
+        stats.skipped += parsed.skipped
+        stats.quarantined += len(parsed.rejects)
+        stats.reasons.update(parsed.reasons)
+        part.reject(parsed.rejects)
+        table, sizes = parsed.records, parsed.sizes
+        keep = []
+        for row, value in enumerate(table.column("id").to_pylist()):
+            key = int(value, 16)
+            if key not in self.seen:
+                self.seen.add(key)
+                keep.append(row)
+        stats.duplicates += table.num_rows - len(keep)
+        if not keep:
             return
-        key = int(record.id, 16)
-        if key in self.seen:
-            stats.duplicates += 1
-            return
-        self.seen.add(key)
-        stats.accepted += 1
-        stats.formats[kind] += 1
-        part.add(record, item.size)
+        if len(keep) < table.num_rows:
+            table, sizes = table.take(pa.array(keep)), [sizes[row] for row in keep]
+        stats.accepted += table.num_rows
+        stats.formats.update(table.column("source").to_pylist())
+        part.add(table, sizes)
 
-    def _reject(self, part: _Partition, item: Item | None, reason: str, location: str | None = None,
-                value: Any = None) -> None:
-        self.stats.read += 1
-        self.stats.quarantined += 1
-        self.stats.reasons[_short_reason(reason)] += 1
-        part.reject(item, reason, location, value)
+    def merge_items(self, part: _Partition, items: Iterable[Item], source: str) -> None:
+        """Parse and merge `items` here, PIECE_BYTES of them at a time (documents, MLflow traces)."""
+        batch: list[Item] = []
+        size = 0
+        for item in items:
+            batch.append(item)
+            size += item.size
+            if size >= PIECE_BYTES:
+                self.merge(part, parse_items(batch, self.fmt, source))
+                batch, size = [], 0
+        self.merge(part, parse_items(batch, self.fmt, source))
 
 
 def _prefix_digest(path: Path, size: int) -> str:
@@ -368,45 +298,126 @@ def _plan(path: Path, stat: os.stat_result, mark: dict[str, Any] | None) -> tupl
     return 0, 0, mark["generation"] + 1, 0
 
 
-def _ingest_file(run: _Run, path: Path) -> None:
+@dataclass
+class _File:
+    """One log file to read this run: from where, how, and into which partition."""
+
+    path: Path
+    source: str  # the resolved path: the watermark's key
+    name: str  # the path as given, in locations
+    stat: os.stat_result
+    previous: dict[str, Any] | None
+    start: int
+    line: int
+    generation: int
+    before: int
+    mode: str = "jsonl"
+    error: OSError | None = None  # raised when ingest reaches this file
+
+
+def _planned(run: _Run, path: Path) -> _File | None:
+    """What to read of `path`, or None when it is unchanged (counted as skipped)."""
     source = os.fsencode(path.resolve()).decode("utf-8", "replace")
-    stat = path.stat()
-    previous = run.marks.get(source)
-    plan = _plan(path, stat, previous)
-    run.stats.files += 1
-    if plan is None:
-        run.stats.skipped_files += 1
-        if previous is not None and previous["mtime_ns"] != stat.st_mtime_ns:
-            run.save_mark(source, {**previous, "mtime_ns": stat.st_mtime_ns})
-        return
-    start, first_line, generation, before = plan
-    key = hashlib.sha256(source.encode()).hexdigest()[:16]
     name = os.fsencode(path).decode("utf-8", "replace")  # a non-UTF-8 file name must not poison the records
-    part = run.partition(name, f"{key}-g{generation}-{start:015d}")
-    offset, line, tail = start, first_line, False
+    run.stats.files += 1
     try:
-        with open_log(path) as f:
-            mode = sniff(f) if start == 0 else "jsonl"
-            if start:
-                f.seek(start)
-            items = read_jsonl(f, name, start, line) if mode == "jsonl" else read_document(f, name)
-            for item in run.consume(items, part):
-                if not item.committed:
-                    tail = True
-                elif item.end is not None:
-                    offset, line = item.end, item.line
+        stat = path.stat()
+        previous = run.marks.get(source)
+        plan = _plan(path, stat, previous)
+        if plan is None:
+            run.stats.skipped_files += 1
+            if previous is not None and previous["mtime_ns"] != stat.st_mtime_ns:
+                run.save_mark(source, {**previous, "mtime_ns": stat.st_mtime_ns})
+            return None
+        file = _File(path, source, name, stat, previous, *plan)
+        if file.start == 0:
+            with open_log(path) as f:
+                file.mode = sniff(f)
+    except OSError as err:
+        return _File(path, source, name, os.stat_result((0,) * 10), None, 0, 0, 0, 0, error=err)
+    return file
+
+
+class _Piece(NamedTuple):
+    """JSONL lines of one file, unparsed: `data` starts at byte `offset` after `line` lines. With
+    `end` set, `data` is the head of one line too long to be a record, which ends at byte `end`."""
+
+    name: str
+    data: bytes
+    offset: int
+    line: int
+    end: int | None
+    last: bool  # the file's last piece
+
+
+def _pieces(files: Iterable[_File]) -> Iterator[_Piece]:
+    """The JSONL files' new bytes in pieces of whole lines, about PIECE_BYTES each (a line too
+    long to be a record is skipped here, past its head); at least one piece a file. Only reads
+    and finds newlines (C speed): the framing and parsing are the workers'. Raises OSError as
+    the file's reading does."""
+    for file in files:
+        if file.error is not None or file.mode != "jsonl":
+            continue
+        offset, line, carry = file.start, file.line, b""
+        with open_log(file.path) as f:
+            if file.start:
+                f.seek(file.start)
+            while chunk := f.read(PIECE_BYTES):
+                data = carry + chunk
+                if cut := data.rfind(b"\n") + 1:
+                    yield _Piece(file.name, data[:cut], offset, line, None, False)
+                    offset, line, carry = offset + cut, line + data.count(b"\n", 0, cut), data[cut:]
+                elif len(data) > MAX_RECORD_BYTES + 2:
+                    end, carry = offset + len(data), b""
+                    while chunk := f.read(PIECE_BYTES):
+                        if (newline := chunk.find(b"\n")) >= 0:
+                            end, carry = end + newline + 1, chunk[newline + 1:]
+                            break
+                        end += len(chunk)
+                    yield _Piece(file.name, data[:MAX_RECORD_BYTES + 2], offset, line, end, False)
+                    offset, line = end, line + 1
+                else:
+                    carry = data
+        yield _Piece(file.name, carry, offset, line, None, True)
+
+
+def _parse_piece(fmt: str | None, piece: _Piece) -> tuple[bool, Parsed]:
+    return piece.last, parse_jsonl(fmt, piece.name, piece.data, piece.offset, piece.line, piece.end)
+
+
+def _ingest_file(run: _Run, file: _File, pieces: Iterator[tuple[bool, Parsed]]) -> None:
+    """Store one file's new records: its JSONL pieces as `pieces` yields them parsed, or its
+    document parsed here; then its watermark."""
+    if file.error is not None:
+        raise file.error
+    key = hashlib.sha256(file.source.encode()).hexdigest()[:16]
+    part = run.partition(f"{key}-g{file.generation}-{file.start:015d}")
+    offset, line, tail = file.start, file.line, False
+    try:
+        if file.mode == "jsonl":
+            last = False
+            while not last:
+                last, parsed = next(pieces)
+                run.merge(part, parsed)
+                tail = tail or parsed.tail
+                if parsed.end is not None:
+                    offset, line = parsed.end
+        else:
+            with open_log(file.path) as f:
+                run.merge_items(part, read_document(f, file.name), file.name)
     except BaseException:
         part.abort()
         raise
     part.close()
-    size = offset if mode == "jsonl" and not path.name.endswith(".gz") else stat.st_size
-    kept = previous.get("max_timestamp", "") if previous is not None and previous["generation"] == generation else ""
-    run.save_mark(source, {
-        "kind": "file", "mode": mode, "generation": generation, "offset": offset, "line": line,
+    path, stat, previous = file.path, file.stat, file.previous
+    size = offset if file.mode == "jsonl" and not path.name.endswith(".gz") else stat.st_size
+    kept = previous.get("max_timestamp", "") if previous is not None and previous["generation"] == file.generation else ""
+    run.save_mark(file.source, {
+        "kind": "file", "mode": file.mode, "generation": file.generation, "offset": offset, "line": line,
         "size": size, "prefix_sha256": _prefix_digest(path, size),
         "file_size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "tail": tail,
-        "partition_start": start, "partition_line": first_line, "records_before": before,
-        "records": before + part.count, "max_timestamp": max(part.max_timestamp, kept),
+        "partition_start": file.start, "partition_line": file.line, "records_before": file.before,
+        "records": file.before + part.count, "max_timestamp": max(part.max_timestamp, kept),
         "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     })
 
@@ -424,40 +435,35 @@ def _unread_bytes(files: list[Path], watermarks: Path) -> int:
     return total
 
 
-@contextmanager
-def _fewer_gc_passes() -> Iterator[None]:
-    """Run the cyclic garbage collector less often (restored after).
-
-    Parsing allocates millions of short-lived containers, which trigger a
-    collection every 700 allocations by default; those passes cost ~15% of ingest
-    time and find nothing, as parsed records hold no reference cycles.
-    """
-    thresholds = gc.get_threshold()
-    gc.set_threshold(100_000, 50, 1000)
-    try:
-        yield
-    finally:
-        gc.set_threshold(*thresholds)
-
-
 def ingest(paths: Iterable[Path], records_dir: Path, quarantine_dir: Path, fmt: str | None = None,
-           watermarks: Path | None = None) -> IngestStats:
+           watermarks: Path | None = None, engine: str | None = None) -> IngestStats:
     """Ingest log files (or folders of them) into `records_dir`; rejects go to `quarantine_dir`.
+
+    This process reads the files and keeps the store (duplicates, partitions, watermarks, in
+    file order); the parsing of JSONL pieces is mapped by `engine` (`factory.engine.map_each`:
+    this machine's cores, or Ray tasks), so every engine writes the same files. JSON documents
+    are parsed here (one streaming parser a file).
 
     Raises FileNotFoundError for a missing input path, KeyError for an unknown
     `fmt`, and OSError when a file cannot be read (a corrupt gzip stream
     included); sources finished before the error keep their partitions and marks.
     Before anything is written, `resources.ResourceError` (a FactoryError) when the disk
     has no room for the bytes not ingested yet (`_unread_bytes`), or for an invalid
-    `FACTORY_MIN_FREE_MB`. A progress bar counts the files on stderr when it is a
-    terminal (`factory.progress`).
+    `FACTORY_MIN_FREE_MB`; FactoryError for an unknown engine. A progress bar counts the
+    files on stderr when it is a terminal (`factory.progress`).
     """
-    files = find_log_files(paths)
+    engine = engine_name(engine)
+    unique: dict[Path, Path] = {}
+    for path in find_log_files(paths):
+        unique.setdefault(path.resolve(), path)  # a file named twice is read once
+    files = list(unique.values())
     check_disk(records_dir, _unread_bytes(files, watermarks or records_dir.parent / "watermarks.json"))
     run = _Run(records_dir, quarantine_dir, watermarks, fmt)
-    with _fewer_gc_passes():
-        for path in progress(files, len(files), "ingest", "file"):
-            _ingest_file(run, path)
+    todo = [file for path in files if (file := _planned(run, path)) is not None]
+    pieces = map_each(partial(_parse_piece, fmt), _pieces(todo), engine)
+    with fewer_gc_passes():
+        for file in progress(todo, len(todo), "ingest", "file"):
+            _ingest_file(run, file, pieces)
     return run.stats
 
 
@@ -475,7 +481,7 @@ def ingest_mlflow(uri: str, records_dir: Path, quarantine_dir: Path, watermarks:
     previous = run.marks.get(source) or {}
     since = previous.get("max_request_ms")
     key = hashlib.sha256(source.encode()).hexdigest()[:16]
-    part = run.partition(source, f"{key}-t{since or 0:015d}")
+    part = run.partition(f"{key}-t{since or 0:015d}")
     newest = since or 0
 
     def items() -> Iterator[Item]:
@@ -486,9 +492,8 @@ def ingest_mlflow(uri: str, records_dir: Path, quarantine_dir: Path, watermarks:
             yield Item(f"{source}#{trace_id}", value=trace, size=size)
 
     try:
-        with _fewer_gc_passes():
-            for _ in run.consume(items(), part):
-                pass
+        with fewer_gc_passes():
+            run.merge_items(part, items(), source)
     except BaseException:
         part.abort()
         raise

@@ -22,10 +22,10 @@ Several concatenated documents are read in turn. Locations are
 from __future__ import annotations
 
 import gzip
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
 
 import ijson
 import orjson
@@ -60,6 +60,16 @@ class Item:
     excerpt: str = ""
     committed: bool = True
     size: int = 0
+
+
+class Line(NamedTuple):
+    """One line of a JSONL file, framed but not parsed: what ingest sends to a worker."""
+
+    number: int
+    start: int
+    end: int
+    raw: bytes
+    whole: bool  # False: over MAX_RECORD_BYTES, `raw` is its head
 
 
 def open_log(path: Path) -> IO[bytes]:
@@ -108,8 +118,11 @@ def sniff(f: IO[bytes]) -> str:
     return "jsonl" if len(lines) > 1 and isinstance(_loads_object(lines[1]), dict) else "document"
 
 
-def read_jsonl(f: IO[bytes], name: str, offset: int = 0, line: int = 0) -> Iterator[Item]:
-    """One Item per non-blank line of `f`, which is positioned at byte `offset` after `line` lines."""
+def frame_jsonl(f: IO[bytes], offset: int = 0, line: int = 0) -> Iterator[Line]:
+    """The lines of `f`, which is positioned at byte `offset` after `line` lines, as `Line`s.
+
+    A line over MAX_RECORD_BYTES is skipped in 1 MiB steps, never held whole: its `raw` is its
+    first MAX_RECORD_BYTES + 2 bytes and `whole` is False."""
     readline = f.readline
     while True:
         raw = readline(MAX_RECORD_BYTES + 2)
@@ -117,13 +130,21 @@ def read_jsonl(f: IO[bytes], name: str, offset: int = 0, line: int = 0) -> Itera
             return
         line += 1
         start, offset = offset, offset + len(raw)
-        terminated = raw[-1:] == b"\n"
+        whole = True
         if len(raw) > MAX_RECORD_BYTES and len(raw.rstrip(b"\r\n")) > MAX_RECORD_BYTES:
+            whole, terminated = False, raw[-1:] == b"\n"
             while not terminated and (chunk := readline(_SKIP_CHUNK)):
                 offset += len(chunk)
                 terminated = chunk[-1:] == b"\n"
-            yield Item(f"{name}:{line}", error=f"line is over the {MAX_RECORD_BYTES} byte limit "
-                       f"({offset - start} bytes)", line=line, offset=start, end=offset, excerpt=_excerpt(raw))
+        yield Line(line, start, offset, raw, whole)
+
+
+def jsonl_items(lines: Iterable[Line], name: str) -> Iterator[Item]:
+    """One Item per non-blank line."""
+    for number, start, end, raw, whole in lines:
+        if not whole:
+            yield Item(f"{name}:{number}", error=f"line is over the {MAX_RECORD_BYTES} byte limit "
+                       f"({end - start} bytes)", line=number, offset=start, end=end, excerpt=_excerpt(raw))
             continue
         try:
             value = orjson.loads(raw)
@@ -132,17 +153,17 @@ def read_jsonl(f: IO[bytes], name: str, offset: int = 0, line: int = 0) -> Itera
             if not body:
                 continue
             reason = _json_error(body, err)
-            committed = terminated or not reason.startswith("invalid JSON")
+            committed = raw[-1:] == b"\n" or not reason.startswith("invalid JSON")
             if not committed:
                 reason = f"{reason} (incomplete last line: it is read again once the file grows)"
-            yield Item(f"{name}:{line}", error=reason, line=line, offset=start, end=offset,
+            yield Item(f"{name}:{number}", error=reason, line=number, offset=start, end=end,
                        excerpt=_excerpt(body), committed=committed)
             continue
         if not isinstance(value, dict):
-            yield Item(f"{name}:{line}", error=f"expected one JSON object per line, got {type(value).__name__}",
-                       line=line, offset=start, end=offset, excerpt=_excerpt(raw))
+            yield Item(f"{name}:{number}", error=f"expected one JSON object per line, got {type(value).__name__}",
+                       line=number, offset=start, end=end, excerpt=_excerpt(raw))
             continue
-        yield Item(f"{name}:{line}", value=value, line=line, offset=start, end=offset, size=len(raw))
+        yield Item(f"{name}:{number}", value=value, line=number, offset=start, end=end, size=len(raw))
 
 
 class _Rejected(Exception):
