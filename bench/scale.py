@@ -3,6 +3,10 @@
 Figures (wall clock, since the work spreads over processes; on a shared machine they move
 with the load, so each is measured beside its baseline in the same run):
 
+* ``ingest_records_per_s_local_1core``, ``_local_all``, ``_ray``: records read per second by
+  `ingest` on ~60,000 calls (15 marked copies of the generated logs, one JSONL file): parsed in
+  this process, by a pool of every core, and by Ray tasks on the cluster below (the same
+  records, checked); the driver's reading, duplicate check and Parquet writing count in all.
 * ``curate_records_per_s_local_1core``: records per second through `curate_store` with the
   local engine and one worker (Presidio in this process) on ~4,000 generated records.
 * ``curate_records_per_s_local_all``: the same with the local engine on every core
@@ -30,8 +34,28 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SESSIONS = 1300  # ~4,000 records
+INGEST_COPIES = 15  # ~60,000 records to ingest
 DAY = ROOT / "datasets" / "samples" / "logs" / "support-agent-2026-11-03.jsonl"
 TINY = ("max_train_samples=8", "max_eval_samples=4", "max_new_tokens=4", "save_steps=1000")
+
+
+def _ingest_rate(logs: Path, out: Path, **engine) -> float:
+    from factory.ingest import ingest
+
+    start = time.perf_counter()
+    stats = ingest([logs], out / "raw", out / "quarantine", **engine)
+    return stats.read / (time.perf_counter() - start)
+
+
+def _copies(logs: Path, out: Path, count: int) -> Path:
+    """`count` copies of the log lines in one file, each copy's user messages marked so its records are new."""
+    lines = [raw for path in sorted(logs.glob("*.jsonl")) for raw in path.read_bytes().splitlines(keepends=True)]
+    out.mkdir()
+    with open(out / "calls.jsonl", "wb") as f:
+        for copy in range(count):
+            marker = f'"role": "user", "content": "[{copy}] '.encode()
+            f.writelines(raw.replace(b'"role": "user", "content": "', marker) for raw in lines)
+    return out
 
 
 def _curate_rate(raw: Path, out: Path, **engine) -> float:
@@ -40,6 +64,10 @@ def _curate_rate(raw: Path, out: Path, **engine) -> float:
     start = time.perf_counter()
     report = curate_store(raw, out / "curated.parquet", out / "curate.jsonl", out / "report.json", **engine)
     return report["read"] / (time.perf_counter() - start)
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
 def _tiny_model(folder: Path) -> Path:
@@ -115,7 +143,10 @@ def _run() -> dict[str, float]:
         subprocess.run([sys.executable, str(ROOT / "datasets" / "samples" / "generate.py"), "--sessions",
                         str(SESSIONS), "--out", str(tmp / "gen")], check=True, capture_output=True)
         ingest([tmp / "gen" / "logs"], tmp / "raw", tmp / "quarantine")
+        logs = _copies(tmp / "gen" / "logs", tmp / "copies", INGEST_COPIES)
         figures = {
+            "ingest_records_per_s_local_1core": _ingest_rate(logs, tmp / "ingest-one", engine="local", workers=1),
+            "ingest_records_per_s_local_all": _ingest_rate(logs, tmp / "ingest-all", engine="local"),
             "curate_records_per_s_local_1core": _curate_rate(tmp / "raw", tmp / "one", engine="local", workers=1),
             "curate_records_per_s_local_all": _curate_rate(tmp / "raw", tmp / "all", engine="local"),
         }
@@ -126,12 +157,15 @@ def _run() -> dict[str, float]:
         sequential = _retrain_all(tmp / "data", tmp / "local", model, "local")
         (tmp / "ray").mkdir()
         with loopback_cluster(tmp / "ray", object_store_bytes=200_000_000):
+            figures["ingest_records_per_s_ray"] = _ingest_rate(logs, tmp / "ingest-ray", engine="ray")
             figures["curate_records_per_s_ray"] = _curate_rate(tmp / "raw", tmp / "on-ray", engine="ray")
             parallel = _retrain_all(tmp / "data", tmp / "tasks-on-ray", model, "ray")
         same = all((tmp / "one" / f).read_bytes() == (tmp / d / f).read_bytes()
                    for d in ("all", "on-ray") for f in ("curated.parquet", "curate.jsonl", "report.json"))
-        if not same:
-            raise RuntimeError("the engines wrote different curate outputs")
+        same_ingest = all(_files(tmp / "ingest-one" / d) == _files(tmp / d2 / d)
+                          for d in ("raw", "quarantine") for d2 in ("ingest-all", "ingest-ray"))
+        if not same or not same_ingest:
+            raise RuntimeError("the engines wrote different curate or ingest outputs")
     figures["nightly_parallel_speedup"] = sequential / parallel
     figures["nightly_retrain_s_local"] = sequential
     figures["nightly_retrain_s_ray"] = parallel

@@ -436,13 +436,14 @@ def _unread_bytes(files: list[Path], watermarks: Path) -> int:
 
 
 def ingest(paths: Iterable[Path], records_dir: Path, quarantine_dir: Path, fmt: str | None = None,
-           watermarks: Path | None = None, engine: str | None = None) -> IngestStats:
+           watermarks: Path | None = None, engine: str | None = None, workers: int | None = None) -> IngestStats:
     """Ingest log files (or folders of them) into `records_dir`; rejects go to `quarantine_dir`.
 
     This process reads the files and keeps the store (duplicates, partitions, watermarks, in
     file order); the parsing of JSONL pieces is mapped by `engine` (`factory.engine.map_each`:
-    this machine's cores, or Ray tasks), so every engine writes the same files. JSON documents
-    are parsed here (one streaming parser a file).
+    this machine's cores, or Ray tasks; `workers`: the local engine's processes, default
+    `local_workers()`), so every engine writes the same files. JSON documents are parsed here
+    (one streaming parser a file).
 
     Raises FileNotFoundError for a missing input path, KeyError for an unknown
     `fmt`, and OSError when a file cannot be read (a corrupt gzip stream
@@ -460,7 +461,7 @@ def ingest(paths: Iterable[Path], records_dir: Path, quarantine_dir: Path, fmt: 
     check_disk(records_dir, _unread_bytes(files, watermarks or records_dir.parent / "watermarks.json"))
     run = _Run(records_dir, quarantine_dir, watermarks, fmt)
     todo = [file for path in files if (file := _planned(run, path)) is not None]
-    pieces = map_each(partial(_parse_piece, fmt), _pieces(todo), engine)
+    pieces = map_each(partial(_parse_piece, fmt), _pieces(todo), engine, workers)
     with fewer_gc_passes():
         for file in progress(todo, len(todo), "ingest", "file"):
             _ingest_file(run, file, pieces)
