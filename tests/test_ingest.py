@@ -196,6 +196,24 @@ def test_an_appended_gzip_member_is_read_without_repeating_the_first(store, tmp_
     assert (stats.read, stats.accepted) == (1, 1)
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_truncated_gzip_stops_ingest_naming_it_and_the_files_before_it_are_kept(store, tmp_path, workers):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "a.jsonl").write_bytes(b"".join(line(call(i)) for i in range(50)))
+    whole = gzip.compress(b"".join(line(call(i)) for i in range(100, 3000)))
+    (logs / "b.jsonl.gz").write_bytes(whole[:len(whole) // 2])  # still being written
+    (logs / "c.jsonl").write_bytes(b"".join(line(call(i)) for i in range(200, 250)))
+    with pytest.raises(OSError, match=r"b\.jsonl\.gz: cannot be read: Compressed file ended"):
+        ingest([logs], store.records, store.quarantine, workers=workers)
+    assert len(read_records(store.records)) == 50 and list(store.marks()) == [str((logs / "a.jsonl").resolve())]
+    assert not [p for p in store.records.iterdir() if p.name.startswith(".")]
+    (logs / "b.jsonl.gz").write_bytes(whole)
+    stats = ingest([logs], store.records, store.quarantine, workers=workers)
+    assert stats.skipped_files == 1 and stats.accepted == 2900 and stats.duplicates == 50
+    assert len(read_records(store.records)) == 2950
+
+
 def test_rerunning_after_losing_the_watermarks_is_idempotent(store, tmp_path):
     log = tmp_path / "agent.jsonl"
     log.write_bytes(line(call(1)) + line(call(2)))

@@ -50,6 +50,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -305,7 +306,7 @@ class _File:
     path: Path
     source: str  # the resolved path: the watermark's key
     name: str  # the path as given, in locations
-    stat: os.stat_result
+    stat: os.stat_result | None  # None with `error`
     previous: dict[str, Any] | None
     start: int
     line: int
@@ -334,7 +335,7 @@ def _planned(run: _Run, path: Path) -> _File | None:
             with open_log(path) as f:
                 file.mode = sniff(f)
     except OSError as err:
-        return _File(path, source, name, os.stat_result((0,) * 10), None, 0, 0, 0, 0, error=err)
+        return _File(path, source, name, None, None, 0, 0, 0, 0, error=err)
     return file
 
 
@@ -359,7 +360,7 @@ def _pieces(files: Iterable[_File]) -> Iterator[_Piece]:
         if file.error is not None or file.mode != "jsonl":
             continue
         offset, line, carry = file.start, file.line, b""
-        with open_log(file.path) as f:
+        with _naming_errors(file.name), open_log(file.path) as f:
             if file.start:
                 f.seek(file.start)
             while chunk := f.read(PIECE_BYTES):
@@ -379,6 +380,16 @@ def _pieces(files: Iterable[_File]) -> Iterator[_Piece]:
                 else:
                     carry = data
         yield _Piece(file.name, carry, offset, line, None, True)
+
+
+@contextmanager
+def _naming_errors(name: str) -> Iterator[None]:
+    """Reading errors as OSError naming the file (a truncated gzip stream raises EOFError, a
+    corrupt one "CRC check failed")."""
+    try:
+        yield
+    except (OSError, EOFError) as err:
+        raise OSError(f"{name}: cannot be read: {err}") from err
 
 
 def _parse_piece(fmt: str | None, piece: _Piece) -> tuple[bool, Parsed]:
@@ -403,7 +414,7 @@ def _ingest_file(run: _Run, file: _File, pieces: Iterator[tuple[bool, Parsed]]) 
                 if parsed.end is not None:
                     offset, line = parsed.end
         else:
-            with open_log(file.path) as f:
+            with _naming_errors(file.name), open_log(file.path) as f:
                 run.merge_items(part, read_document(f, file.name), file.name)
     except BaseException:
         part.abort()
@@ -461,8 +472,7 @@ def ingest(paths: Iterable[Path], records_dir: Path, quarantine_dir: Path, fmt: 
     check_disk(records_dir, _unread_bytes(files, watermarks or records_dir.parent / "watermarks.json"))
     run = _Run(records_dir, quarantine_dir, watermarks, fmt)
     todo = [file for path in files if (file := _planned(run, path)) is not None]
-    pieces = map_each(partial(_parse_piece, fmt), _pieces(todo), engine, workers)
-    with fewer_gc_passes():
+    with closing(map_each(partial(_parse_piece, fmt), _pieces(todo), engine, workers)) as pieces, fewer_gc_passes():
         for file in progress(todo, len(todo), "ingest", "file"):
             _ingest_file(run, file, pieces)
     return run.stats
