@@ -1,17 +1,20 @@
-"""A 1M-record curate in bounded memory per worker (not in `make bench`'s default stages: ~15 minutes
-on 2 cores; run it with `python -m bench.run million`).
+"""A 1M-record ingest and curate in bounded memory per worker (not in `make bench`'s default
+stages: ~15 minutes on 2 cores; run it with `python -m bench.run million`, and with
+`FACTORY_ENGINE=ray` on a Ray cluster of two 1-CPU nodes started here on 127.0.0.1).
 
 The sample generator is run with 241 seeds (its PII check is quadratic in one run's size), the
-logs are ingested (~1.03M records), and `curate_store` runs on them with the local engine on
-every core while a thread samples, every half second, the private memory (USS) of each worker
-and the resident memory of this process (the driver).
+logs are ingested (~1.03M records) and `curate_store` runs on them, both on the engine, while a
+thread samples, every half second, the private memory (USS) of each worker (local: this
+process's children; ray: the curate actors) and the resident memory of this process (the
+driver). With ray the keys start `curate_1m_ray_` / `ingest_1m_ray_`.
 
+ingest_1m_records_per_s        records read per second by the ingest (wall clock, every core)
 curate_1m_records              records curated
 curate_1m_records_per_s        their rate (wall clock, every core)
 curate_1m_worker_peak_mib      the largest worker's peak private memory
 curate_1m_worker_start_mib     the same over the first minute (its state: Presidio, a batch)
-curate_1m_driver_peak_mib      this process's peak resident memory (the raw records' Arrow
-                               buffers, the duplicate indexes, a row group of kept records)
+curate_1m_driver_peak_mib      this process's peak resident memory (local: the raw records'
+                               Arrow buffers, the duplicate indexes, a row group of kept records)
 """
 
 from __future__ import annotations
@@ -41,13 +44,29 @@ def _generate(folder: Path) -> list[Path]:
         return list(pool.map(one, range(1, SEEDS + 1)))
 
 
-def _sample(peaks: dict[str, float], stop: threading.Event, start: float) -> None:
+def _workers(me, ray: bool) -> list:
+    import psutil
+
+    children = me.children(recursive=True)
+    if not ray:
+        return children
+    found = []
+    for child in children:
+        try:
+            if "MapWorker" in " ".join(child.cmdline()):
+                found.append(child)
+        except psutil.Error:  # gone, or a zombie
+            continue
+    return found
+
+
+def _sample(peaks: dict[str, float], stop: threading.Event, start: float, ray: bool) -> None:
     import psutil
 
     me = psutil.Process()
     while not stop.wait(0.5):
         peaks["driver"] = max(peaks.get("driver", 0), me.memory_info().rss)
-        for child in me.children(recursive=True):
+        for child in _workers(me, ray):
             try:
                 uss = child.memory_full_info().uss
             except psutil.Error:
@@ -58,26 +77,42 @@ def _sample(peaks: dict[str, float], stop: threading.Event, start: float) -> Non
 
 
 def run() -> dict[str, float]:
-    from factory.curate import curate_store
-    from factory.ingest import ingest
+    from factory.engine import engine_name, loopback_cluster
 
     with tempfile.TemporaryDirectory(prefix="bench-million-", dir="/tmp") as tmp:
         tmp = Path(tmp)
-        ingest(_generate(tmp / "gen"), tmp / "raw", tmp / "quarantine")
-        peaks: dict[str, float] = {}
-        stop, start = threading.Event(), time.monotonic()
-        sampler = threading.Thread(target=_sample, args=(peaks, stop, start), daemon=True)
-        sampler.start()
-        try:
-            report = curate_store(tmp / "raw", tmp / "curated.parquet", tmp / "curate.jsonl", tmp / "report.json",
-                                  engine="local")
-        finally:
-            stop.set()
-            sampler.join()
-        seconds = time.monotonic() - start
-    return {"curate_1m_records": float(report["read"]), "curate_1m_records_per_s": round(report["read"] / seconds, 1),
-            "curate_1m_worker_peak_mib": round(peaks["worker"] / MIB), "curate_1m_worker_start_mib":
-            round(peaks["worker_start"] / MIB), "curate_1m_driver_peak_mib": round(peaks["driver"] / MIB)}
+        if engine_name() == "local":
+            return _run(tmp, "local")
+        (tmp / "ray").mkdir()
+        with loopback_cluster(tmp / "ray", object_store_bytes=2_000_000_000):
+            return _run(tmp, "ray")
+
+
+def _run(tmp: Path, engine: str) -> dict[str, float]:
+    from factory.curate import curate_store
+    from factory.ingest import ingest
+
+    logs = _generate(tmp / "gen")
+    start = time.monotonic()
+    stats = ingest(logs, tmp / "raw", tmp / "quarantine", engine=engine)
+    ingest_rate = stats.read / (time.monotonic() - start)
+    peaks: dict[str, float] = {}
+    stop, start = threading.Event(), time.monotonic()
+    sampler = threading.Thread(target=_sample, args=(peaks, stop, start, engine == "ray"), daemon=True)
+    sampler.start()
+    try:
+        report = curate_store(tmp / "raw", tmp / "curated.parquet", tmp / "curate.jsonl", tmp / "report.json",
+                              engine=engine)
+    finally:
+        stop.set()
+        sampler.join()
+    seconds = time.monotonic() - start
+    tag = "_ray" if engine == "ray" else ""
+    return {f"ingest_1m{tag}_records_per_s": round(ingest_rate), f"curate_1m{tag}_records": float(report["read"]),
+            f"curate_1m{tag}_records_per_s": round(report["read"] / seconds, 1),
+            f"curate_1m{tag}_worker_peak_mib": round(peaks["worker"] / MIB),
+            f"curate_1m{tag}_worker_start_mib": round(peaks["worker_start"] / MIB),
+            f"curate_1m{tag}_driver_peak_mib": round(peaks["driver"] / MIB)}
 
 
 if __name__ == "__main__":
