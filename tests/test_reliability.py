@@ -143,6 +143,20 @@ def _title(process) -> str:
         return ""
 
 
+def _kill_one_while(running, cluster, title: str, stage: str) -> int | None:
+    """SIGKILL the first process of the Ray cluster whose command line holds `title`, while
+    `running` runs; its pid, or None when the run ended first."""
+    COUNTS["faults"] += 1
+    COUNTS[f"faults.{stage}"] += 1
+    while not running.done():
+        busy = [p for p in cluster.processes() if title in _title(p)]
+        if busy:
+            os.kill(busy[0].pid, signal.SIGKILL)
+            return busy[0].pid
+        time.sleep(0.02)
+    return None
+
+
 def test_kill_a_ray_worker_during_curate_and_the_output_matches_one_core(tmp_path, ray_cluster):
     """A Ray worker (a scrub actor) killed with SIGKILL mid-stage: Ray restarts it and retries
     its batch, and the stage writes the bytes one local core writes: nothing lost, nothing twice."""
@@ -150,15 +164,7 @@ def test_kill_a_ray_worker_during_curate_and_the_output_matches_one_core(tmp_pat
     expected = _curate(tmp_path / "raw", tmp_path / "local", "local", 1)
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(_curate, tmp_path / "raw", tmp_path / "ray", "ray")
-        COUNTS["faults"] += 1
-        COUNTS["faults.curate-ray"] += 1
-        killed = None
-        while killed is None and not running.done():
-            actors = [p for p in ray_cluster.processes() if "MapWorker" in _title(p)]
-            if actors:
-                os.kill(actors[0].pid, signal.SIGKILL)
-                killed = actors[0].pid
-            time.sleep(0.2)
+        killed = _kill_one_while(running, ray_cluster, "MapWorker", "curate-ray")
         assert running.result(timeout=300) == expected
     assert killed is not None, "the curate finished before a worker could be killed"
     COUNTS["landed"] += 1
@@ -181,15 +187,7 @@ def test_kill_a_ray_worker_during_ingest_and_the_store_matches_one_core(tmp_path
     with ThreadPoolExecutor(1) as pool:
         running = pool.submit(ingest, [SAMPLES], tmp_path / "ray" / "raw", tmp_path / "ray" / "quarantine",
                               engine="ray")
-        COUNTS["faults"] += 1
-        COUNTS["faults.ingest-ray"] += 1
-        killed = None
-        while killed is None and not running.done():
-            busy = [p for p in ray_cluster.processes() if "_apply" in _title(p)]
-            if busy:
-                os.kill(busy[0].pid, signal.SIGKILL)
-                killed = busy[0].pid
-            time.sleep(0.02)
+        killed = _kill_one_while(running, ray_cluster, "_apply", "ingest-ray")  # a task's title: ray::_apply
         assert running.result(timeout=300) == expected
     assert killed is not None, "the ingest finished before a worker could be killed"
     COUNTS["landed"] += 1
