@@ -12,7 +12,7 @@ ingest_1m_records_per_s        records read per second by the ingest (wall clock
 curate_1m_records              records curated
 curate_1m_records_per_s        their rate (wall clock, every core)
 curate_1m_worker_peak_mib      the largest worker's peak private memory
-curate_1m_worker_start_mib     the same over the first minute (its state: Presidio, a batch)
+curate_1m_worker_start_mib     the same over the first minute of workers (their state: Presidio, a batch)
 curate_1m_driver_peak_mib      this process's peak resident memory (local: the raw records'
                                Arrow buffers, the duplicate indexes, a row group of kept records)
 """
@@ -60,10 +60,10 @@ def _workers(me, ray: bool) -> list:
     return found
 
 
-def _sample(peaks: dict[str, float], stop: threading.Event, start: float, ray: bool) -> None:
+def _sample(peaks: dict[str, float], stop: threading.Event, ray: bool) -> None:
     import psutil
 
-    me = psutil.Process()
+    me, start = psutil.Process(), None
     while not stop.wait(0.5):
         peaks["driver"] = max(peaks.get("driver", 0), me.memory_info().rss)
         for child in _workers(me, ray):
@@ -72,6 +72,7 @@ def _sample(peaks: dict[str, float], stop: threading.Event, start: float, ray: b
             except psutil.Error:
                 continue
             peaks["worker"] = max(peaks.get("worker", 0), uss)
+            start = start or time.monotonic()  # the first worker seen (Ray's start after its sort)
             if time.monotonic() - start < 60:
                 peaks["worker_start"] = max(peaks.get("worker_start", 0), uss)
 
@@ -98,7 +99,7 @@ def _run(tmp: Path, engine: str) -> dict[str, float]:
     ingest_rate = stats.read / (time.monotonic() - start)
     peaks: dict[str, float] = {}
     stop, start = threading.Event(), time.monotonic()
-    sampler = threading.Thread(target=_sample, args=(peaks, stop, start, engine == "ray"), daemon=True)
+    sampler = threading.Thread(target=_sample, args=(peaks, stop, engine == "ray"), daemon=True)
     sampler.start()
     try:
         report = curate_store(tmp / "raw", tmp / "curated.parquet", tmp / "curate.jsonl", tmp / "report.json",

@@ -51,7 +51,7 @@ class Parsed:
     tail: bool = False
 
 
-def short_reason(error: str) -> str:
+def _short_reason(error: str) -> str:
     """A count key for a reason: the part before its first colon (the field, or the kind of
     failure), with list indices and other numbers dropped."""
     head = re.sub(r"\[\d+\]", "[]", error.split(":", 1)[0])
@@ -168,7 +168,7 @@ class _Parser:
     def _reject(self, item: Item | None, reason: str, location: str | None = None, value: Any = None) -> None:
         """Quarantine one unit: where it was (file, line, byte offset, location), why, and an excerpt."""
         self.read += 1
-        self.reasons[short_reason(reason)] += 1
+        self.reasons[_short_reason(reason)] += 1
         excerpt = item.excerpt if item is not None else ""
         if not excerpt and value is not None:
             try:
