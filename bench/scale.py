@@ -48,13 +48,12 @@ def _ingest_rate(logs: Path, out: Path, **engine) -> float:
 
 
 def _copies(logs: Path, out: Path, count: int) -> Path:
-    """`count` copies of the log lines in one file, each copy's user messages marked so its records are new."""
+    """`count` marked copies of the log lines in one file (bench/ingest.py's `_copies`)."""
+    from bench.ingest import _copies as marked
+
     lines = [raw for path in sorted(logs.glob("*.jsonl")) for raw in path.read_bytes().splitlines(keepends=True)]
     out.mkdir()
-    with open(out / "calls.jsonl", "wb") as f:
-        for copy in range(count):
-            marker = f'"role": "user", "content": "[{copy}] '.encode()
-            f.writelines(raw.replace(b'"role": "user", "content": "', marker) for raw in lines)
+    (out / "calls.jsonl").write_bytes(marked(lines, count))
     return out
 
 
