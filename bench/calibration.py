@@ -53,7 +53,7 @@ from factory import kinds
 from factory.catalog import load_catalog
 from factory.errors import FactoryError
 from factory.evaluate.calibrate import calibrate, evaluate_threshold
-from factory.evaluate.run import BINARY_SCORE_KINDS, held_out_calibration, judge_split, load_for_eval, load_truth
+from factory.evaluate.run import held_out_calibration, judge_split, load_for_eval, load_truth
 from factory.io import load_split
 from factory.paths import Paths
 from factory.pipeline import finished_training
@@ -113,7 +113,7 @@ def score_task(task: str, entry: dict, recipe: Recipe, trained: TrainResult, pat
     return Scored(task=task, confidences=np.array(judged[0].confidences + judged[1].confidences, dtype=float),
                   scores=np.array(judged[0].scores + judged[1].scores, dtype=float),
                   n_validation=len(judged[0].rows), target=recipe.target_quality * float(np.mean(teacher)),
-                  binary=kind.name in BINARY_SCORE_KINDS)
+                  binary=kind.binary)
 
 
 def resample(tasks: list[Scored], seeds: int, delta: float) -> dict[str, float]:

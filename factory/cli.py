@@ -683,23 +683,38 @@ def served_overall(results: list[dict]) -> tuple[float, float | None]:
     return share, sum(k * q for k, q in weighted) / served if served else None
 
 
+def _threshold_cell(cal: dict) -> str:
+    if cal.get("actions"):
+        certified = [g for g, t in cal["actions"]["thresholds"].items() if t is not None]
+        return f"per action ({len(certified)} of {len(cal['actions']['thresholds'])} groups)"
+    return "-" if cal["threshold"] is None else f"{cal['threshold']:.3f}"
+
+
+def _to_certify_cell(cal: dict) -> str:
+    need = cal.get("to_certify")
+    if not need:
+        return ""
+    return "better model" if need["more_calls"] is None else f"+{need['more_calls']} calls"
+
+
 def print_results(results: list[dict]) -> None:
     table = Table("task", "kind", "score", "base", "specialist", "teacher", "threshold", "served",
-                  "served quality vs teacher",
+                  "served quality vs teacher", "to certify",
                   title="Specialists on the held-out test split (escalation threshold certified on validation)",
                   caption="served: share of the test split the specialist answers at the threshold (the rest "
                   "escalates to the LLM); served quality vs teacher: mean score of those answers over the "
-                  "teacher's test score. 'all' weighs each task by its test calls.")
+                  "teacher's test score; to certify: the logged calls a task without a threshold still needs at "
+                  "its current error rate. 'all' weighs each task by its test calls.")
     for r in results:
         cols, cal = r["columns"], r["calibration"]
         relative = served_relative(r)
         table.add_row(r["task"], r["kind"], kinds.get(r["kind"]).score_name,
                       *(f"{cols[c]['score']:.3f}" for c in ("base", "specialist", "teacher")),
-                      "-" if cal["threshold"] is None else f"{cal['threshold']:.3f}", f"{cal['coverage']:.0%}",
-                      "-" if relative is None else f"{relative:.3f}")
+                      _threshold_cell(cal), f"{cal['coverage']:.0%}",
+                      "-" if relative is None else f"{relative:.3f}", _to_certify_cell(cal))
     if results:
         share, relative = served_overall(results)
-        table.add_row("all", "", "", "", "", "", "", f"{share:.0%}", "-" if relative is None else f"{relative:.3f}")
+        table.add_row("all", "", "", "", "", "", "", f"{share:.0%}", "-" if relative is None else f"{relative:.3f}", "")
     console.print(table)
 
 

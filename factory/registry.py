@@ -108,14 +108,24 @@ class SpecialistModel(mlflow.pyfunc.PythonModel):
 
         tools = model_input["tools"] if "tools" in model_input else [None] * len(model_input)
         prompts = [render_prompt(self.tokenizer, load(m), load(t)) for m, t in zip(model_input["messages"], tools)]
-        threshold = self.routing["threshold"]
         rows = []
         for gen in generate(self.model, self.tokenizer, prompts, self.routing["max_new_tokens"]):
             output = parse_output(gen.text)
+            threshold = served_threshold(self.routing, output)
             rows.append({"content": output["content"], "tool_calls": json.dumps(output["tool_calls"]),
                          "confidence": gen.confidence,
                          "escalate": threshold is None or gen.confidence < threshold})
         return pd.DataFrame(rows)
+
+
+def served_threshold(routing: dict[str, Any], output: dict[str, Any]) -> float | None:
+    """The threshold an answer must reach under a version's routing metadata: its action group's
+    (`action_thresholds`) when the metadata has them, else the task's `threshold`."""
+    from factory import kinds
+    from factory.evaluate.calibrate import action_threshold
+
+    return action_threshold(routing["threshold"], routing.get("action_thresholds"), routing.get("action_groups"),
+                            kinds.get(routing["kind"]).action(output))
 
 
 @dataclass(frozen=True)
@@ -165,8 +175,9 @@ def routing_metadata(entry: dict[str, Any], trained: TrainResult, evaluation: di
     """What a router needs to serve the version, from its held-out evaluation (`evaluate.run`).
 
     `threshold` was certified on the validation split (None: never answer, every request
-    escalates); `coverage` is the share of the test split it keeps (`coverage_split`), an
-    out-of-sample figure. `calibration_map` (None without validation examples) turns a raw
+    escalates); for tool calls and agent turns `action_thresholds` (per action group,
+    `action_groups`) replace it; `coverage` is the share of the test split served (`coverage_split`),
+    an out-of-sample figure. `calibration_map` (None without validation examples) turns a raw
     confidence into a calibrated probability (`calibrate.apply_map`); the router compares
     the raw confidence with the threshold. `calibration` holds the test quality and target,
     delta, ECE and the validation figures. Checked against `schemas.RoutingMetadata`, the
@@ -174,9 +185,13 @@ def routing_metadata(entry: dict[str, Any], trained: TrainResult, evaluation: di
     (one from before held-out calibration).
     """
     cal = evaluation["calibration"]
+    actions = cal.get("actions")
     metadata = {
         "task": trained.task, "kind": trained.kind, "signature": entry["signature"],
-        "output_schema": entry["output_schema"], "threshold": cal["threshold"], "coverage": cal["coverage"],
+        "output_schema": entry["output_schema"], "threshold": cal["threshold"],
+        "coverage": actions["coverage"] if actions else cal["coverage"],
+        "action_thresholds": actions["thresholds"] if actions else None,
+        "action_groups": actions["groups"] if actions else None,
         "coverage_split": cal["split"], "calibration_map": cal["map"],
         "calibration": {"split": cal["split"], "quality": cal["quality"], "target": cal["target"],
                         "delta": cal["delta"], "ece": cal["ece"], "validation": cal["validation"]},

@@ -98,6 +98,18 @@ class Columns(_Document):
     teacher: Column
 
 
+class ActionThresholds(_Document):
+    """Thresholds per predicted action group: `groups` maps an action (`call:<tool>`, `reply`) to its
+    group, `thresholds` a group to its threshold (None: that group escalates); what they serve of
+    the test split (`coverage`, `quality`)."""
+
+    groups: dict[str, str]
+    thresholds: dict[str, float | None]
+    delta_each: float
+    coverage: float
+    quality: float | None
+
+
 class HeldOutCalibration(_Document):
     """The certified threshold (from validation) and what it keeps on the test split."""
 
@@ -110,6 +122,10 @@ class HeldOutCalibration(_Document):
     map: dict[str, Any] | None
     validation: dict[str, Any]
     ece: dict[str, float | None]
+    # per-action escalation (`evaluate.run.action_calibration`): None for kinds with one action
+    actions: ActionThresholds | None = None
+    # when nothing is certified: {validation_answers, more_calls} at the current error rate
+    to_certify: dict[str, int | None] | None = None
 
 
 class EvaluationResult(_OfKind):
@@ -135,6 +151,9 @@ class RoutingMetadata(_OfKind):
     dataset_version: str
     seq_budget: int | None = Field(None, gt=0)
     calibration_map: dict[str, Any] | None = None
+    # per-action escalation: when set, an answer is served at its action group's threshold, not `threshold`
+    action_thresholds: dict[str, float | None] | None = None
+    action_groups: dict[str, str] | None = None
 
 
 class RouteEntry(RoutingMetadata):

@@ -15,8 +15,12 @@ from factory.evaluate.calibrate import (
     betting_lower_bound,
     binomial_lower_bound,
     calibrate,
+    action_groups,
+    certify_per_action,
     certify_threshold,
     coverage_curve,
+    examples_to_certify,
+    served,
     evaluate_threshold,
     expected_calibration_error,
     fit_calibration_map,
@@ -456,3 +460,61 @@ def test_bench_resampling_separates_certified_from_in_sample():
     assert figures["calibration_guarantee_holds_share_in_sample"] <= 0.7
     assert 0.1 <= figures["served_share_out_of_sample"] < figures["served_share_in_sample"] <= 0.5
     assert figures["ece_raw"] < 0.1 and figures["ece_calibrated"] < 0.1  # confidences calibrated already
+
+
+def _turns(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Agent turns: lookups right 99% of the time at high confidence, replies (ROUGE-like scores) mediocre
+    at any confidence, rare refunds right 90% of the time."""
+    actions = rng.choice(["call:lookup", "reply", "call:refund"], size=n, p=[0.6, 0.35, 0.05]).tolist()
+    conf, score = np.empty(n), np.empty(n)
+    for i, action in enumerate(actions):
+        conf[i] = rng.uniform(0.85, 1.0) if action == "call:lookup" else rng.uniform(0.3, 1.0)
+        if action == "reply":
+            score[i] = rng.beta(2, 3)
+        else:
+            score[i] = float(rng.random() < (0.99 if action == "call:lookup" else 0.9))
+    return conf, score, actions
+
+
+def _binary(action: str) -> bool:
+    return action != "reply"
+
+
+def test_rare_tools_pool_into_one_call_group_from_counts_alone():
+    actions = ["call:lookup"] * 200 + ["call:refund"] * 5 + ["call:cancel"] * 3 + ["reply"] * 50
+    groups = action_groups(actions, target=0.9, delta=0.1, binary=_binary)
+    assert groups == {"call:lookup": "call:lookup", "call:refund": "call", "call:cancel": "call", "reply": "reply"}
+
+
+def test_per_action_thresholds_serve_the_reliable_action_and_keep_the_guarantee():
+    """On validation of 400 turns the lookups certify and the replies do not; on fresh traffic the served
+    answers, all groups together, reach the target in >= 1 - delta of 100 seeds; one threshold for the
+    whole task serves less (its bound mixes the replies' low scores in)."""
+    target, delta, violations, per_action, single = 0.9, 0.1, 0, [], []
+    for seed in range(100):
+        rng = np.random.default_rng(seed)
+        conf, score, actions = _turns(rng, 400)
+        cert = certify_per_action(conf, score, actions, target, delta, _binary)
+        assert cert.thresholds["reply"] is None and cert.delta_each == pytest.approx(delta / len(cert.each))
+        new_conf, new_score, new_actions = _turns(rng, 4000)
+        keep = served(new_conf, new_actions, cert.thresholds, cert.groups)
+        per_action.append(keep.mean())
+        violations += bool(keep.any() and new_score[keep].mean() < target)
+        one = certify_threshold(conf, score, target, delta)
+        single.append(0.0 if one.threshold is None else float((new_conf >= one.threshold).mean()))
+    assert violations <= delta * 100
+    assert np.mean(per_action) > 0.25 > 0.1 > np.mean(single)
+
+
+def test_a_per_action_certification_names_its_inputs():
+    with pytest.raises(ValueError, match="2 actions for 3 confidences"):
+        certify_per_action([0.9, 0.8, 0.7], [1, 1, 0], ["reply", "reply"], 0.9, 0.1, _binary)
+
+
+def test_examples_to_certify_grows_as_quality_nears_the_target():
+    assert examples_to_certify(1.0, 0.95, 0.1, True) == 45  # a perfect set: delta ** (1 / n) >= 0.95
+    needed = [examples_to_certify(q, 0.95, 0.1, True) for q in (0.99, 0.98, 0.97)]
+    assert needed == sorted(needed) and needed[0] > 45
+    n = needed[1]
+    assert binomial_lower_bound(n, int(0.98 * n), 0.1)[()] >= 0.95 > binomial_lower_bound(n - 20, int(0.98 * (n - 20)), 0.1)[()]
+    assert examples_to_certify(0.95, 0.95, 0.1, True) is None and examples_to_certify(0.9, 0.95, 0.1, True) is None

@@ -76,6 +76,26 @@ def test_decisions():
     assert decide(Match(route, "signature"), 0.7, True).served_by == "specialist"
 
 
+def test_an_agent_turn_is_served_per_action():
+    """A task certified for lookups but not for replies serves its confident calls and escalates every reply,
+    however confident; a call of a tool without a group of its own takes the pooled `call` threshold."""
+    entry = _entry("t", ORDER, TOOLS, threshold=None) | {
+        "kind": "agent_turn", "output_schema": {"tools": TOOLS},
+        "action_thresholds": {"call:get_order_status": 0.8, "call": 0.95, "reply": None},
+        "action_groups": {"call:get_order_status": "call:get_order_status", "call:issue_refund": "call",
+                          "reply": "reply"}}
+    match = Match(_routes(entry)["t"], "signature")
+    lookup = {"content": None, "tool_calls": [{"name": "get_order_status", "arguments": {"order_id": "A1"}}]}
+    refund = {"content": None, "tool_calls": [{"name": "issue_refund", "arguments": {}}]}
+    reply = {"content": "Your order ships tomorrow.", "tool_calls": []}
+    assert decide(match, 0.85, True, lookup).served_by == "specialist"
+    assert decide(match, 0.85, True, refund).reason == "below_threshold"
+    assert decide(match, 0.96, True, refund).served_by == "specialist"
+    assert decide(match, 0.999, True, reply).reason == "no_threshold"
+    nothing = _routes(entry | {"action_thresholds": {"call": None, "reply": None}})["t"]
+    assert not nothing.serves and decide(Match(nothing, "signature"), 0.99, True, lookup).reason == "no_threshold"
+
+
 @pytest.mark.parametrize("mutate, field", [
     (lambda e: e.pop("adapter_uri"), "tasks.c.adapter_uri"),
     (lambda e: e.update(max_new_tokens="8"), "tasks.c.max_new_tokens"),

@@ -41,7 +41,8 @@ that only applies a map (`apply_map`) imports numpy alone.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -351,6 +352,116 @@ def certify_threshold(confidences: Sequence[float], scores: Sequence[float], tar
         return Certification(threshold=None, coverage=0.0, quality=None, lower_bound=None, **common)
     return Certification(threshold=float(thresholds[last]), coverage=float(coverage[last]),
                          quality=float(quality[last]), lower_bound=float(lower[last]), **common)
+
+
+@dataclass(frozen=True)
+class ActionCertification:
+    """Thresholds certified per predicted action group (`certify_per_action`).
+
+    groups       action -> its group: a tool called often enough on validation to be certified
+                 alone is its own group (`call:<tool>`), the other calls pool into `call`,
+                 replies are `reply`, and a kind with one action has one group
+    thresholds   group -> certified threshold (None: that group always escalates)
+    each         the per-group certifications, at `delta_each`
+    delta_each   delta / (number of groups): Bonferroni over the groups
+    """
+
+    groups: dict[str, str]
+    thresholds: dict[str, float | None]
+    each: dict[str, Certification]
+    delta_each: float
+
+
+def action_groups(actions: Sequence[str], target: float, delta: float, binary: Callable[[str], bool]) -> dict[str, str]:
+    """Each validation action's group, from the counts alone (never the scores, so the tests after
+    stay valid): a call action with at least the fewest answers a perfect group could certify at
+    delta / (every distinct action + 1) is alone, the other calls pool into `call`.
+
+    Trade-off: a rarely called tool cannot be certified alone, and pooling lets its answers
+    ride on the pool's threshold; fewer groups also split delta less.
+    """
+    counts = Counter(actions)
+    parts = len(counts) + 1
+    groups = {}
+    for action, n in counts.items():
+        alone = not action.startswith("call:") or n >= _smallest_certifiable(target, delta / parts, n, binary(action))
+        groups[action] = action if alone else "call"
+    return groups
+
+
+def group_of(action: str, groups: Mapping[str, str]) -> str:
+    """The group of an answer's action: its own, else the pooled `call` for a call, else the action."""
+    return groups.get(action) or ("call" if action.startswith("call:") else action)
+
+
+def action_threshold(threshold: float | None, thresholds: Mapping[str, float | None] | None,
+                     groups: Mapping[str, str] | None, action: str) -> float | None:
+    """The threshold an answer taking `action` must reach: its group's when per-action `thresholds`
+    exist (None: its group escalates), else the task's `threshold`."""
+    if thresholds is None:
+        return threshold
+    return thresholds.get(group_of(action, groups or {}))
+
+
+def certify_per_action(confidences: Sequence[float], scores: Sequence[float], actions: Sequence[str],
+                       target: float, delta: float, binary: Callable[[str], bool],
+                       start_coverage: float = 0.1) -> ActionCertification:
+    """A threshold per predicted action group, each certified by `certify_threshold` at delta / groups.
+
+    Each group's kept quality is >= target with probability >= 1 - delta / groups, so all of them
+    at once with probability >= 1 - delta (Bonferroni); then the answers served together, a mixture
+    of the groups' kept answers, also reach the target. Testing the groups jointly (one sequence
+    over a product of thresholds) could spend delta better but searches a space exponential in the
+    groups; Bonferroni over the few groups `action_groups` forms is simple and exact per group.
+    A group's scores take the binomial bound when `binary(action)` holds for its actions.
+
+    Raises ValueError as `certify_threshold` does, or when `actions` has another length.
+    """
+    conf, score = _check_pair(confidences, scores)
+    if len(actions) != conf.size:
+        raise ValueError(f"{len(actions)} actions for {conf.size} confidences")
+    groups = action_groups(actions, target, delta, binary)
+    members: dict[str, list[int]] = {}
+    for i, action in enumerate(actions):
+        members.setdefault(groups[action], []).append(i)
+    each_delta = delta / len(members)
+    each = {g: certify_threshold(conf[idx], score[idx], target, each_delta,
+                                 binary_scores=all(binary(actions[i]) for i in idx), start_coverage=start_coverage)
+            for g, idx in sorted(members.items())}
+    return ActionCertification(groups=groups, thresholds={g: c.threshold for g, c in each.items()}, each=each,
+                               delta_each=each_delta)
+
+
+def served(confidences: Sequence[float], actions: Sequence[str], thresholds: Mapping[str, float | None],
+           groups: Mapping[str, str]) -> np.ndarray:
+    """Which answers the per-action thresholds keep (an action whose group has no threshold escalates)."""
+    keep = []
+    for conf, action in zip(confidences, actions):
+        threshold = thresholds.get(group_of(action, groups))
+        keep.append(threshold is not None and conf >= threshold)
+    return np.asarray(keep, dtype=bool)
+
+
+def examples_to_certify(quality: float, target: float, delta: float, binary: bool, limit: int = 100_000) -> int | None:
+    """The fewest validation answers of mean score `quality` whose lower bound reaches `target`: how
+    many a group needs at its current error rate. An estimate: it treats the observed mean as the
+    true one and, for fractional scores, uses the binomial bound at that mean (the betting bound
+    of such scores is near it when they cluster at 0 and 1, wider when they spread). None when
+    `quality` <= target (no amount of data certifies it: the specialist must get better) or it
+    would take more than `limit`.
+    """
+    if quality <= target:
+        return None
+    low, high = 1, 1
+    while binomial_lower_bound(high, math.floor(quality * high), delta)[()] < target:
+        low, high = high, high * 2
+        if high > limit:
+            return None
+    while low < high:  # the bound grows with n at a fixed rate, up to the floor's rounding: bisect
+        mid = (low + high) // 2
+        low, high = (mid + 1, high) if binomial_lower_bound(mid, math.floor(quality * mid), delta)[()] < target \
+            else (low, mid)
+    return low
 
 
 def binomial_lower_bound(n: Sequence[int] | np.ndarray | int, wins: Sequence[float] | np.ndarray | float,

@@ -187,10 +187,40 @@ def _calibration_facts(cal: dict[str, Any]) -> list[tuple[str, str]]:
         ("test target", _fmt(cal["target"])),
         ("test coverage (held out)", f"{_fmt(cal['coverage'])} ({cal['kept']} of {cal['n']})"),
         ("test quality of kept answers (held out)", _fmt(cal["quality"])),
+        *_action_facts(cal),
+        *_to_certify_facts(cal),
         ("calibration map (fitted on validation)", method),
         ("test ECE, raw confidence", _fmt(ece["raw"])),
         ("test ECE, calibrated", _fmt(ece["calibrated"])),
     ]
+
+
+def _action_facts(cal: dict[str, Any]) -> list[tuple[str, str]]:
+    """Per-action escalation, one line a group: its threshold and what it serves of the test split."""
+    actions = cal.get("actions")
+    if not actions:
+        return []
+    single = cal["single_threshold"]
+    facts = [("served per action (held out)", f"thresholds per predicted action, each certified at delta "
+                                               f"{actions['delta_each']:.3g}; one threshold alone would serve "
+                                               f"{_fmt(single['coverage'])} at quality {_fmt(single['quality'])}")]
+    for group, g in actions.get("by_group", {}).items():
+        test = g["test"]
+        facts.append((f"  {group}", f"threshold {_fmt(g['threshold'])}; validation {g['validation']['n']}; "
+                                    f"test served {test['kept']} of {test['n']} ({_fmt(test['coverage'])}), "
+                                    f"quality {_fmt(test['quality'])}"))
+    return facts
+
+
+def _to_certify_facts(cal: dict[str, Any]) -> list[tuple[str, str]]:
+    need = cal.get("to_certify")
+    if not need:
+        return []
+    if need["validation_answers"] is None:
+        return [("to certify", "no operating point reaches the target: more logs of this quality cannot certify it; "
+                               "a better specialist (recipe, base) is needed")]
+    return [("to certify", f"~{need['more_calls']} more logged calls at the current error rate "
+                           f"({need['validation_answers']} validation answers)")]
 
 
 def _table(columns: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
@@ -221,9 +251,10 @@ def _curve_png(cal: dict[str, Any]) -> bytes:
     if cal["threshold"] is not None:
         ax.plot([cal["validation"]["coverage"]], [cal["validation"]["quality"]], "s", color="tab:blue", markersize=7,
                 label=f"threshold {cal['threshold']:.3f} on validation: coverage {cal['validation']['coverage']:.2f}")
-        if cal["quality"] is not None:
-            ax.plot([cal["coverage"]], [cal["quality"]], "o", color="tab:green", markersize=9,
-                    label=f"threshold {cal['threshold']:.3f} on test: coverage {cal['coverage']:.2f}")
+        single = cal.get("single_threshold") or cal
+        if single["quality"] is not None:
+            ax.plot([single["coverage"]], [single["quality"]], "o", color="tab:green", markersize=9,
+                    label=f"threshold {cal['threshold']:.3f} on test: coverage {single['coverage']:.2f}")
     ax.set(xlabel="coverage (share answered by the specialist)", ylabel="quality of kept answers",
            xlim=(0, 1.02), title="Coverage vs quality: certified on validation, measured on test")
     ax.legend(loc="lower left", fontsize=8)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -45,8 +46,9 @@ import numpy as np
 
 from factory import chat, kinds
 from factory.base_model import resolve_base
-from factory.evaluate.calibrate import (apply_map, certify_threshold, coverage_curve, evaluate_threshold,
-                                       expected_calibration_error, fit_calibration_map, reliability_bins)
+from factory.evaluate.calibrate import (apply_map, certify_per_action, certify_threshold, coverage_curve,
+                                       evaluate_threshold, examples_to_certify, expected_calibration_error,
+                                       fit_calibration_map, group_of, reliability_bins, served)
 from factory.evaluate.generate import Generation, generate
 from factory.evaluate.report import write_report
 from factory.embed import embed_texts
@@ -59,10 +61,8 @@ from factory.tracking import resume_run
 # Part of a stored result's key: results of an earlier evaluation method are recomputed.
 # 2: threshold certified on validation, coverage and quality measured on test.
 # 3: the betting bound for fractional scores (was Hoeffding-Bentkus).
-EVAL_VERSION = 3
-# Kinds whose example scores are 0/1: certified with the exact binomial (Clopper-Pearson)
-# bound; the others (ROUGE-L, field F1, agent turns) with the betting bound.
-BINARY_SCORE_KINDS = frozenset({"classification", "tool_call"})
+# 4: thresholds per predicted action for tool calls and agent turns; calls needed to certify.
+EVAL_VERSION = 4
 
 
 def load_truth(path: Path | None) -> dict[str, dict[str, Any]]:
@@ -217,6 +217,65 @@ def held_out_calibration(val_confidences: Sequence[float], val_scores: Sequence[
     }
 
 
+def action_calibration(kind: kinds.Kind, validation: Judged, test: Judged, target: float | None,
+                       delta: float) -> dict[str, Any] | None:
+    """Per-action escalation (`calibrate.certify_per_action`) for kinds whose answers take different
+    actions (a call of each tool, a reply): None for the others, or without validation answers.
+
+    `groups` maps each validation action to its group, `thresholds` each group to its certified
+    threshold; per group, `validation` {n, coverage, quality, lower_bound, min_kept} and `test`
+    {n, kept, coverage, quality} (at its threshold, on the test answers predicted to take its
+    actions); `coverage`, `quality`, `kept`, `n` what the rule serves of the whole test split.
+    """
+    if type(kind).action is kinds.Kind.action or not validation.confidences or target is None:
+        return None
+    val_actions = [kind.action(o) for o in validation.outputs]
+    cert = certify_per_action(validation.confidences, validation.scores, val_actions, target, delta,
+                              kind.binary_action)
+    test_actions = [kind.action(o) for o in test.outputs]
+    keep = served(test.confidences, test_actions, cert.thresholds, cert.groups)
+    scores = np.asarray(test.scores)
+    groups: dict[str, Any] = {}
+    for group, c in cert.each.items():
+        mine = np.asarray([group_of(a, cert.groups) == group for a in test_actions], dtype=bool)
+        kept = mine & keep
+        groups[group] = {
+            "threshold": c.threshold,
+            "validation": {"n": c.n, "coverage": c.coverage, "quality": c.quality, "lower_bound": c.lower_bound,
+                           "min_kept": c.min_kept},
+            "test": {"n": int(mine.sum()), "kept": int(kept.sum()),
+                     "coverage": float(kept.sum() / mine.sum()) if mine.any() else 0.0,
+                     "quality": float(scores[kept].mean()) if kept.any() else None}}
+    return {"delta_each": cert.delta_each, "groups": cert.groups, "thresholds": cert.thresholds,
+            "by_group": groups, "n": len(test_actions), "kept": int(keep.sum()),
+            "coverage": float(keep.mean()) if keep.size else 0.0,
+            "quality": float(scores[keep].mean()) if keep.any() else None}
+
+
+def calls_to_certify(curve: Sequence[Sequence[float]], n_validation: int, validation_share: float,
+                     task_calls: int, target: float | None, delta: float, binary: bool) -> dict[str, Any] | None:
+    """How many more logged calls the task needs to certify a threshold at its current error rate.
+
+    For each validation operating point (threshold, coverage, quality) the validation answers
+    it would take at that quality (`calibrate.examples_to_certify`) divided by its coverage;
+    the cheapest point wins. Validation is `validation_share` of a task's calls, so the task
+    needs that many validation answers / share calls in all. None when no target; `needed`
+    None when no operating point's quality reaches the target (more data alone cannot help).
+    """
+    if target is None or not n_validation:
+        return None
+    best = None
+    for _, coverage, quality, *_ in curve:
+        need = examples_to_certify(quality, target, delta, binary)
+        if need is not None and coverage > 0:
+            total = math.ceil(need / coverage)
+            best = total if best is None else min(best, total)
+    if best is None:
+        return {"validation_answers": None, "more_calls": None}
+    calls = math.ceil(best / validation_share) if validation_share > 0 else None
+    return {"validation_answers": best, "more_calls": None if calls is None else max(0, calls - task_calls)}
+
+
 def evaluate(task: str, entry: dict[str, Any], recipe: Recipe, adapter_dir: str, dataset_version: str,
              data_dir: Path, report_dir: Path, truth: dict[str, dict[str, Any]],
              run_id: str | None = None, seq_budget: int | None = None) -> dict[str, Any]:
@@ -262,7 +321,16 @@ def evaluate(task: str, entry: dict[str, Any], recipe: Recipe, adapter_dir: str,
         validation.confidences, validation.scores, test.confidences, test.scores,
         val_target=recipe.target_quality * float(np.mean(validation.teacher)) if validation.teacher else None,
         test_target=recipe.target_quality * columns["teacher"]["score"], delta=recipe.escalation_delta,
-        binary=kind.name in BINARY_SCORE_KINDS)
+        binary=kind.binary)
+    cal["actions"] = action_calibration(kind, validation, test, cal["validation"]["target"], recipe.escalation_delta)
+    if cal["actions"]:  # what is served is the per-action rule's; the one threshold's stays beside it
+        cal["single_threshold"] = {k: cal[k] for k in ("coverage", "quality", "kept")}
+        cal.update({k: cal["actions"][k] for k in ("coverage", "quality", "kept")})
+    sizes = {split: len(load_split(data_dir, task, dataset_version, split)) for split in ("train", "validation", "test")}
+    certified = cal["threshold"] is not None or any(t is not None for t in (cal["actions"] or {}).get("thresholds", {}).values())
+    cal["to_certify"] = None if certified else calls_to_certify(
+        cal["curve"], len(validation.rows), sizes["validation"] / max(1, sum(sizes.values())), sum(sizes.values()),
+        cal["validation"]["target"], recipe.escalation_delta, kind.binary)
     result = {
         "key": key, "task": task, "kind": kind.name, "dataset_version": dataset_version, "run_id": run_id,
         "n_test": len(test.rows), "n_validation": len(validation.rows), "skipped": test.skipped,

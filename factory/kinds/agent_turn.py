@@ -10,7 +10,7 @@ tokens of an answer are the ones that choose between `<tool_call>` and text.
 
 from __future__ import annotations
 
-from factory.kinds.base import Kind, called_tools, tool_schema
+from factory.kinds.base import REPLY, Kind, call_action, called_tools, tool_schema
 from factory.kinds.tool_call import calls_usable
 from factory.metrics import embedding_similarity, mean, rouge_l, tool_calls_match
 
@@ -25,6 +25,13 @@ class AgentTurn(Kind):
     name = "agent_turn"
     score_name = "action + call/reply"
     embeds = True
+
+    def action(self, output):
+        return call_action(output)
+
+    def binary_action(self, action):
+        """Calls score 0 or 1 (a wrong action type scores 0 too); replies score ROUGE-L."""
+        return action != REPLY
 
     def infer(self, records, max_labels):
         calls = sum(bool(r.output_tool_calls) for r in records)

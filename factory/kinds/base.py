@@ -15,6 +15,7 @@ from factory.records import Record
 Output = dict[str, Any]  # {"content": str | None, "tool_calls": [{"name": str, "arguments": dict}]}
 Tools = list[dict[str, Any]]
 Embed = Callable[[list[str]], np.ndarray]
+ANSWER, REPLY, CALL = "answer", "reply", "call"  # actions; a call to tool T is f"call:{T}"
 
 
 class Kind(ABC):
@@ -28,6 +29,16 @@ class Kind(ABC):
     name: ClassVar[str]
     score_name: ClassVar[str]  # what "score" means, for tables
     embeds: ClassVar[bool] = False  # whether `extras` wants an embedding function (free text)
+    binary: ClassVar[bool] = False  # every score is 0 or 1 (the exact binomial bound applies)
+
+    def action(self, output: Output) -> str:
+        """What the answer does, for escalation per action (`evaluate.calibrate.certify_per_action`):
+        one action for kinds whose answers all do the same thing."""
+        return ANSWER
+
+    def binary_action(self, action: str) -> bool:
+        """Whether the scores of answers taking `action` are all 0 or 1."""
+        return self.binary
 
     @abstractmethod
     def infer(self, records: list[Record], max_labels: int) -> dict[str, Any] | None:
@@ -66,6 +77,12 @@ class Kind(ABC):
         out: dict[str, Any] = {"score": mean([self.score(p, r, schema, t) for p, r, t in zip(preds, refs, tools)])}
         out.update(self.extras(preds, refs, schema, tools, embed if self.embeds else None))
         return out
+
+
+def call_action(output: Output) -> str:
+    """`call:<name of the first tool called>`, or `reply` for an answer that calls nothing."""
+    calls = output.get("tool_calls") or []
+    return f"{CALL}:{calls[0]['name']}" if calls else REPLY
 
 
 def called_tools(records: list[Record], limit: int = 64) -> Tools:

@@ -16,6 +16,7 @@ MIN_COVERAGE = 0.95  # share of outputs the frequent labels must cover
 class Classification(Kind):
     name = "classification"
     score_name = "accuracy"
+    binary = True
 
     def infer(self, records, max_labels):
         labels = Counter((r.output_text or "").strip() for r in records)

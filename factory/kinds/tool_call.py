@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from factory.kinds.base import Kind, Output, Tools, called_tools, tool_schema
+from factory.kinds.base import Kind, Output, Tools, call_action, called_tools, tool_schema
 from factory.metrics import call_names, mean, tool_calls_match
 
 
@@ -20,6 +20,10 @@ class ToolCall(Kind):
 
     name = "tool_call"
     score_name = "call match"
+    binary = True
+
+    def action(self, output):
+        return call_action(output)
 
     def infer(self, records, max_labels):
         if sum(bool(r.output_tool_calls) for r in records) >= 0.9 * len(records):

@@ -438,7 +438,7 @@ def create_app(router: Router, specialists: Specialists | RemoteSpecialists, con
             return match, None, Decision(UPSTREAM, "unsupported_content")
         if chat_request.n not in (None, 1) or chat_request.logprobs:
             return match, None, Decision(UPSTREAM, "unsupported")
-        if match.route is None or match.route.threshold is None:
+        if match.route is None or not match.route.serves:
             return match, None, decide(match)
         try:
             answer = await run_in_threadpool(specialists.answer, match.route.task, messages, tools,
@@ -451,7 +451,7 @@ def create_app(router: Router, specialists: Specialists | RemoteSpecialists, con
             logger.exception("specialist %s failed; escalating", match.route.task)
             return match, None, Decision(UPSTREAM, "specialist_error")
         metrics.confidence.labels(match.route.task).observe(answer.confidence)
-        return match, answer, decide(match, answer.confidence, answer.usable)
+        return match, answer, decide(match, answer.confidence, answer.usable, answer.output)
 
     async def _forward(raw: bytes, stream: bool, info: dict[str, Any], headers: dict[str, str], finish):
         client: httpx.AsyncClient = state["client"]

@@ -18,8 +18,9 @@ Matching, cheapest first:
 
 Decision (`decide`): the specialist answers when its answer is usable (the task kind's `usable`:
 a known label, a parsable call to a known tool, schema-valid JSON, non-empty text) and its
-confidence reaches the task's calibrated threshold. A null threshold (calibration found no
-operating point) means the task always escalates.
+confidence reaches the task's calibrated threshold: for tool calls and agent turns the threshold
+certified for the answer's action group (the tool it calls, or a reply), else the task's one. A
+null threshold (calibration found no operating point) means the task, or that action, escalates.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
+from factory import kinds
+from factory.evaluate.calibrate import action_threshold
 from factory.mine import template_fingerprint
 from factory.records import Record
 from factory.schemas import RouteEntry, field_errors
@@ -57,7 +60,21 @@ class Route:
     step: str = ""
     coverage: float = 0.0
     size: int = 0
+    action_thresholds: dict[str, float | None] | None = field(default=None, compare=False)
+    action_groups: dict[str, str] | None = field(default=None, compare=False)
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def serves(self) -> bool:
+        """Whether any answer could be served: a threshold for the task or for one of its actions."""
+        if self.action_thresholds is not None:
+            return any(t is not None for t in self.action_thresholds.values())
+        return self.threshold is not None
+
+    def threshold_for(self, output: dict[str, Any] | None) -> float | None:
+        """The threshold an answer must reach: its action group's, when the task has them."""
+        action = kinds.get(self.kind).action(output) if output is not None else ""
+        return action_threshold(self.threshold, self.action_thresholds, self.action_groups, action)
 
 
 @dataclass(frozen=True)
@@ -80,7 +97,7 @@ class Fallback(Protocol):
 
 
 _MAPPED = {"task", "kind", "threshold", "signature", "output_schema", "base_model", "adapter_uri", "max_new_tokens",
-           "dataset_version", "version", "coverage", "size"}  # the entry's keys that have a Route field
+           "dataset_version", "version", "coverage", "size", "action_thresholds", "action_groups"}  # the entry's keys that have a Route field
 
 
 def parse_routes(data: Any, path: Path) -> dict[str, Route]:
@@ -101,8 +118,8 @@ def parse_routes(data: Any, path: Path) -> dict[str, Route]:
             tools=tuple(sorted(sig.tools)), output_schema=entry.output_schema, base_model=entry.base_model,
             adapter_uri=entry.adapter_uri, max_new_tokens=entry.max_new_tokens,
             dataset_version=entry.dataset_version, version=entry.version, agent=sig.agent, step=sig.step,
-            coverage=entry.coverage, size=entry.size,
-            extra={k: v for k, v in raw.items() if k not in _MAPPED})
+            coverage=entry.coverage, size=entry.size, action_thresholds=entry.action_thresholds,
+            action_groups=entry.action_groups, extra={k: v for k, v in raw.items() if k not in _MAPPED})
     return routes
 
 
@@ -163,15 +180,20 @@ class Router:
         return Match(None, "none")
 
 
-def decide(match: Match, confidence: float | None = None, usable: bool = False) -> Decision:
-    """Who answers: the specialist only for a matched task with a usable, confident enough answer."""
+def decide(match: Match, confidence: float | None = None, usable: bool = False,
+           output: dict[str, Any] | None = None) -> Decision:
+    """Who answers: the specialist only for a matched task with a usable answer confident enough
+    for its action (`Route.threshold_for` the parsed `output`)."""
     route = match.route
     if route is None:
         return Decision(UPSTREAM, "no_match")
-    if route.threshold is None:
+    if not route.serves:
         return Decision(UPSTREAM, "no_threshold")
     if not usable:
         return Decision(UPSTREAM, "unusable")
-    if confidence is None or confidence < route.threshold:
+    threshold = route.threshold_for(output)
+    if threshold is None:
+        return Decision(UPSTREAM, "no_threshold")
+    if confidence is None or confidence < threshold:
         return Decision(UPSTREAM, "below_threshold")
     return Decision(SPECIALIST, "confident")

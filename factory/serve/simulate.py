@@ -133,9 +133,10 @@ def replay(examples: list[Example], router: Router, specialists: Specialists, pr
     for example in examples:
         match = router.match(example.messages, example.tools, example.agent, example.step)
         route, answer = match.route, None
-        if route is not None and route.threshold is not None:
+        if route is not None and route.serves:
             answer = specialists.answer(route.task, example.messages, example.tools)
-        decision = decide(match, answer and answer.confidence, bool(answer and answer.usable))
+        decision = decide(match, answer and answer.confidence, bool(answer and answer.usable),
+                          answer.output if answer else None)
         teacher_cost, teacher_ms = _teacher_cost(example, prices), example.latency_ms or prices.teacher_latency_ms
         spec_cost = 0.0 if answer is None else (answer.prompt_tokens + answer.completion_tokens) * prices.specialist / 1e6
         spec_ms = 0.0 if answer is None else answer.seconds * 1000
