@@ -38,6 +38,8 @@ object store and its actors' start (each imports Presidio): ~25 s of fixed cost 
 2-core machine, so it is worth it when the records outgrow one machine's cores. A local worker
 that dies breaks the pool (BrokenProcessPool: the stage fails and writes nothing; a rerun
 starts over); Ray retries a batch whose actor died on a new actor, so the stage completes.
+A local worker dies with the process that forked it (factory.procs; Linux only), so a stage
+killed with SIGKILL leaves no worker behind.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from factory.errors import FactoryError
+from factory.procs import die_with_parent
 
 ENGINES = ("local", "ray")
 _ENV_PREFIXES = ("FACTORY_", "MLFLOW_", "HF_", "TRANSFORMERS_", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
@@ -117,8 +120,11 @@ def connect_ray() -> Any:
 _worker_fn: Callable[[pa.Table], pa.Table] | None = None
 
 
-def _init_worker(factory: Callable[[], Callable[[pa.Table], pa.Table]]) -> None:
+def _init_worker(parent: int, factory: Callable[[], Callable[[pa.Table], pa.Table]]) -> None:
+    """A pool worker's start: it dies with `parent` (the process that made the pool; see
+    factory.procs), then builds its batch function."""
     global _worker_fn
+    die_with_parent(parent)
     _worker_fn = factory()
 
 
@@ -176,7 +182,8 @@ def _map_local(factory: Callable[[], Callable[[Any], Any]], inputs: Iterable[Any
         return
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(factory,)) as pool:
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                             initargs=(os.getpid(), factory)) as pool:
         # fork the workers now, before `inputs` reads the records: a worker forked later would
         # share this process's heap of that moment, and copy it page by page as it touches it
         pool.submit(int).result()

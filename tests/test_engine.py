@@ -1,7 +1,8 @@
 """The engines: ingest and curate write the same bytes on one core, on every core and on Ray, and
 so does mining with its embeddings on Ray; Ray runs
 independent jobs with a failure stopping none of the others; the nightly's tasks run as Ray
-tasks with the same summary. The Ray tests share one real two-node cluster (`ray_cluster`)."""
+tasks with the same summary; a local pool's workers die with the process that runs it. The Ray
+tests share one real two-node cluster (`ray_cluster`)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,13 @@ import gzip
 import json
 import os
 import shutil
+import subprocess
+import sys
+import time
 from functools import partial
 from pathlib import Path
 
+import psutil
 import pytest
 
 import mlflow
@@ -48,6 +53,45 @@ def test_an_unknown_engine_or_worker_count_is_refused_by_name(monkeypatch):
     monkeypatch.setenv("FACTORY_WORKERS", "0")
     with pytest.raises(FactoryError, match="FACTORY_WORKERS"):
         local_workers()
+
+
+# a driver whose two pool workers sleep, piece after piece, until it is killed
+POOL_DRIVER = """
+import time
+from factory.engine import map_each
+results = map_each(time.sleep, iter(lambda: 0.05, None), engine="local", workers=2)
+next(results)
+print("running", flush=True)
+for _ in results:
+    pass
+"""
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        return process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_a_local_pool_worker_dies_when_its_driver_is_killed():
+    """kill -9 (or the OOM killer) of a stage that runs a local pool leaves no worker behind:
+    the kernel kills the workers within seconds, where they used to live on under init."""
+    driver = subprocess.Popen([sys.executable, "-c", POOL_DRIVER], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert driver.stdout.readline() == "running\n"
+        workers = psutil.Process(driver.pid).children()
+        assert len(workers) == 2, workers
+    finally:
+        driver.kill()
+        driver.wait()
+    deadline = time.monotonic() + 5
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = [w.pid for w in workers if _alive(w)]
+    for pid in left:
+        os.kill(pid, 9)
+    assert left == [], f"pool workers {left} outlived their killed driver"
 
 
 def test_curate_on_every_core_writes_the_same_bytes_as_one_core(raw, tmp_path):

@@ -4,9 +4,11 @@ once on one store, PII/secret canaries through the whole loop, and runs that can
 
 Everything runs the real `factory` CLI in subprocesses inside a throw-away workspace
 (tests/reliability/workspace.py) on a slice of the sample logs and the tiny random
-model. Kill points are drawn from fixed seeds, so a failure reproduces. The module
-prints its counts (faults injected, kills landed, kills that left a half-written state,
-reruns matched, canaries planted / found) at the end.
+model. Kill points are drawn from fixed seeds, so a failure reproduces. After each kill of
+a `factory` run, no process of that run may remain (its pool workers, its launches). The
+module prints its counts (faults injected, kills landed, kills that left a half-written
+state, processes a killed run left behind (orphans), reruns matched, canaries planted /
+found) at the end.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ import os
 import signal
 import random
 import shutil
+import subprocess
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from pathlib import Path
 
 import psutil
@@ -35,7 +39,7 @@ from factory.registry import HISTORY_TAG, REGISTERED_TAG
 from factory.resources import MIN_FREE_ENV
 from reliability import canaries
 from reliability.workspace import (SAMPLES, has_row, integrity, kill_at, leftovers, modified, random_delays, run,
-                                   start, tiny_overrides)
+                                   start, survivors, tiny_overrides)
 
 COUNTS: Counter[str] = Counter()
 
@@ -47,8 +51,9 @@ def print_counts(request):
     kinds = ", ".join(f"{stage} {COUNTS['faults.' + stage]}" for stage in ("ingest", "ingest-ray", "curate-ray", "mine", "finetune",
                                                                    "register"))
     line = ("reliability: faults injected {faults} ({kinds}), kills landed {landed}, kills mid-write {partial}, "
-            "reruns matched {matched}, canaries planted {planted}, canaries found {found}").format(
-                kinds=kinds, **{k: COUNTS[k] for k in ("faults", "landed", "partial", "matched", "planted", "found")})
+            "orphans: {orphans}, reruns matched {matched}, canaries planted {planted}, canaries found {found}").format(
+                kinds=kinds, **{k: COUNTS[k] for k in ("faults", "landed", "partial", "orphans", "matched", "planted",
+                                                       "found")})
     capture = request.config.pluginmanager.get_plugin("capturemanager")
     if writer and capture:
         with capture.global_and_fixture_disabled():
@@ -77,6 +82,20 @@ def prepared(tmp_path_factory) -> Path:
         done = run(ws, *args)
         assert done.returncode == 0, done.stdout + done.stderr
     return ws
+
+
+def _kill(ws: Path, driver: subprocess.Popen, *when, **poll) -> bool:
+    """`kill_at(driver, *when, **poll)`, then the run must leave no process behind: what is left of it
+    (see `survivors`) counts as orphans, is killed, and fails the test. Returns whether the kill landed."""
+    landed = kill_at(driver, *when, **poll)
+    left = survivors(driver, ws)
+    COUNTS["orphans"] += len(left)
+    described = [f"{p.pid} {_title(p)}" for p in left]
+    for process in left:
+        with suppress(psutil.Error):
+            process.kill()
+    assert not left, f"the killed run left {len(left)} processes behind: {described}"
+    return landed
 
 
 def _copy(prepared: Path, dest: Path) -> Path:
@@ -115,7 +134,7 @@ def test_kill_during_ingest_then_rerun_matches_a_clean_run(tmp_path, seed):
     for delay in random_delays(seed, 2, 0.0, 0.6):  # two kills in a row, then a full run
         COUNTS["faults"] += 1
         COUNTS["faults.ingest"] += 1
-        COUNTS["landed"] += kill_at(start(ws, "ingest", "logs"), delay, lambda: (ws / "datasets").exists())
+        COUNTS["landed"] += _kill(ws, start(ws, "ingest", "logs"), delay, lambda: (ws / "datasets").exists())
     done = run(ws, "ingest", "logs")
     assert done.returncode == 0, done.stdout + done.stderr
     ids, quarantined = _ingest_view(ws / "datasets")
@@ -261,8 +280,8 @@ def test_kill_during_mine_then_rerun_matches_a_clean_run(prepared, tmp_path):
         ready = _published(data, random.Random(seed).randint(1, 2))
         COUNTS["faults"] += 1
         COUNTS["faults.mine"] += 1
-        COUNTS["landed"] += kill_at(start(ws, "mine", "--min-examples", "20"), random_delays(seed, 1, 0.0, 0.002)[0],
-                                    ready, poll=0.001)
+        COUNTS["landed"] += _kill(ws, start(ws, "mine", "--min-examples", "20"), random_delays(seed, 1, 0.0, 0.002)[0],
+                                  ready, poll=0.001)
         _visible_versions_are_whole(data)
         COUNTS["partial"] += _mine_outputs(data) not in ({}, expected)  # between the first write and the last
 
@@ -297,7 +316,7 @@ def test_kill_during_finetune_then_rerun_registers_one_version(prepared, tmp_pat
     delay = random_delays(3, 1, 0.0, 1.0)[0] if point == "after-a-checkpoint" else 0.0
     COUNTS["faults"] += 1
     COUNTS["faults.finetune"] += 1
-    COUNTS["landed"] += kill_at(start(ws, *args), delay, ready)
+    COUNTS["landed"] += _kill(ws, start(ws, *args), delay, ready)
 
     done = run(ws, *args)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -357,7 +376,7 @@ def test_kill_during_register_then_rerun_leaves_one_promoted_version(evaluated, 
     for ready, delay in points:
         COUNTS["faults"] += 1
         COUNTS["faults.register"] += 1
-        COUNTS["landed"] += kill_at(start(ws, "register", *args), delay, ready(), poll=0.005)
+        COUNTS["landed"] += _kill(ws, start(ws, "register", *args), delay, ready(), poll=0.005)
         assert integrity(ws / "mlflow.db") == "ok"
         versions = client.search_model_versions(f"name='{task}'")
         assert len(versions) <= 1, [v.version for v in versions]

@@ -18,6 +18,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
+
+from factory.procs import parent_death_kill
+
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = ROOT / "datasets" / "samples" / "logs"
 FACTORY = str(Path(sys.executable).with_name("factory"))
@@ -42,10 +46,12 @@ def tiny_overrides(tiny_model: Path, save_steps: int = 1000) -> list[str]:
 
 
 def start(workspace: Path, *args: str) -> subprocess.Popen:
-    """Start `factory ARGS` in `workspace`; output goes to a log file there."""
+    """Start `factory ARGS` in `workspace`, in a session of its own (its pid is the session id of
+    every process it starts, even after they are re-parented: see `survivors`); output goes to a
+    log file there. It is killed when this process dies (no terminal signal reaches it)."""
     log = open(workspace / f"cli-{time.monotonic_ns()}.log", "wb")  # noqa: SIM115 (closed with the process)
     return subprocess.Popen([FACTORY, *args], cwd=workspace, env=env_for(workspace), stdout=log,
-                            stderr=subprocess.STDOUT)
+                            stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=parent_death_kill())
 
 
 def run(workspace: Path, *args: str, timeout: float = 300,
@@ -74,6 +80,29 @@ def kill_at(process: subprocess.Popen, delay: float, ready: Callable[[], bool] =
         process.send_signal(signal.SIGKILL)
     process.wait(timeout=30)
     return alive
+
+
+def _of_run(process: psutil.Process, session: int, workspace: Path) -> bool:
+    """Whether `process` is alive (not a zombie) and belongs to the run: in its session, or
+    working under its workspace."""
+    try:
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return os.getsid(process.pid) == session or Path(process.cwd()).is_relative_to(workspace)
+    except (psutil.Error, OSError):  # gone, or not ours to read
+        return False
+
+
+def survivors(driver: subprocess.Popen, workspace: Path, wait: float = 5.0) -> list[psutil.Process]:
+    """The processes of a killed `factory` run (started by `start`) still alive after up to `wait`
+    seconds: those in the driver's session or with a working directory under `workspace`."""
+    workspace = workspace.resolve()
+    deadline = time.monotonic() + wait
+    while True:
+        found = [p for p in psutil.process_iter() if p.pid != os.getpid() and _of_run(p, driver.pid, workspace)]
+        if not found or time.monotonic() > deadline:
+            return found
+        time.sleep(0.1)
 
 
 def random_delays(seed: int, count: int, low: float, high: float) -> list[float]:
