@@ -1,11 +1,19 @@
 """Curate stage: turn ingested records into training-safe ones.
 
 Every record read is first scrubbed of PII and secrets (Presidio), then dropped
-if it failed, was rated negatively, is too long, or duplicates a record already
+if it failed, was rated negatively, is too long, would teach a placeholder the
+request never showed (PII found in its output only), or duplicates a record already
 kept: exactly (same id), or nearly (MinHash LSH over the latest turns and the
-output, never across different tool calls or different turns of one session).
-Removed records are returned, scrubbed, so the caller can quarantine them
-without storing raw PII.
+output, never across different tool calls, different offered tools or different
+turns of one session). Removed records are returned, scrubbed, so the caller can
+quarantine them without storing raw PII.
+
+Structured values are where tool-calling data lives, so phone, SSN and IP matches
+are read in their field's context: under an argument or JSON key, or after a word,
+that names a date, id, amount, version or code (`to_date`, `order_id`, "Order",
+"version") they are not PII, nor when shaped like a date or part of a longer number.
+The trade-off: a real phone number filed under such a name survives (one under a
+phone-named key is scrubbed whatever its format).
 
 Records stream through in small chunks (their strings are analysed in one
 batch); memory holds the kept list, the LSH index with one MinHash per kept
@@ -64,7 +72,8 @@ from factory.progress import progress
 from factory.records import SCHEMA, Record, content_id, from_table, to_table
 
 SCRUB_BATCH = 256  # records a worker scrubs per batch: small enough to spread 1,000 records over 4 workers
-REASONS = ("failed", "negative_feedback", "served_by_specialist", "too_long", "duplicate", "near_duplicate")
+REASONS = ("failed", "negative_feedback", "served_by_specialist", "too_long", "pii_in_output_only", "duplicate",
+           "near_duplicate")
 
 # Presidio entity type -> placeholder label: <EMAIL_1>, <API_KEY_2>, ...
 LABELS = {
@@ -95,8 +104,32 @@ _STRUCTURAL_KEYS = frozenset({"role", "type", "id", "tool_call_id"})
 # Separators are required, so bare digit runs (order ids) and dates are not matched.
 _FORMATTED_PHONES = [
     Pattern("nanp", r"(?<![\w+-])(?:\+?1[-. ]?)?(?:\(\d{3}\) ?|\d{3}[-. ])\d{3}[-. ]\d{4}(?![\w-])", 0.4),
-    Pattern("international", r"(?<![\w+])\+(?=(?:[-. ()]*\d){8})\d{1,3}(?:[-. ]\(?\d{1,4}\)?){2,5}(?![\w-])", 0.4),
+    Pattern("international", r"(?<![\w+])\+(?=(?:[-. ()]*\d){8})\d{1,3}(?:[-. ]\(?\d{1,6}\)?){2,5}(?![\w-])", 0.4),
 ]
+
+# --- context: what a field or the word before a value says it is ---
+# Entities whose patterns also match structured values (dates, ids, versions, dotted codes).
+_SHAPED = frozenset({"PHONE_NUMBER", "US_SSN", "IP_ADDRESS"})
+_PHONE_WORDS = frozenset({"phone", "tel", "telephone", "mobile", "cell", "fax", "msisdn", "whatsapp", "sms"})
+_PERSONAL_WORDS = _PHONE_WORDS | {"email", "mail", "ssn", "social", "card", "iban", "ip", "ipv4", "ipv6", "host",
+                                  "contact", "name", "person", "customer", "user"}
+_STRUCTURED_WORDS = frozenset({
+    "date", "time", "datetime", "timestamp", "day", "month", "year", "eta", "deadline", "check", "checkin", "checkout",
+    "id", "ids", "uuid", "code", "ref", "reference", "order", "booking", "reservation", "ticket", "invoice",
+    "tracking", "confirmation", "account", "case", "sku", "serial", "part", "item", "product", "flight", "pnr", "isbn",
+    "version", "ver", "build", "release", "revision", "amount", "price", "total", "cost", "fee", "budget", "balance",
+    "quantity", "qty", "count", "zip", "zipcode", "postal", "postcode", "section", "oid", "rule", "clause",
+    "chapter", "tariff", "hs",
+})
+# Words skipped between a context word and its value: "order number is 123-456-7890".
+_FILLERS = frozenset({"is", "was", "are", "no", "nr", "num", "number", "the", "my", "your", "our", "a"})
+_WORDS = regex.compile(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|\d+")
+_PHONE_VALUE = regex.compile(r"\+?[\s().-]*(?:\d[\s().-]*){7,15}")
+_DATE = regex.compile(
+    r"(?:0?[1-9]|1[0-2])[-./](?:0?[1-9]|[12]\d|3[01])[-./](?:\d{2}|(?:19|20)\d{2})"  # 07-20-2022, 7/20/22
+    r"|(?:0?[1-9]|[12]\d|3[01])[-./](?:0?[1-9]|1[0-2])[-./](?:19|20)\d{2}"  # 20.07.2022
+    r"|(?:19|20)\d{2}[-./]?(?:0[1-9]|1[0-2])[-./]?(?:0[1-9]|[12]\d|3[01])"  # 2022-07-20, 20220720
+)
 
 # Unlike Presidio's default flags, no IGNORECASE: key prefixes are case-sensitive.
 _SECRET_FLAGS = regex.DOTALL | regex.MULTILINE
@@ -166,6 +199,44 @@ class CurateResult:
 
 
 # --- analyzer -----------------------------------------------------------------
+
+
+def _field_kind(name: str) -> Literal["phone", "structured"] | None:
+    """What a field name says its value is: "phone" (a phone word: `contact_phone`), "structured"
+    (a date, id, amount, version or code word: `to_date`, `orderId`, "Order"), or None (anything
+    else, and any name with a personal word: `customer_ip`, `email_id`)."""
+    words = {w.lower() for w in _WORDS.findall(name)}
+    if words & _PHONE_WORDS:
+        return "phone"
+    if words & _STRUCTURED_WORDS and not words & _PERSONAL_WORDS:
+        return "structured"
+    return None
+
+
+def _lead_kind(text: str, start: int) -> Literal["phone", "structured"] | None:
+    """`_field_kind` of the word before `text[start:]` (a JSON key or a word of prose, past
+    filler words and punctuation); None when a number or nothing comes first."""
+    tokens = regex.findall(r"[A-Za-z_]+|\d+", text[max(0, start - 48) : start])
+    word = next((t for t in reversed(tokens) if t.lower() not in _FILLERS), "")
+    return _field_kind(word)
+
+
+def _glued(text: str, start: int, end: int) -> bool:
+    """True when the span is part of a longer number: "164.00" in "3,164.00", "1.3.6.1" in "1.3.6.1.4.1"."""
+    before, after = text[max(0, start - 2) : start], text[end : end + 2]
+    return (before[-1:].isdigit() or (before[-1:] in {".", ",", "-", "/"} and before[:1].isdigit())
+            or after[:1].isdigit() or (after[:1] in {".", ",", "-", "/"} and after[1:].isdigit()))
+
+
+def _structured(text: str, result: RecognizerResult) -> bool:
+    """True when a phone, SSN or IP match is a structured value: shaped like a date (phones only),
+    part of a longer number, or after a word naming a date, id, amount, version or code."""
+    if result.entity_type not in _SHAPED:
+        return False
+    value = text[result.start : result.end]
+    if result.entity_type == "PHONE_NUMBER" and _DATE.fullmatch(value):
+        return True
+    return _glued(text, result.start, result.end) or _lead_kind(text, result.start) == "structured"
 
 
 @Language.component("slm_factory_lower_lemma")
@@ -263,7 +334,8 @@ def _select(results: list[RecognizerResult]) -> tuple[Span, ...]:
 
 
 class _SpanFinder:
-    """text -> PII spans, analysed in batches and cached per distinct string.
+    """text -> PII spans, analysed in batches and cached per distinct string; phone, SSN and IP
+    matches that `_structured` calls structured values are dropped.
 
     `prefetch` runs new strings through BatchAnalyzerEngine, which feeds
     spaCy's `pipe`: on the blank pipeline it measures the same as one
@@ -282,7 +354,7 @@ class _SpanFinder:
         new = list(dict.fromkeys(t for t in texts if t not in self.cache))
         results = self.batch.analyze_iterator(new, language="en", batch_size=64, score_threshold=self.threshold)
         for text, found in zip(new, results):
-            self.cache[text] = _select(found)
+            self.cache[text] = _select([r for r in found if not _structured(text, r)])
             if len(self.cache) > self.cache_size:
                 self.cache.popitem(last=False)
 
@@ -297,36 +369,41 @@ class _SpanFinder:
 
 
 class _Placeholders:
-    """Per-record value -> placeholder map, numbered per label in order of first use."""
+    """Per-record value -> placeholder map, numbered per label in order of first use; `raw`
+    holds each value as written (every spelling of it) with its placeholder."""
 
     def __init__(self) -> None:
         self.by_value: dict[tuple[str, str], str] = {}
         self.per_label: Counter[str] = Counter()
+        self.raw: dict[str, str] = {}
 
     def get(self, entity: str, value: str) -> str:
         label = LABELS[entity]
+        canonical = value
         if entity in _CANONICAL_DIGITS:
-            value = "".join(ch for ch in value.lower() if ch.isalnum())
+            canonical = "".join(ch for ch in value.lower() if ch.isalnum())
         elif entity == "EMAIL_ADDRESS":
-            value = value.lower()
-        key = (label, value)
+            canonical = value.lower()
+        key = (label, canonical)
         if key not in self.by_value:
             self.per_label[label] += 1
             self.by_value[key] = f"<{label}_{self.per_label[label]}>"
+        self.raw.setdefault(value, self.by_value[key])
         return self.by_value[key]
 
 
-def _map_strings(obj: Any, fn: Callable[[str], str]) -> Any:
-    """Copy of a JSON-like value with `fn` applied to every string value.
+def _map_strings(obj: Any, fn: Callable[[str, str | None], str], key: str | None = None) -> Any:
+    """Copy of a JSON-like value with `fn(string, key)` applied to every string value, `key` being
+    the dict key it sits under (list items get their list's; None outside any dict).
 
     Dict keys and the values of structural keys (role, type, ids) are left as is.
     """
     if isinstance(obj, str):
-        return fn(obj)
+        return fn(obj, key)
     if isinstance(obj, dict):
-        return {k: v if k in _STRUCTURAL_KEYS else _map_strings(v, fn) for k, v in obj.items()}
+        return {k: v if k in _STRUCTURAL_KEYS else _map_strings(v, fn, k) for k, v in obj.items()}
     if isinstance(obj, list):
-        return [_map_strings(v, fn) for v in obj]
+        return [_map_strings(v, fn, key) for v in obj]
     return obj
 
 
@@ -341,7 +418,7 @@ def _content_parts(record: Record) -> list[Any]:
 def _record_strings(record: Record) -> list[str]:
     found: list[str] = []
 
-    def collect(text: str) -> str:
+    def collect(text: str, key: str | None) -> str:
         found.append(text)
         return text
 
@@ -349,20 +426,67 @@ def _record_strings(record: Record) -> list[str]:
     return found
 
 
-def _scrub_record(record: Record, find: _SpanFinder) -> tuple[Record, Counter[str]]:
-    """Record with every PII span replaced by its placeholder and the id recomputed, and its
-    placeholders counted per label."""
+def _keyed_spans(find: _SpanFinder, text: str, key: str | None) -> tuple[Span, ...]:
+    """The PII spans of `text` held under the field `key`: none of phone, SSN or IP type under
+    a structured name (`to_date`, `order_id`); the whole value as a phone under a phone name
+    (`contact_phone`) when it is only digits and phone punctuation but no recognizer took it."""
+    spans = find(text)
+    kind = _field_kind(key) if key else None
+    if kind == "structured":
+        return tuple(span for span in spans if span[2] not in _SHAPED)
+    if kind == "phone" and not spans and _PHONE_VALUE.fullmatch(text.strip()):
+        return ((0, len(text), "PHONE_NUMBER"),)
+    return spans
+
+
+def _scrub_record(record: Record, find: _SpanFinder) -> tuple[Record, Counter[str], list[str]]:
+    """Record with every PII span replaced by its placeholder, and the id recomputed; its
+    placeholders counted per label; and where its output holds a placeholder its input (the
+    messages) does not, as "field: LABEL" ("output_tool_calls[0].arguments.to: PHONE").
+
+    A value found anywhere in the record is replaced wherever else it is written too (word
+    bounded), so a value the input and the output share gets one placeholder even where
+    only one side was recognised; the cost is one regex pass per string of a record with PII.
+    """
     placeholders = _Placeholders()
+    spans: dict[tuple[str, str | None], tuple[Span, ...]] = {}
 
-    def scrub(text: str) -> str:
+    def register(text: str, key: str | None) -> str:
+        found = spans[text, key] = _keyed_spans(find, text, key)
+        for start, end, entity in found:
+            placeholders.get(entity, text[start:end])
+        return text
+
+    _map_strings(_content_parts(record), register)
+    raw = placeholders.raw
+    known = regex.compile(r"(?<!\w)(?:%s)(?!\w)" % "|".join(map(regex.escape, sorted(raw, key=len, reverse=True))))
+
+    def scrub(field: str, emitted: set[tuple[str, str]], text: str, key: str | None) -> str:
+        where = f"{field}.{key}" if key else field
+
+        def put(placeholder: str) -> str:
+            emitted.add((where, placeholder))
+            return placeholder
+
+        def fill(segment: str) -> str:
+            return known.sub(lambda m: put(raw[m.group()]), segment) if raw else segment
+
         parts, last = [], 0
-        for start, end, entity in find(text):
-            parts += [text[last:start], placeholders.get(entity, text[start:end])]
+        for start, end, entity in spans[text, key]:
+            parts += [fill(text[last:start]), put(placeholders.get(entity, text[start:end]))]
             last = end
-        return "".join(parts) + text[last:]
+        return "".join(parts) + fill(text[last:])
 
-    messages, output_text, arguments, metadata = _map_strings(_content_parts(record), scrub)
-    tool_calls = [{**call, "arguments": args} for call, args in zip(record.output_tool_calls, arguments)]
+    given: set[tuple[str, str]] = set()
+    messages = _map_strings(record.messages, partial(scrub, "messages", given))
+    shown: set[tuple[str, str]] = set()
+    output_text = _map_strings(record.output_text, partial(scrub, "output_text", shown))
+    tool_calls = [{**call, "arguments": _map_strings(call.get("arguments"),
+                                                     partial(scrub, f"output_tool_calls[{i}].arguments", shown))}
+                  for i, call in enumerate(record.output_tool_calls)]
+    metadata = _map_strings(record.metadata, partial(scrub, "metadata", set()))
+    in_input = {placeholder for _, placeholder in given}
+    output_only = sorted({f"{where}: {p[1:].rsplit('_', 1)[0]}" for where, p in shown if p not in in_input})
     scrubbed = replace(
         record,
         id=content_id(messages, record.tools, output_text, tool_calls),
@@ -371,7 +495,7 @@ def _scrub_record(record: Record, find: _SpanFinder) -> tuple[Record, Counter[st
         output_tool_calls=tool_calls,
         metadata=metadata,
     )
-    return scrubbed, placeholders.per_label
+    return scrubbed, placeholders.per_label, output_only
 
 
 # --- filters ------------------------------------------------------------------
@@ -417,11 +541,28 @@ def _dedup_text(record: Record) -> str:
     return " ".join(" ".join(parts).lower().split())
 
 
+def _offered_tools(record: Record) -> list[list[Any]]:
+    """The request's tools as sorted [name, sorted parameter names] pairs (OpenAI shape, or a
+    bare function spec); what a schema says beyond its names is left out."""
+    offered = []
+    for tool in record.tools:
+        spec = tool.get("function", tool) if isinstance(tool, dict) else {}
+        spec = spec if isinstance(spec, dict) else {}
+        parameters = spec.get("parameters")
+        properties = parameters.get("properties") if isinstance(parameters, dict) else None
+        offered.append([str(spec.get("name")), sorted(properties) if isinstance(properties, dict) else []])
+    return sorted(offered)
+
+
 def _dedup_guard(record: Record) -> tuple[bytes, str, int]:
-    """What two near duplicates must share: the exact tool calls (an 8-byte digest of their
-    canonical JSON, so a call with other argument values is another answer however alike the
-    text), and, within one session, the number of messages (another turn of the dialogue)."""
-    calls = json.dumps(record.output_tool_calls, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    """What two near duplicates must share: the exact tool calls and the offered tools' and
+    their parameters' names (an 8-byte digest of both, canonical JSON: a call with other
+    argument values is another answer, and the same request offered other tools teaches
+    choosing among them, however alike the text), and, within one session, the number of
+    messages (another turn of the dialogue). Tool descriptions are left out, so the same
+    tools with a reworded description still make near duplicates."""
+    calls = json.dumps([record.output_tool_calls, _offered_tools(record)], sort_keys=True, ensure_ascii=False,
+                       separators=(",", ":"))
     digest = hashlib.blake2b(calls.encode(), digest_size=8).digest()
     return digest, record.session_id, len(record.messages)
 
@@ -486,9 +627,12 @@ class _NearDuplicates:
 # --- stage --------------------------------------------------------------------
 
 
-def _scrubbed(records: Iterable[Record], find: _SpanFinder, chunk: int) -> Iterator[tuple[Record, Counter[str]]]:
-    """Scrubbed records with their placeholder counts, in order; strings are analysed `chunk`
-    records at a time."""
+Scrubbed = tuple[Record, list[str]]  # a scrubbed record and its output-only placeholders (see `_scrub_record`)
+
+
+def _scrubbed(records: Iterable[Record], find: _SpanFinder,
+              chunk: int) -> Iterator[tuple[Record, Counter[str], list[str]]]:
+    """`_scrub_record` of each record, in order; strings are analysed `chunk` records at a time."""
     records = iter(records)
     while batch := list(islice(records, chunk)):
         find.prefetch(text for record in batch for text in _record_strings(record))
@@ -497,13 +641,14 @@ def _scrubbed(records: Iterable[Record], find: _SpanFinder, chunk: int) -> Itera
 
 
 def _decisions(
-    scrubbed: Iterable[Record], config: CurateConfig, count_tokens: Callable[[str], int] | None
-) -> Iterator[tuple[Record, str | None]]:
-    """Each scrubbed record with the reason it is removed (None: kept), in order; sequential,
-    since whether a record duplicates another depends on every record kept before it."""
+    scrubbed: Iterable[Scrubbed], config: CurateConfig, count_tokens: Callable[[str], int] | None
+) -> Iterator[tuple[Record, str | None, str | None]]:
+    """Each scrubbed record with the reason it is removed (None: kept) and, for
+    pii_in_output_only, the fields and labels; in order; sequential, since whether a record
+    duplicates another depends on every record kept before it."""
     seen_ids: set[str] = set()
     near = _NearDuplicates(config)
-    for record in scrubbed:
+    for record, output_only in scrubbed:
         if config.drop_failed and record.outcome == "error":
             reason = "failed"
         elif config.drop_negative_feedback and record.feedback is not None and record.feedback < 0:
@@ -512,6 +657,8 @@ def _decisions(
             reason = "served_by_specialist"
         elif config.max_tokens is not None and count_tokens(_token_text(record)) > config.max_tokens:
             reason = "too_long"
+        elif output_only:
+            reason = "pii_in_output_only"
         elif record.id in seen_ids:
             reason = "duplicate"
         elif near.check_and_add(record):
@@ -519,12 +666,13 @@ def _decisions(
         else:
             seen_ids.add(record.id)
             reason = None
-        yield record, reason
+        yield record, reason, ", ".join(output_only) if reason == "pii_in_output_only" else None
 
 
 class ScrubBatch:
     """The per-record scrub as a batch function for `factory.engine`: an Arrow table of records
-    in, the scrubbed records out with a `pii` column (each record's placeholder counts, JSON).
+    in, the scrubbed records out with a `pii` column (each record's placeholder counts, JSON)
+    and a `pii_output_only` one (its output-only placeholders, JSON).
 
     Built once per worker (the Presidio analyzer and its cache of analysed strings)."""
 
@@ -534,16 +682,20 @@ class ScrubBatch:
 
     def __call__(self, table: pa.Table) -> pa.Table:
         done = list(_scrubbed(from_table(table.select(SCHEMA.names)), self.find, self.chunk))
-        counts = pa.array([json.dumps(dict(c)) for _, c in done], pa.string())
-        return to_table([record for record, _ in done]).append_column("pii", counts)
+        counts = pa.array([json.dumps(dict(c)) for _, c, _ in done], pa.string())
+        output_only = pa.array([json.dumps(o) for _, _, o in done], pa.string())
+        table = to_table([record for record, _, _ in done])
+        return table.append_column("pii", counts).append_column("pii_output_only", output_only)
 
 
-def _unpack(tables: Iterable[pa.Table], pii: Counter[str]) -> Iterator[Record]:
-    """The records of `ScrubBatch`'s output tables, their placeholder counts added to `pii`."""
+def _unpack(tables: Iterable[pa.Table], pii: Counter[str]) -> Iterator[Scrubbed]:
+    """The records of `ScrubBatch`'s output tables with their output-only placeholders, their
+    placeholder counts added to `pii`."""
     for table in tables:
         for counts in table.column("pii").to_pylist():
             pii.update(json.loads(counts))
-        yield from from_table(table.select(SCHEMA.names))
+        output_only = [json.loads(o) for o in table.column("pii_output_only").to_pylist()]
+        yield from zip(from_table(table.select(SCHEMA.names)), output_only)
 
 
 def curate(
@@ -551,9 +703,13 @@ def curate(
 ) -> CurateResult:
     """Scrub, filter and deduplicate `records`, keeping the first of any duplicates.
 
-    Checks run in order failed, negative_feedback, too_long, duplicate,
-    near_duplicate; a record removed for an earlier reason never enters the
-    duplicate indexes, so a later good copy of it is kept.
+    Checks run in order failed, negative_feedback, served_by_specialist, too_long,
+    pii_in_output_only, duplicate, near_duplicate; a record removed for an earlier
+    reason never enters the duplicate indexes, so a later good copy of it is kept.
+    pii_in_output_only: the scrubbed output holds a placeholder for a value the request's
+    messages never held (a teacher's date read as a phone, an address it made up); trained
+    on, the specialist would learn to write the placeholder, so the record is set aside
+    (scrubbed, as every removed record) rather than kept.
 
     Raises ValueError when `config.max_tokens` is set without `count_tokens`.
     """
@@ -564,12 +720,12 @@ def curate(
     result = CurateResult()
     find = _SpanFinder(config.score_threshold, config.analysis_cache_size)
 
-    def scrubbed() -> Iterator[Record]:
-        for record, counts in _scrubbed(records, find, config.scrub_chunk):
+    def scrubbed() -> Iterator[Scrubbed]:
+        for record, counts, output_only in _scrubbed(records, find, config.scrub_chunk):
             pii.update(counts)
-            yield record
+            yield record, output_only
 
-    for record, reason in _decisions(scrubbed(), config, count_tokens):
+    for record, reason, _ in _decisions(scrubbed(), config, count_tokens):
         if reason is None:
             result.kept.append(record)
         else:
@@ -665,7 +821,7 @@ def curate_store(
     try:
         with pq.ParquetWriter(out_tmp, SCHEMA) as writer, _open_private(quarantine_tmp) as rejects:
             decisions = _decisions(_unpack(tables, pii), config, count_tokens)
-            for record, reason in progress(decisions, total, "curate", "record"):
+            for record, reason, detail in progress(decisions, total, "curate", "record"):
                 read += 1
                 if reason is None:
                     kept.append(record)
@@ -674,7 +830,8 @@ def curate_store(
                         kept = []
                 else:
                     removed[reason] += 1
-                    rejects.write(json.dumps({"reason": reason, **record.to_row()}, ensure_ascii=False) + "\n")
+                    row = {"reason": reason, **({"detail": detail} if detail else {}), **record.to_row()}
+                    rejects.write(json.dumps(row, ensure_ascii=False) + "\n")
             writer.write_table(to_table(kept))
     except BaseException:  # a worker lost, an interrupt: the previous outputs stay as they were
         out_tmp.unlink(missing_ok=True)

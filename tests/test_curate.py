@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 
 import pytest
 
@@ -167,9 +168,65 @@ def test_ordinary_numbers_survive():
 
 
 def test_bare_nine_digits_are_an_ssn_only_next_to_a_context_word():
-    kept = curate([chat("My SSN is 536228479.", output="Order 536228479 is late.")]).kept[0]
+    kept = curate([chat("My SSN is 536228479.", output="Order 482913756 is late.")]).kept[0]
     assert kept.messages[1]["content"] == "My SSN is <SSN_1>."
-    assert kept.output_text == "Order 536228479 is late."
+    assert kept.output_text == "Order 482913756 is late."
+
+
+# --- structure: argument names and nearby words are context; PII in the output only -----------
+
+
+def test_structured_arguments_keep_their_values_and_phone_fields_are_scrubbed():
+    question = "Book a table for 07-20-2022 and text +1 415 555 0132 the booking 123-456-7890."
+    args = {"to_date": "07-20-2022", "order_id": "123-456-7890", "version": "2.4.1.0", "amount": "1,299.00",
+            "phone": "+1 415 555 0132"}
+    result = curate([make([{"role": "user", "content": question}], tool_calls=[tool_call("book", **args)])])
+    (kept,) = result.kept
+    assert kept.messages[0]["content"] == "Book a table for 07-20-2022 and text <PHONE_1> the booking 123-456-7890."
+    assert kept.output_tool_calls[0]["arguments"] == {**args, "phone": "<PHONE_1>"}
+
+
+def test_dates_ids_and_dotted_codes_in_prose_are_not_phones_or_ips():
+    text = ("Orders 07-20-2022 to 08-19-2022: order 871-889-8359 for 3,164.00, upgrade to version 2.4.1.0, "
+            "OID 1.3.6.1.4.1.11659. Call (415) 555-0132 from 203.0.113.9.")
+    (kept,) = curate([chat(text, output="Noted.")]).kept
+    assert kept.messages[1]["content"] == text.replace("(415) 555-0132", "<PHONE_1>").replace("203.0.113.9",
+                                                                                             "<IP_ADDRESS_1>")
+
+
+def test_pii_written_in_the_output_only_is_quarantined_naming_the_field(tmp_path):
+    import pyarrow.parquet as pq
+
+    from factory.curate import curate_store
+    from factory.records import to_table
+
+    invented = make([{"role": "user", "content": "Email the receipt to the customer."}],
+                    tool_calls=[tool_call("send_receipt", to="jane.doe@example.com", date="07-20-2022")])
+    result = curate([invented])
+    assert result.kept == [] and [why for _, why in result.removed] == ["pii_in_output_only"]
+    assert result.removed[0][0].output_tool_calls[0]["arguments"]["to"] == "<EMAIL_1>"
+    assert result.report["removed"]["pii_in_output_only"] == 1
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    pq.write_table(to_table([invented]), raw / "a.parquet")
+    report = curate_store(raw, tmp_path / "curated.parquet", tmp_path / "curate.jsonl", tmp_path / "report.json")
+    (row,) = [json.loads(line) for line in (tmp_path / "curate.jsonl").read_text().splitlines()]
+    assert (row["reason"], row["detail"]) == ("pii_in_output_only", "output_tool_calls[0].arguments.to: EMAIL")
+    assert "jane.doe" not in json.dumps(row) and report["removed"]["pii_in_output_only"] == 1
+
+
+def test_a_value_the_input_holds_shares_its_placeholder_with_the_output():
+    shared = make([{"role": "user", "content": "Text me at 415-555-0132 about it, and mail ann@example.com."}],
+                  output_text="I will text ANN@example.com's phone 415-555-0132.")
+    (kept,) = curate([shared]).kept
+    assert kept.messages[0]["content"] == "Text me at <PHONE_1> about it, and mail <EMAIL_1>."
+    assert kept.output_text == "I will text <EMAIL_1>'s phone <PHONE_1>."
+    # no recognizer takes "555 0132 77" in the question; the phone argument names it, so both get a placeholder
+    named = make([{"role": "user", "content": "My order A12345 is late, ring me on 555 0132 77 please."}],
+                 tool_calls=[tool_call("notify", phone="555 0132 77", order_id="A12345")])
+    (kept,) = curate([named]).kept
+    assert kept.messages[0]["content"] == "My order A12345 is late, ring me on <PHONE_1> please."
+    assert kept.output_tool_calls[0]["arguments"] == {"phone": "<PHONE_1>", "order_id": "A12345"}
 
 
 def test_failed_and_negative_feedback_are_removed_with_reasons():
@@ -320,6 +377,27 @@ def test_templated_questions_with_other_argument_values_are_kept():
     assert len(curate(renamed).kept) == 2
 
 
+def tool(name: str, *parameters: str, description: str = "") -> dict:
+    properties = {p: {"type": "string"} for p in parameters}
+    return {"type": "function", "function": {"name": name, "description": description,
+                                             "parameters": {"type": "object", "properties": properties}}}
+
+
+def test_the_same_question_offered_other_tools_is_kept_and_a_retry_with_the_same_tools_is_not():
+    question = [{"role": "user", "content": "What is the weather in Paris tomorrow morning, and should I take an "
+                                            "umbrella to the office or will a light jacket be enough for the walk?"}]
+    call = [tool_call("get_weather", city="Paris", day="tomorrow")]
+    weather = tool("get_weather", "city", "day", description="Weather for a city.")
+    offered = [[weather], [weather, tool("get_time", "city"), tool("search", "query"), tool("book", "when")],
+               [tool("get_weather", "city", "day", "units")]]
+    records = [replace(make(question, tool_calls=call), tools=tools) for tools in offered]
+    assert len(curate(records).kept) == 3
+    retried = replace(make([{"role": "user", "content": question[0]["content"].upper() + " "}], tool_calls=call),
+                      tools=[tool("get_weather", "day", "city", description="Weather forecast for a city.")])
+    result = curate([records[0], retried])
+    assert [why for _, why in result.removed] == ["near_duplicate"]
+
+
 def test_a_retried_turn_with_a_trivial_change_is_a_near_duplicate():
     first, second, third, fourth = dialogue_turns()
     retried = make([*third.messages[:-1], {"role": "user", "content": "thanks.  could you refund the $20 "
@@ -368,6 +446,7 @@ def test_report_counts_add_up_and_input_may_be_a_generator():
         "negative_feedback": 1,
         "served_by_specialist": 0,
         "too_long": 0,
+        "pii_in_output_only": 0,
         "duplicate": 1,
         "near_duplicate": 1,
     }

@@ -1,8 +1,12 @@
-"""Reliability against hostile input: 10k malformed log lines, random recipes, and
-task names or recipe paths that try to leave their folders."""
+"""Reliability against hostile input: 10k malformed log lines, random recipes, task names
+or recipe paths that try to leave their folders, and the PII scrub on labelled tool-call
+arguments and messages."""
 
 from __future__ import annotations
 
+import json
+import re
+from collections import Counter
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -13,9 +17,10 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from factory.cli import app
-
+from factory.curate import LABELS, curate
 from factory.ingest import ingest
 from factory.recipe import Recipe, RecipeError, load_recipe
+from factory.records import Record, content_id
 from reliability import malformed
 from reliability.workspace import env_for
 
@@ -129,3 +134,64 @@ def test_a_task_recipe_cannot_be_read_from_outside_recipes_tasks(tmp_path):
     (tmp_path / "evil.yaml").write_text("learning_rate: 123.0\n")
     with pytest.raises((RecipeError, ValueError), match="task"):
         load_recipe("../../evil", "cpu-lora", [], recipes_dir=recipes)
+
+
+# --- PII on labelled tool-call arguments and messages ------------------------------------------
+
+LABELLED = Path(__file__).parent / "fixtures" / "pii" / "labelled.jsonl"
+PLACEHOLDER = re.compile(r"(<[A-Z_]+?_\d+>)")
+
+
+def _found(original: str, scrubbed: str) -> list[tuple[str, str]]:
+    """(value, label) for each placeholder in `scrubbed`, the value being the part of `original` it replaced."""
+    parts = PLACEHOLDER.split(scrubbed)
+    match = re.fullmatch("".join("(.+?)" if i % 2 else re.escape(p) for i, p in enumerate(parts)), original, re.S)
+    assert match, (original, scrubbed)
+    return [(value, parts[i].strip("<>").rsplit("_", 1)[0]) for i, value in zip(range(1, len(parts), 2), match.groups())]
+
+
+def _labelled_record(item: dict) -> Record:
+    """A message as a user turn; arguments as the output's tool call after a question without their values."""
+    if "text" in item:
+        messages, calls = [{"role": "user", "content": item["text"]}], []
+    else:
+        messages, calls = [{"role": "user", "content": "Please do it."}], [{"name": "act", "arguments": item["arguments"]}]
+    return Record(id=content_id(messages, [], None, calls), source="openai", messages=messages, output_text=None,
+                  output_tool_calls=calls, location=item["id"])
+
+
+def _scores(items: list[dict]) -> tuple[int, int, int, Counter[str]]:
+    """True positives, detections, labelled PII values, and false positives by label, over `items` curated."""
+    result = curate(_labelled_record(item) for item in items)
+    scrubbed = {r.location: r for r in [*result.kept, *(r for r, _ in result.removed)]}
+    hits = detected = 0
+    false_positives: Counter[str] = Counter()
+    for item in items:
+        record = scrubbed[item["id"]]
+        if "text" in item:
+            leaves = [(None, item["text"], record.messages[0]["content"])]
+        else:
+            after = record.output_tool_calls[0]["arguments"]
+            leaves = [(k, v, after[k]) for k, v in item["arguments"].items() if isinstance(v, str)]
+        for key, before, after in leaves:
+            expected = [(p["value"], LABELS[p["entity"]]) for p in item["pii"] if p.get("key") == key]
+            for value, label in _found(before, after):
+                detected += 1
+                match = next((e for e in expected if e[1] == label and (value in e[0] or e[0] in value)), None)
+                if match:
+                    hits += 1
+                    expected.remove(match)
+                else:
+                    false_positives[label] += 1
+    return hits, detected, sum(len(item["pii"]) for item in items), false_positives
+
+
+def test_pii_scrub_on_labelled_arguments_is_precise_and_keeps_its_recall(capsys):
+    items = [json.loads(line) for line in LABELLED.read_text().splitlines()]
+    hits, detected, labelled, false_positives = _scores(items)
+    precision, recall = hits / max(detected, 1), hits / labelled
+    with capsys.disabled():
+        print(f"\npii on labelled arguments: precision {precision:.3f}, recall {recall:.3f} ({len(items)} items); "
+              f"false positives by type: {dict(sorted(false_positives.items()))}")
+    assert precision >= 0.98
+    assert recall >= 0.935  # the scrubber before context rules: precision 0.676, recall 0.935
