@@ -125,8 +125,10 @@ _STRUCTURED_WORDS = frozenset({
 _FILLERS = frozenset({"is", "was", "are", "no", "nr", "num", "number", "the", "my", "your", "our", "a"})
 _WORDS = regex.compile(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|\d+")
 _PHONE_VALUE = regex.compile(r"\+?[\s().-]*(?:\d[\s().-]*){7,15}")
-_DATE = regex.compile(
-    r"(?:0?[1-9]|1[0-2])[-./](?:0?[1-9]|[12]\d|3[01])[-./](?:\d{2}|(?:19|20)\d{2})"  # 07-20-2022, 7/20/22
+# Phone matches shaped like a date or an amount: 07-20-2022, 20220720, 1683.29.
+_NOT_PHONE = regex.compile(
+    r"\d{1,3}(?:,\d{3})*\.\d{2}|\d+\.\d{2}"
+    r"|(?:0?[1-9]|1[0-2])[-./](?:0?[1-9]|[12]\d|3[01])[-./](?:\d{2}|(?:19|20)\d{2})"  # 07-20-2022, 7/20/22
     r"|(?:0?[1-9]|[12]\d|3[01])[-./](?:0?[1-9]|1[0-2])[-./](?:19|20)\d{2}"  # 20.07.2022
     r"|(?:19|20)\d{2}[-./]?(?:0[1-9]|1[0-2])[-./]?(?:0[1-9]|[12]\d|3[01])"  # 2022-07-20, 20220720
 )
@@ -229,12 +231,12 @@ def _glued(text: str, start: int, end: int) -> bool:
 
 
 def _structured(text: str, result: RecognizerResult) -> bool:
-    """True when a phone, SSN or IP match is a structured value: shaped like a date (phones only),
+    """True when a phone, SSN or IP match is a structured value: shaped like a date or an amount (phones only),
     part of a longer number, or after a word naming a date, id, amount, version or code."""
     if result.entity_type not in _SHAPED:
         return False
     value = text[result.start : result.end]
-    if result.entity_type == "PHONE_NUMBER" and _DATE.fullmatch(value):
+    if result.entity_type == "PHONE_NUMBER" and _NOT_PHONE.fullmatch(value.strip()):
         return True
     return _glued(text, result.start, result.end) or _lead_kind(text, result.start) == "structured"
 
@@ -333,9 +335,20 @@ def _select(results: list[RecognizerResult]) -> tuple[Span, ...]:
     return tuple(sorted(chosen))
 
 
+def _trimmed(text: str, result: RecognizerResult) -> RecognizerResult:
+    """An e-mail match without the `name='` or `name="` of code it swallowed (the recognizer's
+    local part allows = and quotes): `email='ann@example.com'` gives ann@example.com, the
+    value its request holds."""
+    if result.entity_type == "EMAIL_ADDRESS":
+        lead = regex.match(r"[\w.-]*=['\"`]", text[result.start : result.end])
+        if lead:
+            result.start += lead.end()
+    return result
+
+
 class _SpanFinder:
     """text -> PII spans, analysed in batches and cached per distinct string; phone, SSN and IP
-    matches that `_structured` calls structured values are dropped.
+    matches that `_structured` calls structured values are dropped, e-mails `_trimmed`.
 
     `prefetch` runs new strings through BatchAnalyzerEngine, which feeds
     spaCy's `pipe`: on the blank pipeline it measures the same as one
@@ -354,7 +367,7 @@ class _SpanFinder:
         new = list(dict.fromkeys(t for t in texts if t not in self.cache))
         results = self.batch.analyze_iterator(new, language="en", batch_size=64, score_threshold=self.threshold)
         for text, found in zip(new, results):
-            self.cache[text] = _select([r for r in found if not _structured(text, r)])
+            self.cache[text] = _select([_trimmed(text, r) for r in found if not _structured(text, r)])
             if len(self.cache) > self.cache_size:
                 self.cache.popitem(last=False)
 

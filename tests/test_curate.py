@@ -194,6 +194,15 @@ def test_dates_ids_and_dotted_codes_in_prose_are_not_phones_or_ips():
                                                                                              "<IP_ADDRESS_1>")
 
 
+def test_a_call_written_as_code_keeps_the_placeholder_of_its_request():
+    record = make([{"role": "user", "content": "My email address is user4@example.com."},
+                   {"role": "tool", "tool_call_id": "call_1", "content": "1683.29"}],
+                  output_text="RegisterUser(username='user4', email='user4@example.com'); your balance is 1683.29")
+    (kept,) = curate([record]).kept
+    assert kept.output_text == "RegisterUser(username='user4', email='<EMAIL_1>'); your balance is 1683.29"
+    assert kept.messages[1]["content"] == "1683.29"
+
+
 def test_pii_written_in_the_output_only_is_quarantined_naming_the_field(tmp_path):
     import pyarrow.parquet as pq
 
