@@ -345,13 +345,28 @@ def _print_finetuned(task: str, done) -> None:
 
 @app.command()
 def finetune(tasks: Annotated[list[str], typer.Argument(help="task names")], recipe: RecipeOpt = None,
-             set_: SetOpt = None, truth: TruthOpt = None, engine: EngineOpt = None) -> None:
+             set_: SetOpt = None, truth: TruthOpt = None, engine: EngineOpt = None,
+             learning_curve: Annotated[bool, typer.Option(
+                 "--learning-curve", help="also train on 1/4 and 1/2 of the data and report the test score at "
+                 "each size (reports/<task>/learning-curve/): more logs, or a bigger base?")] = False) -> None:
     """Train, evaluate and register tasks, then refresh routes.json.
 
     With --engine ray the tasks run at once on the cluster, one Ray task each asking for its
     recipe's GPUs and CPUs; a task that fails is reported and the others go on (exit 1 after)."""
     from factory.engine import engine_name, run_each
-    from factory.pipeline import finetune as finetune_task, open_store, task_resources
+    from factory.pipeline import curve_verdict, finetune as finetune_task, learning_curve as curve, open_store, \
+        task_resources
+
+    if learning_curve:
+        for task in tasks:
+            points = curve(task, _entry(task), paths(), recipe, tuple(set_ or []), truth)
+            table = Table("examples", "base", "specialist", "teacher", "served", "train s",
+                          title=f"{task}: learning curve (held-out test split)")
+            for p in points:
+                table.add_row(str(p["examples"]), *(f"{p[c]:.3f}" for c in ("base", "specialist", "teacher")),
+                              f"{p['served']:.0%}", f"{p['train_seconds']:.0f}")
+            console.print(table)
+            console.print(f"{task}: {curve_verdict(points)}; plot: {paths().reports / task / 'learning-curve'}")
 
     if len(tasks) == 1 and engine_name(engine) == "local":
         evaluation = _finetune(tasks[0], _entry(tasks[0]), recipe, set_ or [], truth)

@@ -23,6 +23,7 @@ from typing import Any
 import filelock
 
 from factory.errors import FactoryError
+from factory.evaluate.report import write_learning_curve
 from factory.evaluate.run import evaluate, load_truth
 from factory.paths import Paths
 from factory.recipe import Recipe, load_recipe
@@ -70,6 +71,55 @@ def finetune(task: str, entry: dict[str, Any], paths: Paths, recipe: str | None 
     with filelock.FileLock(str(locks / f"{task}.lock")):
         version, promoted = register(entry, trained, evaluation, spec, gates)
     return Finetuned(trained, evaluation, version, promoted)
+
+
+CURVE_FRACTIONS = (0.25, 0.5, 1.0)
+# a gain in test score from half to all of the data above this reads as "still rising"
+RISING = 0.02
+
+
+def learning_curve(task: str, entry: dict[str, Any], paths: Paths, recipe: str | None = None,
+                   overrides: tuple[str, ...] = (), truth: Path | None = None,
+                   fractions: tuple[float, ...] = CURVE_FRACTIONS) -> list[dict[str, Any]]:
+    """The specialist's held-out scores when trained on `fractions` of what the recipe trains on,
+    so a user can tell "collect more logs" (still rising at all of it) from "use a bigger base"
+    (flat below the target). Each point is a training (nested subsets: the first examples of the
+    recipe's seeded order) and an evaluation, stored apart from the task's own (`reports/<task>/
+    learning-curve/`) but for all of the data, which is the task's own training and evaluation;
+    nothing is registered. Costs the trainings of the fractions below 1 on top.
+    Raises as `train` and `evaluate` do.
+    """
+    spec, raw = load_recipe(task, recipe, list(overrides))
+    full = train(task, entry, spec, raw, paths.data, paths.registry)
+    out = paths.reports / task / "learning-curve"
+    points = []
+    for fraction in sorted(fractions):
+        if fraction >= 1.0:
+            sized, sized_raw, trained = spec, raw, full
+        else:
+            examples = max(1, round(full.train_examples * fraction))
+            sized, sized_raw = load_recipe(task, recipe, [*overrides, f"max_train_samples={examples}"])
+            trained = train(task, entry, sized, sized_raw, paths.data, paths.registry)
+        whole = trained is full  # evaluated where (and as) `finetune` evaluates it, which then reuses it
+        result = evaluate(task, entry, sized, trained.adapter_dir, trained.dataset_version, paths.data,
+                          paths.reports / task if whole else out / str(trained.train_examples), load_truth(truth),
+                          run_id=trained.run_id if whole else None, seq_budget=trained.seq_budget)
+        columns = result["columns"]
+        points.append({"fraction": fraction, "examples": trained.train_examples,
+                       **{name: columns[name]["score"] for name in ("base", "specialist", "teacher")},
+                       "served": result["calibration"]["coverage"], "train_seconds": trained.seconds})
+    write_learning_curve(out, points)
+    return points
+
+
+def curve_verdict(points: list[dict[str, Any]]) -> str:
+    """One line reading a learning curve: whether more logs or a bigger base is the next step."""
+    last, before = points[-1], points[-2] if len(points) > 1 else points[-1]
+    gain = last["specialist"] - before["specialist"]
+    if gain > RISING:
+        return (f"still rising (+{gain:.3f} from {before['examples']} to {last['examples']} examples): "
+                "more logged calls should help")
+    return f"flat ({gain:+.3f} from {before['examples']} to {last['examples']} examples): try a bigger base or recipe"
 
 
 def open_store() -> None:

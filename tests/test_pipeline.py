@@ -85,6 +85,21 @@ def test_demo_runs_the_whole_loop_and_reruns_idempotently(demo, tiny_model_dir):
         assert len(client.search_model_versions(f"name='{task}'")) == 1
 
 
+def test_a_learning_curve_trains_on_a_quarter_a_half_and_all_of_the_data(demo, tiny_model_dir):
+    """`finetune --learning-curve`: three nested trainings, each scored on the held-out test split, a plot,
+    a verdict; all of the data is the task's own training (one registered version still)."""
+    workspace, _ = demo
+    args = _demo_args(tiny_model_dir)[5:]  # the recipe and its overrides
+    result = CliRunner().invoke(app, ["finetune", "classify-intent", "--learning-curve", *args])
+    assert result.exit_code == 0, result.output
+    folder = workspace / "reports" / "classify-intent" / "learning-curve"
+    points = json.loads((folder / "learning-curve.json").read_text())
+    assert [p["fraction"] for p in points] == [0.25, 0.5, 1.0] and [p["examples"] for p in points] == [4, 8, 16]
+    assert all(0 <= p["specialist"] <= 1 for p in points) and (folder / "learning-curve.png").stat().st_size > 0
+    assert "learning curve" in result.output and ("still rising" in result.output or "flat" in result.output)
+    assert len(MlflowClient().search_model_versions("name='classify-intent'")) == 1
+
+
 def test_unknown_task_lists_the_known_ones(workspace, tiny_model_dir):
     runner = CliRunner()
     for command in (["ingest", "logs"], ["curate"], ["mine"]):

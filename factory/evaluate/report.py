@@ -62,6 +62,7 @@ from factory.io import write_atomic
 CURVE_PNG = "coverage_quality.png"
 RELIABILITY_PNG = "reliability.png"
 CONFUSION_PNG = "confusion.png"
+LEARNING_CURVE_PNG = "learning-curve.png"
 MAX_CHARS = 4000
 _MD_SPECIAL = re.compile(r"([\\`*_\[\]|])")
 ROUTING_NOTE = ("The specialist answers when its raw confidence >= the threshold. The threshold and the map are "
@@ -277,6 +278,26 @@ def _reliability_png(cal: dict[str, Any]) -> bytes:
            title=f"Reliability on the test split ({cal['n']} examples)")
     ax.legend(loc="upper left", fontsize=8)
     return _png(fig)
+
+
+def write_learning_curve(out_dir: Path, points: list[dict[str, Any]]) -> dict[str, Path]:
+    """`learning-curve.json` and its plot: the specialist's test score (base and teacher beside it)
+    at each training-set size of `pipeline.learning_curve`."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig = Figure(figsize=(6, 4), dpi=100)
+    ax = fig.add_subplot()
+    sizes = [p["examples"] for p in points]
+    ax.plot(sizes, [p["specialist"] for p in points], marker="o", label="specialist")
+    ax.plot(sizes, [p["served"] for p in points], marker=".", linestyle=":", label="served share (certified)")
+    ax.axhline(points[-1]["teacher"], color="tab:green", linestyle="--", label="teacher")
+    ax.axhline(points[-1]["base"], color="tab:gray", linestyle="--", label="base (zero-shot)")
+    ax.set(xlabel="training examples", ylabel="test score", ylim=(0, 1.02), xscale="log",
+           title="Learning curve: still rising = more logs help; flat = a bigger base")
+    ax.legend(fontsize=8)
+    paths = {"json": out_dir / "learning-curve.json", "png": out_dir / LEARNING_CURVE_PNG}
+    write_atomic(paths["json"], json.dumps(points, indent=2))
+    write_atomic(paths["png"], _png(fig))
+    return paths
 
 
 def _confusion_png(confusion: dict[str, Any]) -> bytes:
