@@ -147,7 +147,8 @@ def _found(original: str, scrubbed: str) -> list[tuple[str, str]]:
     parts = PLACEHOLDER.split(scrubbed)
     match = re.fullmatch("".join("(.+?)" if i % 2 else re.escape(p) for i, p in enumerate(parts)), original, re.S)
     assert match, (original, scrubbed)
-    return [(value, parts[i].strip("<>").rsplit("_", 1)[0]) for i, value in zip(range(1, len(parts), 2), match.groups())]
+    labels = [p.strip("<>").rsplit("_", 1)[0] for p in parts[1::2]]
+    return list(zip(match.groups(), labels))
 
 
 def _labelled_record(item: dict) -> Record:
@@ -155,7 +156,8 @@ def _labelled_record(item: dict) -> Record:
     if "text" in item:
         messages, calls = [{"role": "user", "content": item["text"]}], []
     else:
-        messages, calls = [{"role": "user", "content": "Please do it."}], [{"name": "act", "arguments": item["arguments"]}]
+        messages = [{"role": "user", "content": "Please do it."}]
+        calls = [{"name": "act", "arguments": item["arguments"]}]
     return Record(id=content_id(messages, [], None, calls), source="openai", messages=messages, output_text=None,
                   output_tool_calls=calls, location=item["id"])
 
