@@ -4,6 +4,7 @@ agent with one fixed prompt per subtask, and "acme-desk", a tool-retrieval assis
 customer-service assistant.
 
 Usage:  python datasets/samples/generate.py [--seed 0] [--sessions 750] [--out datasets/samples]
+        python datasets/samples/generate.py --fixture {per-call-tools,long-policy} --out DIR [--seed 0]
 
 Python stdlib only; the same seed always writes byte-identical files (random.Random(seed) for
 acme-support, random.Random(f"{seed}-desk") for acme-desk, so adding to one leaves the other's files
@@ -62,6 +63,41 @@ Dirt at the same rates [31 teacher mistakes, 12 + 12 failed, 16 exact and 16 nea
 latter only where the last message is the user's]; PII only in inputs: the email a customer gives for
 the identity check and the one get_order_status returns travel on in every later request, and never
 appear in an output. No malformed lines. Defaults give 791 calls + 16 near duplicates = 807 truth lines.
+
+Fixtures (--fixture NAME --out DIR): two more agents, shaped like public logs the factory is judged on,
+written only on demand (never into this folder) as DIR/logs/<agent>.jsonl, one proxy-logged file with
+metadata.agent and no metadata.step, and DIR/truth.jsonl (the lines above: id, task, correct output,
+teacher_correct, planted). Each has its own random stream (f"{seed}-fn", f"{seed}-care"), so neither
+changes the files above. The only dirt is teacher mistakes (3%); no failed, duplicate or malformed lines.
+
+per-call-tools  "acme-fn", 600 calls, one request each and no session: a fixed system prompt, 2-6 tools
+                drawn per request from a catalog of 36 with typed parameters (strings, integers, numbers,
+                booleans, enums, optional ones with defaults, ids, dates as YYYY-MM-DD, MM/DD/YYYY,
+                DD.MM.YYYY, "March 14, 2027", ISO date-times, and one nested object). A question in one of
+                2-4 phrasings per tool (plus openers and closers) states every required value and some
+                optional ones; the answer is one call copying exactly the values stated (a boolean as the
+                phrase that says it, numbers as JSON numbers). 12% of the requests offer no fitting tool (a
+                catalog tool left out, or a need no tool has) and the answer is the text "I can't do that
+                with the tools I have: none of them can <capability>." Mistakes: a call where none fits, a
+                refusal where one does, another offered tool, a value changed or dropped, a number as a
+                string. Task `call_function`; tags `no_fitting_tool`, `teacher_wrong`.
+long-policy     "acme-care", 250 conversations of 4-20 logged assistant turns, a session each, under a
+                retail customer-care policy of ~2,100 words (identity checks, confirmation before changes,
+                cancellations, pending-order changes, returns and exchanges within 30 days, refund methods,
+                no compensation, transfers to humans, tone) and 14 tools with JSON schemas. Each line is the
+                conversation so far, tool results as `tool` messages (users, orders and products as JSON);
+                the answer is the next tool call or a reply. A conversation is 1-3 requests (status, cancel,
+                return, exchange, item or address change, product question, compensation, a human, another
+                person's order, off-topic) after identification by email or name and zip (with a failed
+                email lookup sometimes); a fifth of the requests name any of the customer's orders, not
+                one in the state they need, and deliveries are 2-45 days old, so some get the policy's
+                refusal. Replies come from 1-3 templates per situation filled from
+                the tool results. PII (names, emails, addresses) is in the inputs; an output holds it only
+                when copied from its own input (email and name lookups, new addresses, a first name),
+                checked by an assert. Mistakes: a policy-breaking reply, or one id, digit or reason
+                miscopied in a call. Task `respond`; tags `teacher_wrong`, `pii`.
+Trade-off: both are templated, so they show the shapes (tools per request, prompt lengths, mixed calls
+and replies) but not the variety of a real model's wording.
 
 Files (under --out): logs/support-agent-2026-11-0{3,4,5,6}.jsonl (proxy-logged calls, one file per
 day), logs/finetune-export.jsonl (120 classify_intent records in the fine-tuning chat shape),
@@ -1172,6 +1208,24 @@ acme-desk, planted with seed {seed} (its own random stream):
 `metadata.status = "error"`, {d['exact_duplicate']} exact duplicate lines
 - PII (emails given for identity checks and returned by `get_order_status`, phones, cards, keys) in the request
   of {d['pii']} truth calls, never in any output; no malformed lines
+
+## Fixtures shaped like held-out logs (made on demand, not stored here)
+
+`python datasets/samples/generate.py --fixture NAME --out DIR [--seed N]` writes `DIR/logs/<agent>.jsonl` (one
+proxy-logged file, `metadata.agent` set, no `metadata.step`) and `DIR/truth.jsonl` (same shape as above, 3%
+teacher mistakes, no other dirt). Deterministic per seed; the files above do not change with it.
+
+- `per-call-tools`: "acme-fn", {FN_CALLS} single requests, each offering 2-6 tools out of a catalog of
+  {len(FN_CATALOG)} (strings, integers, numbers, booleans, enums, defaults, ids, dates in several formats, one nested
+  object); the answer copies the values the question states, or, for the {FN_RATES['no_tool']:.0%} of requests
+  that offer no fitting tool, is the text "I can't do that with the tools I have: none of them can ...".
+- `long-policy`: "acme-care", {CARE_DIALOGUES} customer-care conversations of 4-20 assistant turns under a
+  {len(CARE_POLICY.split())}-word retail policy and {len(CARE_TOOLS)} tools (identity lookups, orders, products,
+  cancel/modify/return/exchange, addresses, calculate, transfer to a human); each line is the conversation so far
+  with tool results, the answer the next call or reply; PII in the inputs, in an output only when copied from
+  them.
+
+The docstring of `generate.py` says what each plants.
 """
 
 
