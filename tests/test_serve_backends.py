@@ -14,7 +14,7 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from factory import chat
+from factory import chat, constrain
 from factory.models import load_tokenizer
 from factory.serve.app import ServeConfig, create_app, running
 from factory.serve.backends import RemoteSpecialists, confidence, lora_ids, make_specialists
@@ -40,8 +40,9 @@ def _messages(task: str) -> list[dict]:
     return [{"role": "system", "content": SYSTEM[task]}, {"role": "user", "content": "My parcel is late."}]
 
 
-def _routes(path: Path, base: Path, thresholds: dict[str, float], adapters: dict[str, Path] | None = None) -> Path:
-    tasks = {task: {"task": task, "kind": "free_text", "threshold": threshold, "coverage": 0.5,
+def _routes(path: Path, base: Path, thresholds: dict[str, float], adapters: dict[str, Path] | None = None,
+            kind: str = "free_text") -> Path:
+    tasks = {task: {"task": task, "kind": kind, "threshold": threshold, "coverage": 0.5,
                     "signature": {"agent": "acme", "step": task, "template": request_template(_messages(task)),
                                   "tools": []},
                     "output_schema": {}, "base_model": str(base),
@@ -155,6 +156,29 @@ def test_llamacpp_backend_turns_on_the_tasks_lora_id_and_reads_completion_probab
     assert served.json()["choices"][0]["message"]["content"] == "Parcel delayed; customer asks for status."
     assert float(served.headers["x-factory-confidence"]) == pytest.approx(LLAMA_CONFIDENCE, abs=1e-6)
     assert below.headers["x-factory-reason"] == "below_threshold"
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}, "unit": {"enum": ["c", "f"]}}, "required": ["city"]}}}
+
+
+@pytest.mark.parametrize("backend, keys", [
+    ("vllm", {"model", "prompt", "max_tokens", "temperature", "logprobs", "structured_outputs"}),
+    ("llamacpp", {"prompt", "n_predict", "temperature", "repeat_penalty", "n_probs", "lora", "grammar"})])
+def test_remote_backends_send_the_answer_grammar_of_call_routes(tmp_path, tiny_model_dir, engine, upstream,
+                                                                backend, keys):
+    url, seen, _mode = engine
+    routes = _routes(tmp_path / "routes.json", tiny_model_dir, {"reply": 0.0}, kind="tool_call")
+    specialists = RemoteSpecialists(backend, url, load_routes(routes), timeout=5)
+    with _serve(tmp_path, specialists, routes, upstream) as server:
+        response = _ask(server, "reply", tools=[WEATHER])
+    body = seen[0]["body"]
+    grammar = body["structured_outputs"]["grammar"] if backend == "vllm" else body["grammar"]
+    assert set(body) == keys
+    assert grammar == constrain.for_task("tool_call", {}, [WEATHER]).gbnf
+    assert grammar.startswith("root ::= ") and '"\\"get_weather\\""' in grammar  # GBNF naming the offered tool
+    # the recorded answer is text, not a call: unusable for a call route, so it escalates
+    assert (response.headers["x-factory-route"], response.headers["x-factory-reason"]) == ("upstream", "unusable")
 
 
 @pytest.mark.parametrize("backend", ["vllm", "llamacpp"])

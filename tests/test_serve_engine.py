@@ -12,7 +12,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from factory import chat
+from bench.constrained import tool_requests, valid_calls
+from factory import chat, constrain
 from factory.evaluate.generate import generate
 from factory.serve.app import ServeConfig, create_app, running
 from factory.serve.engine import MIN_SHARED_PREFIX, BackendError, Engine, PrefixCache, supports
@@ -56,23 +57,27 @@ def peft_model(base_dir: Path, tasks: tuple[str, ...], scale: float, **lora_opti
 
 
 def check_against_unbatched(model, tokenizer, requests: list[tuple[str, list[dict]]], budgets: list[int],
-                            max_batch: int) -> Engine:
-    """Submit every request at once and compare each answer with `generate` alone on its adapter."""
-    prompts = [chat.render_prompt(tokenizer, messages, []) for _, messages in requests]
+                            max_batch: int, tools: list[list[dict]] | None = None,
+                            constraints: list | None = None) -> tuple[Engine, list]:
+    """Submit every request at once (with `tools` and `constraints`, one per request, where given) and compare
+    each answer with `generate` alone on its adapter; (the engine, its answers)."""
+    tools = tools or [[] for _ in requests]
+    constraints = constraints or [None for _ in requests]
+    prompts = [chat.render_prompt(tokenizer, messages, t) for (_, messages), t in zip(requests, tools)]
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     engine = Engine(model, tokenizer, max_batch=max_batch, timeout=600)
     try:
-        futures = [engine.submit(task, i, b) for (task, _), i, b in zip(requests, ids, budgets)]
+        futures = [engine.submit(task, i, b, c) for (task, _), i, b, c in zip(requests, ids, budgets, constraints)]
         batched = [f.result() for f in futures]
     finally:
         engine.close()
-    for (task, _), prompt, budget, got in zip(requests, prompts, budgets, batched):
+    for (task, _), prompt, budget, got, c in zip(requests, prompts, budgets, batched, constraints):
         model.set_adapter(task)
-        alone = generate(model, tokenizer, [prompt], budget, batch_size=1)[0]
+        alone = generate(model, tokenizer, [prompt], budget, batch_size=1, constraints=[c])[0]
         assert (got.text, got.new_tokens) == (alone.text, alone.new_tokens), task
         assert got.confidence == pytest.approx(alone.confidence, rel=1e-3)
         assert got.min_prob == pytest.approx(alone.min_prob, rel=1e-2, abs=1e-6)
-    return engine
+    return engine, batched
 
 
 @pytest.mark.parametrize("max_batch, lora_options", [
@@ -89,7 +94,7 @@ def test_mixed_tasks_in_one_batch_answer_as_alone(tiny_model_dir, max_batch, lor
     requests = sample_requests(per_step=4)
     # rows retire at different steps while others join; the longest outgrow the cache's spare columns
     budgets = [3 + (29 * i) % 97 for i in range(len(requests))]
-    engine = check_against_unbatched(model, tokenizer, requests, budgets, max_batch=max_batch)
+    engine, _ = check_against_unbatched(model, tokenizer, requests, budgets, max_batch=max_batch)
     assert engine._lora is not None  # the stacked adapters answered, not PEFT's per-adapter split
     # each task's prompts share their system prompt: its cache was learnt and is reused
     for step, messages in requests[::4]:
@@ -107,6 +112,28 @@ def test_sample_prompts_answer_as_unbatched_on_smollm2(smollm2_dir):
     model = peft_model(smollm2_dir, STEPS, scale=0.02)
     requests = sample_requests(per_step=3)
     check_against_unbatched(model, tokenizer, requests, [24] * len(requests), max_batch=16)
+
+
+def test_rows_of_different_grammars_in_one_batch_answer_as_alone_and_in_shape(tiny_model_dir):
+    """Tool calls to different per-request tool lists, a JSON extraction and an unconstrained row, of two
+    tasks, decoded together: each answer is the one `generate` gives under the same grammar."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = peft_model(tiny_model_dir, ("call_tool", "extract"), scale=0.5)
+    calls = tool_requests(5)
+    ticket = {"json_schema": {"type": "object", "properties": {"urgent": {"type": "boolean"},
+                                                               "amount": {"type": ["integer", "null"]}},
+                              "required": ["urgent"]}}
+    extraction = [{"role": "user", "content": "Order A-17 is late, refund 20 EUR."}]
+    requests = [("call_tool", r["messages"]) for r in calls] + [("extract", extraction)] * 2
+    tools = [r["tools"] for r in calls] + [[], []]
+    constraints = [constrain.for_task("tool_call", {}, t) for t in tools[:5]] + \
+        [constrain.for_task("json_extraction", ticket, []), None]
+    _, answers = check_against_unbatched(model, tokenizer, requests, [48] * 7, max_batch=4, tools=tools,
+                                         constraints=constraints)
+    assert all(valid_calls(a.text, t) for a, t in zip(answers[:5], tools))
+    assert set(json.loads(answers[5].text)) <= {"urgent", "amount"} and "urgent" in json.loads(answers[5].text)
 
 
 def test_adapters_the_engine_cannot_stack_are_served_one_at_a_time(tiny_model_dir):

@@ -14,6 +14,11 @@ repeated for every row; each row's rest follows it with its padding in between (
 and position ids follow the attention mask, so every token keeps its position). Trade-off:
 the prefix's cache is held once per row during decoding as before; only its compute is
 saved, which is what dominates on a CPU.
+
+Constrained answers (`constraints`, one `constrain.Constraint` or None per prompt, rows of different
+grammars in one batch): before the argmax, each row's grammar masks the tokens that cannot continue
+a valid answer, and the recorded log-probabilities are taken under that mask (renormalised over the
+allowed tokens), the confidence of the answer the constrained model gives.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase
+
+from factory.constrain import Constraint, advance, mask_logits
 
 MIN_SHARED_PREFIX = 32  # tokens; below this, running the prefix apart saves less than it costs
 # rows x longest prompt per batch: prompts of ~1k tokens (API-Bank dialogues) took ~3x longer each
@@ -63,6 +70,22 @@ class _ChosenLogprobs(LogitsProcessor):
         return scores
 
 
+class _Grammar(LogitsProcessor):
+    """Masks each row's scores by its grammar (`constrain.mask_logits`), after feeding each matcher the
+    token its row chose at the step before; rows without a grammar pass as they are."""
+
+    def __init__(self, matchers: list):
+        self.matchers = matchers
+        self.started = False
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.started:
+            for matcher, token in zip(self.matchers, input_ids[:, -1].tolist()):
+                advance(matcher, token)
+        self.started = True
+        return mask_logits(scores, self.matchers)
+
+
 def _batch(model, ids: list[list[int]], pad: int) -> dict:
     """Model inputs for one batch: left-padded, or with a shared prefix run once and its cache repeated."""
     shared = min(len(os.path.commonprefix(ids)), min(map(len, ids)) - 1)
@@ -93,12 +116,16 @@ def _batches(order: list[int], ids: list[list[int]], rows: int) -> list[list[int
 
 @torch.inference_mode()
 def generate(model, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_new_tokens: int,
-             batch_size: int = 16, desc: str = "generate") -> list[Generation]:
-    """Greedy completions for `prompts`, in input order.
+             batch_size: int = 16, desc: str = "generate",
+             constraints: list[Constraint | None] | None = None) -> list[Generation]:
+    """Greedy completions for `prompts`, in input order; with `constraints`, prompt i's answer follows
+    `constraints[i]` (None: unconstrained). Raises ValueError when their lengths differ.
 
     A progress bar labelled `desc` counts the batches when there is more than one: a single
     batch (one server request, one pyfunc prediction) would print a bar that says nothing.
     """
+    if constraints is not None and len(constraints) != len(prompts):
+        raise ValueError(f"{len(constraints)} constraints for {len(prompts)} prompts")
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     batches = _batches(sorted(range(len(prompts)), key=lambda i: len(ids[i])), ids, batch_size)
     results: list[Generation | None] = [None] * len(prompts)
@@ -106,8 +133,13 @@ def generate(model, tokenizer: PreTrainedTokenizerBase, prompts: list[str], max_
     for idx in tqdm(batches, desc=desc, unit="batch", disable=len(batches) <= 1):
         batch = _batch(model, [ids[i] for i in idx], tokenizer.pad_token_id)
         chosen = _ChosenLogprobs()  # last processor: sees the scores greedy decoding takes the argmax of
+        processors = [chosen]
+        if constraints is not None and any(constraints[i] for i in idx):
+            vocab = model.config.get_text_config().vocab_size
+            processors.insert(0, _Grammar([constraints[i].matcher(tokenizer, vocab) if constraints[i] else None
+                                           for i in idx]))
         out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
-                             pad_token_id=tokenizer.pad_token_id, logits_processor=LogitsProcessorList([chosen]),
+                             pad_token_id=tokenizer.pad_token_id, logits_processor=LogitsProcessorList(processors),
                              return_dict_in_generate=True)
         new = out.sequences[:, batch["input_ids"].shape[1]:]
         logprobs = torch.stack(chosen.steps, dim=1)

@@ -44,7 +44,7 @@ from typing import Any
 import mlflow
 import numpy as np
 
-from factory import chat, kinds
+from factory import chat, constrain, kinds
 from factory.base_model import resolve_base
 from factory.evaluate.calibrate import (apply_map, certify_per_action, certify_threshold, coverage_curve,
                                        evaluate_threshold, examples_to_certify, expected_calibration_error,
@@ -149,20 +149,29 @@ class Judged:
     teacher: list[float]
 
 
+# Whether `judge_split` constrains the specialist's answers to its kind's grammar (`factory.constrain`);
+# the default until a recipe field chooses it. Serving follows it (`serve.specialists.route_constraint`).
+CONSTRAINED_DECODING = True
+
+
 def judge_split(model, tokenizer, kind: kinds.Kind, schema: dict[str, Any], rows: list[dict[str, Any]],
                 truth: dict[str, dict[str, Any]], token_budget: int, prompt_budget: int, batch_size: int,
-                desc: str) -> Judged:
+                desc: str, constrained: bool = CONSTRAINED_DECODING) -> Judged:
     """Render `rows` within `prompt_budget` tokens, let `model` answer greedily, judge each answer.
 
-    The model answers as it is (the adapter enabled). Rows that cannot be rendered are
+    The model answers as it is (the adapter enabled); with `constrained`, each answer follows the
+    grammar of the kind, the task schema and the row's own tools (`constrain.for_task`), and its
+    confidence is taken under that grammar, as the server decodes. Rows that cannot be rendered are
     counted in `skipped` and left out; with none left, every list is empty. Raises
     ValueError when a reference cannot be scored by the kind.
     """
     prompts, kept, skipped = prompts_within(tokenizer, rows, prompt_budget)
     rows = [rows[i] for i in kept]
-    generations = generate(model, tokenizer, prompts, token_budget, batch_size, desc=desc) if prompts else []
-    refs = [truth.get(r["source_id"], r["output"]) for r in rows]
     tools = [r.get("tools") or [] for r in rows]
+    constraints = [constrain.for_task(kind.name, schema, t) for t in tools] if constrained else None
+    generations = generate(model, tokenizer, prompts, token_budget, batch_size, desc=desc,
+                           constraints=constraints) if prompts else []
+    refs = [truth.get(r["source_id"], r["output"]) for r in rows]
     outputs = [chat.parse_output(g.text) for g in generations]
     usable = [kind.usable(p, schema, t) for p, t in zip(outputs, tools)]
     return Judged(

@@ -35,6 +35,15 @@ considering any other sampler settings" unless `post_sampling_probs` is set, whi
 (The README's example names that list `probs`; its text and the server name it
 `completion_probabilities`.)
 
+Constrained answers: where the route's kind has a grammar (`specialists.route_constraint`), the request
+carries its GBNF text, as each engine takes a grammar: vLLM's `structured_outputs: {"grammar": ...}`
+(vLLM's structured-outputs API since 0.10.2; the `guided_grammar` field it replaced was removed in
+0.12.0; either of vLLM's grammar backends, xgrammar or guidance, reads GBNF), and llama-server's
+`grammar`. The log-probabilities both report are the model's before the grammar's mask (vLLM's default
+`--logprobs-mode raw_logprobs`; llama.cpp's plain softmax, as above), not renormalised over the
+allowed tokens as the local engine's are: a remote answer's confidence is at most what the local path
+reports for the same answer, so it escalates at least as often.
+
 Failures: a timeout (`--backend-timeout`, seconds, for each of connect/read/write), an
 unreachable server, a non-200 status or a body without those fields raise `BackendError`,
 whose `reason` ("backend_timeout" or "backend_error") the server uses as the escalation
@@ -68,7 +77,8 @@ from factory.evaluate.generate import confidence
 from factory.models import load_tokenizer
 from factory.serve.engine import BackendError
 from factory.serve.router import Route
-from factory.serve.specialists import Answer, Specialists, calibrated_probability, fit_request, make_answer
+from factory.serve.specialists import (Answer, Specialists, calibrated_probability, fit_request, make_answer,
+                                      route_constraint)
 
 BACKENDS = ("local", "vllm", "llamacpp")
 
@@ -79,10 +89,14 @@ class Completion:
     logprobs: list[float]  # of the chosen tokens, in order
 
 
-def vllm_request(task: str, prompt_ids: list[int], max_tokens: int) -> tuple[str, dict[str, Any]]:
-    """(path, body) of a vLLM completions request on the task's LoRA module."""
-    return "/v1/completions", {"model": task, "prompt": prompt_ids, "max_tokens": max_tokens, "temperature": 0,
-                               "logprobs": 1}
+def vllm_request(task: str, prompt_ids: list[int], max_tokens: int,
+                 grammar: str | None = None) -> tuple[str, dict[str, Any]]:
+    """(path, body) of a vLLM completions request on the task's LoRA module, its answer following the GBNF
+    `grammar` when one is given."""
+    body = {"model": task, "prompt": prompt_ids, "max_tokens": max_tokens, "temperature": 0, "logprobs": 1}
+    if grammar is not None:
+        body["structured_outputs"] = {"grammar": grammar}
+    return "/v1/completions", body
 
 
 def vllm_completion(body: dict[str, Any]) -> Completion:
@@ -91,10 +105,15 @@ def vllm_completion(body: dict[str, Any]) -> Completion:
     return Completion(choice["text"], [float(lp) for lp in choice["logprobs"]["token_logprobs"]])
 
 
-def llamacpp_request(lora_id: int, prompt_ids: list[int], max_tokens: int) -> tuple[str, dict[str, Any]]:
-    """(path, body) of a llama-server /completion request with only adapter `lora_id` on."""
-    return "/completion", {"prompt": prompt_ids, "n_predict": max_tokens, "temperature": 0, "repeat_penalty": 1.0,
-                           "n_probs": 1, "lora": [{"id": lora_id, "scale": 1.0}]}
+def llamacpp_request(lora_id: int, prompt_ids: list[int], max_tokens: int,
+                     grammar: str | None = None) -> tuple[str, dict[str, Any]]:
+    """(path, body) of a llama-server /completion request with only adapter `lora_id` on, its answer
+    following the GBNF `grammar` when one is given."""
+    body = {"prompt": prompt_ids, "n_predict": max_tokens, "temperature": 0, "repeat_penalty": 1.0, "n_probs": 1,
+            "lora": [{"id": lora_id, "scale": 1.0}]}
+    if grammar is not None:
+        body["grammar"] = grammar
+    return "/completion", body
 
 
 def llamacpp_completion(body: dict[str, Any]) -> Completion:
@@ -142,17 +161,19 @@ class RemoteSpecialists:
         route = self.routes[task]
         prompt, budget = fit_request(route, self._tokenizer, self._config, messages, tools, max_new_tokens)
         ids = self._tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        constraint = route_constraint(route, tools)
         start = time.perf_counter()
-        completion = self._complete(task, ids, budget)
+        completion = self._complete(task, ids, budget, constraint.gbnf if constraint else None)
         return make_answer(route, completion.text, confidence(completion.logprobs), len(completion.logprobs),
                            len(ids), time.perf_counter() - start, tools)
 
-    def _complete(self, task: str, ids: list[int], budget: int) -> Completion:
-        """POST the request and read the answer. Raises BackendError."""
+    def _complete(self, task: str, ids: list[int], budget: int, grammar: str | None) -> Completion:
+        """POST the request (its answer following the GBNF `grammar` when one is given) and read the answer.
+        Raises BackendError."""
         if self.backend == "vllm":
-            (path, body), parse = vllm_request(task, ids, budget), vllm_completion
+            (path, body), parse = vllm_request(task, ids, budget, grammar), vllm_completion
         else:
-            (path, body), parse = llamacpp_request(self._lora_ids[task], ids, budget), llamacpp_completion
+            (path, body), parse = llamacpp_request(self._lora_ids[task], ids, budget, grammar), llamacpp_completion
         try:
             response = self._client.post(self.url + path, json=body)
         except httpx.TimeoutException:

@@ -39,6 +39,11 @@ batch's cache grows to its longest row (padding columns are dropped once no row 
 dropout is off (inference); only plain LoRA adapters on models whose attention goes through
 transformers' attention interface are batched (`supports`).
 
+Constrained answers (`submit`'s `constraint`): a row's grammar masks its logits before its argmax, in
+the pass that computes them, and its log-probability is taken under the mask (renormalised over the
+allowed tokens), as `evaluate.generate` does; rows of different grammars and unconstrained rows share
+the batch. The matcher is built in the submitting thread, off the engine's loop.
+
 Raises, through the request's future: `BackendError("overloaded")` at submit when the queue is
 full, `BackendError("backend_timeout")` when the request's deadline passes before its answer is
 complete (waiting or generating), `BackendError("backend_error")` when a forward pass fails (every
@@ -58,6 +63,7 @@ import torch
 from transformers import AttentionInterface, DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from factory.constrain import Constraint, advance, mask_logits
 from factory.evaluate.generate import Generation
 
 # tokens: a shorter shared prefix is prefilled anew (reusing it saves less than the lookup's bookkeeping)
@@ -83,6 +89,7 @@ class _Request:
     budget: int
     deadline: float
     future: Future = field(default_factory=Future)
+    matcher: object = None  # the answer's grammar matcher (`Constraint.matcher`), None: unconstrained
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
 
@@ -352,10 +359,13 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="factory-engine", daemon=True)
         self._thread.start()
 
-    def submit(self, task: str, ids: list[int], budget: int) -> Future:
-        """Queue a prompt (token ids) for `task`'s adapter; the future's result is a `Generation`.
-        Raises BackendError("overloaded") when `max_queue` requests are already waiting."""
-        request = _Request(task, list(ids), budget, time.monotonic() + self.timeout)
+    def submit(self, task: str, ids: list[int], budget: int, constraint: Constraint | None = None) -> Future:
+        """Queue a prompt (token ids) for `task`'s adapter, its answer following `constraint` (None:
+        unconstrained); the future's result is a `Generation`. Raises BackendError("overloaded") when
+        `max_queue` requests are already waiting."""
+        matcher = None if constraint is None else \
+            constraint.matcher(self.tokenizer, self.model.config.get_text_config().vocab_size)
+        request = _Request(task, list(ids), budget, time.monotonic() + self.timeout, matcher=matcher)
         with self._wake:
             if self._stopped:
                 raise BackendError("backend_error", "the serving engine is stopped")
@@ -430,7 +440,8 @@ class Engine:
         self._slots.plan(joins, [kv for _, kv in found])
         tokens, logprobs = self._forward(torch.tensor([ids + [self.eos] * padding]),
                                          torch.tensor([positions + [0] * padding]),
-                                         tasks + tasks[-1:] * padding, torch.tensor(keep))
+                                         tasks + tasks[-1:] * padding, torch.tensor(keep),
+                                         [r.matcher for r in self._rows + joining])
         for j, request in enumerate(joining):
             self.prefixes.learn(request.task, request.ids, self._slots.prompt_cache(j))
         self._slots.advance()
@@ -439,10 +450,11 @@ class Engine:
             self._record(i, token, logprob)
         self._retire()
 
-    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, tasks: list[str],
-                 keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, tasks: list[str], keep: torch.Tensor,
+                 matchers: list) -> tuple[torch.Tensor, torch.Tensor]:
         """The model on one sequence of tokens [1, tokens] laid out by `_slots.plan`, each token through its
-        task's adapter; (chosen token, its log-probability) at the positions `keep`. 4 to 15 positions
+        task's adapter; (chosen token, its log-probability) at the positions `keep`, each under its row's
+        grammar matcher (`matchers`, None: unconstrained). 4 to 15 positions
         are padded to 16 (`_padded`): the vocabulary projection of 12 positions costs 14 ms here, of 16
         positions 5 ms."""
         rows = len(keep)
@@ -454,11 +466,13 @@ class Engine:
         finally:
             _active.slots = None
             self._lora.set_rows(None)
-        best, tokens = logits[0, :rows].float().max(-1)
-        return tokens, best - logits[0, :rows].float().logsumexp(-1)
+        scores = mask_logits(logits[0, :rows].float(), matchers)
+        best, tokens = scores.max(-1)
+        return tokens, best - scores.logsumexp(-1)
 
     def _record(self, row: int, token: int, logprob: float) -> None:
         request = self._rows[row]
+        advance(request.matcher, token)
         request.tokens.append(token)
         request.logprobs.append(logprob)
 

@@ -14,6 +14,10 @@ carries the calibration map its evaluation fitted on validation (`calibration_ma
 also gets the calibrated probability: the expected score of the answer (P(right) for 0/1 scores).
 The router keeps comparing the raw confidence with the threshold, which was certified on raw
 confidence; the map is monotone, so it would keep the same answers anyway.
+
+Answers of `tool_call`, `agent_turn` and `json_extraction` routes are constrained to their kind's
+grammar (`route_constraint`: the route's schema and the request's own tools), as evaluation decoded
+them when it certified the threshold (`evaluate.run.CONSTRAINED_DECODING`).
 """
 
 from __future__ import annotations
@@ -30,8 +34,8 @@ from typing import Any
 from factory.base_model import cache_dir, resolve_base
 from factory.evaluate.calibrate import apply_map
 from factory.evaluate.generate import generate
-from factory.evaluate.run import prompt_budget
-from factory import chat, kinds
+from factory.evaluate.run import CONSTRAINED_DECODING, prompt_budget
+from factory import chat, constrain, kinds
 from factory.serve.engine import Engine, supports
 from factory.serve.router import Route
 from factory.models import load_resident, load_tokenizer
@@ -133,12 +137,13 @@ class Specialists:
         ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         start = time.perf_counter()
         engine = self._engines.get(route.base_model)
+        constraint = route_constraint(route, tools)
         if engine is not None:
-            gen = engine.submit(task, ids, budget).result()
+            gen = engine.submit(task, ids, budget, constraint).result()
         else:
             with self._lock:  # the adapter switch and the tokenizer's padding side are shared state
                 model.set_adapter(task)
-                gen = generate(model, tokenizer, [prompt], budget, batch_size=1)[0]
+                gen = generate(model, tokenizer, [prompt], budget, batch_size=1, constraints=[constraint])[0]
         return make_answer(route, gen.text, gen.confidence, gen.new_tokens, len(ids),
                            time.perf_counter() - start, tools)
 
@@ -146,6 +151,12 @@ class Specialists:
         """Stop the engines' threads; requests still waiting fail with BackendError."""
         for engine in self._engines.values():
             engine.close()
+
+
+def route_constraint(route: Route, tools: list[dict[str, Any]]) -> constrain.Constraint | None:
+    """The grammar a route's answer to a request offering `tools` follows (`constrain.for_task`); None for
+    kinds without one, and when constrained decoding is off."""
+    return constrain.for_task(route.kind, route.output_schema, tools) if CONSTRAINED_DECODING else None
 
 
 def fit_request(route: Route, tokenizer, config, messages: list[dict[str, Any]], tools: list[dict[str, Any]],

@@ -1,0 +1,106 @@
+"""Constrained decoding: what the grammar mask costs in generation speed, and what it buys.
+
+The real base (SmolLM2-135M-Instruct, no adapter) answers N_PROMPTS tool-calling requests of the
+sample desk-agent logs, each offering its own 2 to 6 tools, in batches of BATCH as evaluation
+generates (`evaluate.generate`), once constrained to each request's tool calls
+(`constrain.for_task("tool_call", ...)`) and once not, batch by batch in turn in the same run. Both
+runs of a batch decode the same number of steps: the unconstrained one gets the constrained one's
+step count as its budget, so prefill and padding weigh alike and the difference is the mask (grammar
+builds, mask computation, mask application).
+
+constrained_tps, unconstrained_tps  rows x decoding steps per second (finished rows still run)
+constrained_decoding_overhead       1 - constrained_tps / unconstrained_tps (target <= 0.15)
+constrained_grammar_ms              mean time to build one request's constraint and matcher, uncached
+constrained_valid_calls             share of constrained answers that parse into calls of offered tools
+                                    with schema-valid arguments (`jsonschema`, closed objects)
+unconstrained_valid_calls           the same for the unconstrained answers (zero-shot base)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import jsonschema
+
+LOGS = Path(__file__).resolve().parents[1] / "datasets" / "samples" / "logs"
+N_PROMPTS = 32
+BATCH = 16
+BUDGET = 64  # tokens: a call to one of the sample tools takes 20 to 45
+
+
+def tool_requests(n: int, fewest: int = 2, most: int = 6) -> list[dict]:
+    """The first `n` well-formed desk-agent calls whose request offers `fewest` to `most` tools and whose
+    answer calls one: {"messages", "tools", "output"} (output as `chat.render_output` takes it)."""
+    found = []
+    for path in sorted(LOGS.glob("desk-agent-*.jsonl")):
+        for line in path.read_bytes().splitlines():  # the samples hold planted bad lines
+            try:
+                call = json.loads(line)
+                request, message = call["request"], call["response"]["choices"][0]["message"]
+                tools, calls = request["tools"], message["tool_calls"]
+            except (ValueError, KeyError, TypeError, IndexError):
+                continue
+            if isinstance(tools, list) and fewest <= len(tools) <= most and calls:
+                found.append({"messages": request["messages"], "tools": tools, "output": {"tool_calls": calls}})
+            if len(found) == n:
+                return found
+    return found
+
+
+def valid_calls(text: str, tools: list[dict]) -> bool:
+    """Whether `text` parses into one or more calls of `tools`, each with arguments valid against its tool's
+    parameters closed to the properties they list."""
+    from factory import chat, constrain
+
+    calls = chat.parse_output(text)["tool_calls"]
+    schemas = {t["function"]["name"]: constrain.strict_schema(t["function"].get("parameters")) for t in tools}
+    return bool(calls) and all(c["name"] in schemas and jsonschema.Draft202012Validator(schemas[c["name"]])
+                               .is_valid(c["arguments"]) for c in calls)
+
+
+def run() -> dict[str, float]:
+    from factory import chat, constrain
+    from factory.base_model import resolve_base
+    from factory.evaluate.generate import generate
+    from factory.models import load_resident, load_tokenizer
+
+    base = resolve_base("embedded:smollm2-135m-instruct")
+    tokenizer, model = load_tokenizer(base), load_resident(base).eval()
+    requests = tool_requests(N_PROMPTS)
+    prompts = [chat.render_prompt(tokenizer, r["messages"], r["tools"]) for r in requests]
+    vocab = model.config.vocab_size
+
+    generate(model, tokenizer, prompts[:2], 4, batch_size=2)  # warm-up
+    seconds = {True: 0.0, False: 0.0}
+    row_steps, texts = {True: 0, False: 0}, {True: [], False: []}
+    for first in range(0, len(prompts), BATCH):
+        batch, tools = prompts[first:first + BATCH], [r["tools"] for r in requests[first:first + BATCH]]
+        budget = BUDGET
+        for constrained in (True, False):  # the grammars are built in the timed run, as for new tool lists
+            constraints = [constrain.for_task("tool_call", {}, t) for t in tools] if constrained else None
+            start = time.perf_counter()
+            out = generate(model, tokenizer, batch, budget, batch_size=BATCH, constraints=constraints)
+            seconds[constrained] += time.perf_counter() - start
+            steps = max(g.new_tokens for g in out)
+            row_steps[constrained] += len(batch) * steps
+            texts[constrained] += [g.text for g in out]
+            budget = steps
+
+    constrain._constraint.cache_clear()  # the grammar build alone, uncached
+    constrain._compiled.cache_clear()
+    start = time.perf_counter()
+    for r in requests:
+        constrain.for_task("tool_call", {}, r["tools"]).matcher(tokenizer, vocab)
+    grammar_ms = 1000 * (time.perf_counter() - start) / len(requests)
+    tps = {c: row_steps[c] / seconds[c] for c in seconds}
+    valid = {c: sum(valid_calls(t, r["tools"]) for t, r in zip(texts[c], requests)) / len(requests) for c in texts}
+    return {"constrained_decoding_overhead": round(1 - tps[True] / tps[False], 4),
+            "constrained_tps": round(tps[True], 1), "unconstrained_tps": round(tps[False], 1),
+            "constrained_grammar_ms": round(grammar_ms, 2),
+            "constrained_valid_calls": round(valid[True], 4), "unconstrained_valid_calls": round(valid[False], 4)}
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(), indent=2))
