@@ -11,9 +11,9 @@ Trade-offs: Linux only (elsewhere it does nothing, and children outlive a killed
 before). The signal comes when the *thread* that forked the child ends, not only the process:
 fork from the main thread, or from a thread that lives as long as the child should. A program
 run through it that is set-user-ID, or that resets its own parent-death signal, drops it.
-A `preexec_fn` runs between fork and exec, which Python warns is unsafe when other threads
-of the parent hold locks; the one here calls only prctl and getppid (no allocation, no import:
-prctl is looked up when this module is imported).
+A `preexec_fn` runs between fork and exec, which Python warns may deadlock when another
+thread of the parent held a lock at the fork; the one here only calls prctl (looked up when
+this module is imported, not in the child) and getppid.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """The engines: ingest and curate write the same bytes on one core, on every core and on Ray, and
 so does mining with its embeddings on Ray; Ray runs
 independent jobs with a failure stopping none of the others; the nightly's tasks run as Ray
-tasks with the same summary; a local pool's workers die with the process that runs it. The Ray
+tasks with the same summary; a local pool's workers, and a command started with
+`parent_death_kill`, die with the process that started them. The Ray
 tests share one real two-node cluster (`ray_cluster`)."""
 
 from __future__ import annotations
@@ -92,6 +93,37 @@ def test_a_local_pool_worker_dies_when_its_driver_is_killed():
     for pid in left:
         os.kill(pid, 9)
     assert left == [], f"pool workers {left} outlived their killed driver"
+
+
+# a process that starts `sleep` the way train.py starts `accelerate launch`, then waits to be killed
+STARTER = """
+import subprocess, sys
+from factory.procs import parent_death_kill
+print(subprocess.Popen(["sleep", "600"], preexec_fn=parent_death_kill()).pid, flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_command_started_with_parent_death_kill_dies_with_its_starter():
+    starter = subprocess.Popen([sys.executable, "-c", STARTER], cwd=ROOT, stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True)
+    child = psutil.Process(int(starter.stdout.readline()))
+    starter.kill()
+    starter.wait()
+    deadline = time.monotonic() + 5
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if _alive(child):
+        child.kill()
+        pytest.fail(f"`sleep` {child.pid} outlived its killed starter")
+
+
+def test_a_process_whose_parent_is_already_gone_exits_at_once():
+    """The race: the parent died before the child asked to die with it (the child was re-parented)."""
+    late = subprocess.run([sys.executable, "-c", "import os; from factory.procs import die_with_parent;"
+                           "die_with_parent(os.getppid() + 1); print('ran on')"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert (late.returncode, late.stdout) == (1, "")
 
 
 def test_curate_on_every_core_writes_the_same_bytes_as_one_core(raw, tmp_path):
