@@ -187,6 +187,7 @@ def failed_records(data_dir: Path, entry: dict[str, Any]) -> list[Record]:
         try:
             row = json.loads(line)
             reason = row.pop("reason")
+            row.pop("detail", None)  # where a pii_in_output_only row's PII was found
             record = Record.from_row(row)
         except (ValueError, KeyError, TypeError) as err:
             raise RelabelError(f"{path}:{n}: not a quarantined record: {err}") from None

@@ -194,6 +194,15 @@ def test_dates_ids_and_dotted_codes_in_prose_are_not_phones_or_ips():
                                                                                              "<IP_ADDRESS_1>")
 
 
+def test_arithmetic_on_amounts_in_a_call_is_not_a_phone():
+    """A `calculate` call's expression (found on the long-policy fixture: 4 of 23 quarantined as PII)."""
+    for expression in ("123.11 - 155.53", "157.51 - 157.05", "100 - 155.53 + 2.5"):
+        record = make([{"role": "user", "content": "What is the difference?"}], output_text=None,
+                      tool_calls=[tool_call("calculate", expression=expression)])
+        (kept,) = curate([record]).kept
+        assert kept.output_tool_calls[0]["arguments"] == {"expression": expression}
+
+
 def test_a_call_written_as_code_keeps_the_placeholder_of_its_request():
     record = make([{"role": "user", "content": "My email address is user4@example.com."},
                    {"role": "tool", "tool_call_id": "call_1", "content": "1683.29"}],

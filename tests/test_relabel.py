@@ -186,3 +186,16 @@ def test_cli_relabel_reads_the_recipe_cap_and_names_an_unreachable_teacher(works
     assert "30 logged + 4 relabelled + 16 synthetic" in result.output
     assert f"preference pairs of {task}: 0" in result.output  # no escalation in these logs
     assert yaml.safe_load((data / "tasks.yaml").read_text())["tasks"][task]["status"] == "ready"
+
+
+def test_a_quarantine_with_pii_in_output_rows_still_reads(workspace):
+    """curate quarantines PII the output alone holds with a `detail` naming the field: relabel reads past it."""
+    from factory.relabel import failed_records
+
+    data, task = workspace, _task(workspace)
+    path = data / "quarantine" / "curate.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    failed = len(failed_records(data, load_catalog(data / "tasks.yaml")[task]))
+    extra = {**rows[0], "reason": "pii_in_output_only", "detail": "output_tool_calls[0].arguments.to: EMAIL"}
+    path.write_text("".join(json.dumps(r) + "\n" for r in [*rows, extra]))
+    assert len(failed_records(data, load_catalog(data / "tasks.yaml")[task])) == failed
