@@ -65,7 +65,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from factory.errors import FactoryError
-from factory.procs import die_with_parent
+from factory.procs import die_with_parent, parent_death_kill
 
 ENGINES = ("local", "ray")
 _ENV_PREFIXES = ("FACTORY_", "MLFLOW_", "HF_", "TRANSFORMERS_", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
@@ -367,7 +367,8 @@ def loopback_cluster(temp: Path, nodes: int = 2, object_store_bytes: int = 100_0
     temp.mkdir(parents=True, exist_ok=True)
     logs = open(temp / "ray-start.log", "wb")
     started = [subprocess.Popen([ray_bin, "start", "--head", f"--port={address.rsplit(':', 1)[1]}",
-                                 "--include-dashboard=false", f"--temp-dir={temp}", *common], stdout=logs, stderr=logs)]
+                                 "--include-dashboard=false", f"--temp-dir={temp}", *common], stdout=logs, stderr=logs,
+                                preexec_fn=parent_death_kill())]
     previous = os.environ.get("RAY_ADDRESS")
     os.environ["RAY_ADDRESS"] = address
 
@@ -377,7 +378,7 @@ def loopback_cluster(temp: Path, nodes: int = 2, object_store_bytes: int = 100_0
     try:
         for _ in range(nodes - 1):
             started.append(subprocess.Popen([ray_bin, "start", f"--address={address}", *common],
-                                            stdout=logs, stderr=logs))
+                                            stdout=logs, stderr=logs, preexec_fn=parent_death_kill()))
         deadline = time.monotonic() + 120
         while True:
             try:

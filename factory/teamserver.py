@@ -44,6 +44,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from factory.procs import parent_death_kill
+
 HOST = "127.0.0.1"
 BUCKET = "factory-artifacts"
 PG_USER, PG_DATABASE = "factory", "mlflow"
@@ -141,7 +143,8 @@ def _process(command: list[str], log: Path, env: dict[str, str], ready, what: st
              timeout: float) -> Iterator[subprocess.Popen]:
     """Run `command` in its own process group until the block ends; `ready()` says when it serves."""
     with open(log, "wb") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                preexec_fn=parent_death_kill())
     try:
         deadline = time.monotonic() + timeout
         while not ready():

@@ -82,6 +82,7 @@ mkl.load_on_amd()  # before torch is first imported: MKL's fast kernels on AMD C
 
 import mlflow
 import numpy as np
+import psutil
 import torch
 import torch.nn.functional as F
 import yaml
@@ -99,10 +100,12 @@ from factory.catalog import check_task_name
 from factory.errors import FactoryError
 from factory.io import load_split, write_atomic
 from factory.models import load_tokenizer
+from factory.procs import die_with_parent, parent_death_kill
 from factory.recipe import RECIPES_DIR, Recipe, accelerate_config
 from factory.tracking import task_experiment
 
 VARLEN_ATTENTION = "sdpa_varlen"
+_DRIVER_ENV = "FACTORY_TRAIN_DRIVER"  # the pid of the process that ran `accelerate launch`
 
 
 @dataclass
@@ -613,7 +616,8 @@ def train(task: str, entry: dict[str, Any], recipe: Recipe, raw_recipe: dict[str
     check_device(recipe)
     out_dir.mkdir(parents=True, exist_ok=True)
     if recipe.distributed != "none" and "LOCAL_RANK" not in os.environ:
-        subprocess.run(launch_command(task, entry, raw_recipe, recipe, data_dir, registry_dir), check=True)
+        subprocess.run(launch_command(task, entry, raw_recipe, recipe, data_dir, registry_dir), check=True,
+                       env={**os.environ, _DRIVER_ENV: str(os.getpid())}, preexec_fn=parent_death_kill())
         return TrainResult(**json.loads(result_path.read_text()))
     if recipe.torch_threads:
         torch.set_num_threads(recipe.torch_threads)
@@ -794,8 +798,15 @@ def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _worker(spec_path: str) -> None:
-    """One `accelerate launch` process: train from the spec `launch_command` wrote."""
+    """One `accelerate launch` process: train from the spec `launch_command` wrote. It dies with its
+    launcher (which dies with the `factory` process that started it: factory.procs), and exits at
+    once when that process died while this one was starting."""
     import torch.distributed as dist
+
+    die_with_parent(os.getppid())
+    driver = os.environ.get(_DRIVER_ENV)
+    if driver and not psutil.pid_exists(int(driver)):
+        os._exit(1)
 
     spec = json.loads(Path(spec_path).read_text())
     try:
