@@ -106,8 +106,8 @@ def _object(schema: dict[str, Any], depth: int) -> dict[str, Any]:
     properties = schema.get("properties")
     if not isinstance(properties, dict):
         return {"type": "object"}
-    required = [r for r in schema.get("required") or [] if isinstance(r, str)] \
-        if isinstance(schema.get("required"), list) else []
+    required = schema.get("required")
+    required = [r for r in required if isinstance(r, str)] if isinstance(required, list) else []
     cleaned = {str(k): _clean(v, depth + 1) for k, v in properties.items()}
     cleaned.update({r: {} for r in required if r not in cleaned})
     return {"type": "object", "properties": cleaned, "required": list(dict.fromkeys(required)),

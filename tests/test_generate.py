@@ -1,4 +1,4 @@
-"""Batched greedy generation: a shared prompt prefix runs once and changes no answer."""
+"""Batched greedy generation: a shared prompt prefix runs once and changes no answer, nor do other rows' grammars."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import pytest
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from factory import chat
+from bench.constrained import tool_requests
+from factory import chat, constrain
 from factory.evaluate import generate as generation
 from factory.models import load_tokenizer
 
@@ -59,3 +60,21 @@ def test_batches_hold_at_most_the_row_and_token_caps(monkeypatch):
     ids = [[0] * n for n in (10, 10, 10, 30, 30, 60, 90)]
     assert generation._batches(list(range(7)), ids, rows=2) == [[0, 1], [2, 3], [4], [5], [6]]
     assert generation._batches(list(range(7)), ids, rows=8) == [[0, 1, 2], [3, 4], [5], [6]]
+
+
+def test_rows_of_different_grammars_batch_as_alone_and_unconstrained_rows_are_untouched(model_and_tokenizer):
+    """Per-prompt constraints in one batch (with the shared-prefix path): each row decodes as it does alone
+    under its own grammar, and a row without one as it does with no grammar in the batch at all."""
+    model, tokenizer = model_and_tokenizer
+    requests = tool_requests(4)
+    prompts = [chat.render_prompt(tokenizer, r["messages"], r["tools"]) for r in requests]
+    constraints = [constrain.for_task("tool_call", {}, r["tools"]) for r in requests[:3]] + [None]
+    batched = generation.generate(model, tokenizer, prompts, 16, batch_size=4, constraints=constraints)
+    alone = [generation.generate(model, tokenizer, [p], 16, constraints=[c])[0] for p, c in zip(prompts, constraints)]
+    free = generation.generate(model, tokenizer, prompts[3:], 16)[0]
+    assert [b.text for b in batched] == [a.text for a in alone]
+    assert [b.confidence for b in batched] == pytest.approx([a.confidence for a in alone], abs=1e-4)
+    assert all(b.text.startswith("<tool_call>\n{\"name\": ") for b in batched[:3])
+    assert (batched[3].text, batched[3].confidence) == (free.text, pytest.approx(free.confidence, abs=1e-4))
+    with pytest.raises(ValueError, match="1 constraints for 4 prompts"):
+        generation.generate(model, tokenizer, prompts, 16, constraints=constraints[:1])

@@ -132,7 +132,10 @@ def test_rows_of_different_grammars_in_one_batch_answer_as_alone_and_in_shape(ti
         [constrain.for_task("json_extraction", ticket, []), None]
     _, answers = check_against_unbatched(model, tokenizer, requests, [48] * 7, max_batch=4, tools=tools,
                                          constraints=constraints)
-    assert all(valid_calls(a.text, t) for a, t in zip(answers[:5], tools))
+    for answer, offered in zip(answers[:5], tools):  # complete, or cut by the budget inside an offered call
+        names = [t["function"]["name"] for t in offered]
+        assert valid_calls(answer.text, offered) if answer.new_tokens < 48 else \
+            any(answer.text.startswith(f'<tool_call>\n{{"name": "{n}", "arguments": {{') for n in names)
     assert set(json.loads(answers[5].text)) <= {"urgent", "amount"} and "urgent" in json.loads(answers[5].text)
 
 
