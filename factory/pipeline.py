@@ -59,13 +59,28 @@ def evaluate_trained(task: str, entry: dict[str, Any], recipe: Recipe, trained: 
                     paths.reports / task, load_truth(truth), run_id=trained.run_id, seq_budget=trained.seq_budget)
 
 
+def misses_target(evaluation: dict[str, Any], recipe: Recipe) -> bool:
+    """Whether the specialist's test score is below `target_quality` x the teacher's."""
+    columns = evaluation["columns"]
+    return columns["specialist"]["score"] < recipe.target_quality * columns["teacher"]["score"]
+
+
 def finetune(task: str, entry: dict[str, Any], paths: Paths, recipe: str | None = None,
              overrides: tuple[str, ...] = (), truth: Path | None = None, gates: Gates = Gates()) -> Finetuned:
-    """Train, evaluate and register one task. Raises RecipeError, FactoryError or ValueError (bad
-    data or settings) before spending time where it can."""
+    """Train, evaluate and register one task; with the recipe's `select_base`, a specialist that misses
+    its target is replaced by one of the base `factory select` chooses. Raises RecipeError,
+    FactoryError or ValueError (bad data or settings) before spending time where it can."""
     spec, raw = load_recipe(task, recipe, list(overrides))
     trained = train(task, entry, spec, raw, paths.data, paths.registry)
     evaluation = evaluate_trained(task, entry, spec, trained, paths, truth)
+    if spec.select_base and len(spec.candidates) > 1 and misses_target(evaluation, spec):
+        from factory.select import select
+
+        chosen = select(task, entry, paths, None, recipe, overrides, truth=load_truth(truth))["chosen"]
+        if chosen != spec.base_model:
+            spec, raw = load_recipe(task, recipe, [*overrides, f"base_model={chosen}"])
+            trained = train(task, entry, spec, raw, paths.data, paths.registry)
+            evaluation = evaluate_trained(task, entry, spec, trained, paths, truth)
     locks = paths.registry / "locks"
     locks.mkdir(parents=True, exist_ok=True)
     with filelock.FileLock(str(locks / f"{task}.lock")):

@@ -34,7 +34,7 @@ EVAL_FIELDS = {"max_eval_samples", "max_new_tokens", "eval_batch_size", "target_
 # fields that change how fast a run goes, not what it learns: left out of the digest
 _SPEED_FIELDS = {"torch_threads", "shared_prefix", "use_liger_kernel"}
 # `factory select`'s candidate bases: a list to choose from, not what one run learns
-_SELECT_FIELDS = {"candidates"}
+_SELECT_FIELDS = {"candidates", "select_base"}
 
 
 class _Strict(BaseModel):
@@ -135,6 +135,10 @@ class Recipe(_Strict):
     # base models `factory select` trains briefly and compares (factory.select): embedded names,
     # local checkpoint folders, hub ids in the local Hugging Face cache
     candidates: list[str] = []
+    # `finetune` (make finetune, the demo, the nightly): when the specialist misses target_quality x the
+    # teacher on test, `factory select` compares the candidates and the chosen base is trained and
+    # registered instead. Costs each candidate's short training and one more full training.
+    select_base: bool = False
     relabel: Relabel = Relabel()
     dpo: Dpo = Dpo()
 

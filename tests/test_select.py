@@ -154,3 +154,18 @@ def test_the_cli_names_an_unknown_candidate_and_exits_1(tmp_path, monkeypatch, t
     assert "candidate 'embedded:no-such-model' cannot be used" in result.output
     assert "embedded:gemma-3-270m" in result.output  # the known embedded models are listed
     assert not (tmp_path / "registry" / "training").exists()
+
+
+def test_finetune_with_select_base_registers_the_base_select_chose_when_the_first_misses(
+        tmp_path, monkeypatch, tiny_model_dir, larger_model_dir, tracking):
+    """`select_base: true`: a random base misses the target, so `finetune` runs `factory select` over the
+    candidates and the version it registers is trained on the chosen base."""
+    from factory.pipeline import finetune
+
+    paths, recipes, _ = _workspace(tmp_path)
+    entry = yaml.safe_load((paths.data / "tasks.yaml").read_text())["tasks"][TASK]
+    enter_workspace(tmp_path, monkeypatch)
+    names = f"candidates=[{larger_model_dir},{tiny_model_dir}]"
+    done = finetune(TASK, entry, paths, overrides=(*FAST, "select_base=true", names, f"base_model={larger_model_dir}"))
+    chosen = json.loads((paths.reports / TASK / "select.json").read_text())["chosen"]
+    assert done.trained.base_model == chosen and done.version.tags["base_model"] == chosen
