@@ -105,6 +105,8 @@ from factory.recipe import RECIPES_DIR, Recipe, accelerate_config
 from factory.tracking import task_experiment
 
 VARLEN_ATTENTION = "sdpa_varlen"
+# min_train_steps repeats a task's examples within this many times max_train_tokens computed tokens
+REPEAT_TOKENS = 2
 _DRIVER_ENV = "FACTORY_TRAIN_DRIVER"  # the pid of the process that ran `accelerate launch`
 
 
@@ -480,22 +482,31 @@ class _Throughput(TrainerCallback):
         self.tokens = state.num_input_tokens_seen - self.tokens0
 
 
-def train_steps(recipe: Recipe, examples: int, processes: int = 1) -> int:
+def train_steps(recipe: Recipe, examples: int, processes: int = 1, computed_tokens: int = 0) -> int:
     """The trainer's `max_steps`: the recipe's, else -1 (its epochs decide) unless those epochs
-    make fewer optimizer steps than `min_train_steps`, which it then returns.
+    make fewer optimizer steps than `min_train_steps`, which it then returns, as far as the whole
+    training stays within REPEAT_TOKENS x `max_train_tokens` computed tokens (`computed_tokens`:
+    one epoch's).
 
-    The trade-off: a task of 263 per-call-tool examples made 33 steps in one epoch and reached
-    a call match of 0.736 on held-out calls; 66 steps (two epochs, twice the time) 0.830. Large
-    tasks are unaffected; a small one costs up to min_train_steps / its steps more time.
+    The trade-off: a small task gains from repeating its examples (a 135M base needs the steps),
+    at up to min_train_steps / its steps more time; a task of long examples (a long policy, long
+    dialogues) would repeat them for hours, so the repeats are bounded by compute, not steps.
     """
     if recipe.max_steps > 0 or not recipe.min_train_steps or not examples:
         return recipe.max_steps
     per_epoch = math.ceil(examples / (recipe.batch_size * processes))
     steps = math.ceil(per_epoch * recipe.epochs / recipe.gradient_accumulation_steps)
-    return recipe.min_train_steps if steps < recipe.min_train_steps else -1
+    if steps >= recipe.min_train_steps:
+        return -1
+    if recipe.max_train_tokens and computed_tokens:
+        per_step = computed_tokens * recipe.gradient_accumulation_steps / per_epoch
+        affordable = int(REPEAT_TOKENS * recipe.max_train_tokens / per_step)
+        return -1 if affordable <= steps else min(recipe.min_train_steps, affordable)
+    return recipe.min_train_steps
 
 
-def training_args(recipe: Recipe, out_dir: Path, evaluate: bool, examples: int = 0) -> SFTConfig:
+def training_args(recipe: Recipe, out_dir: Path, evaluate: bool, examples: int = 0,
+                  computed_tokens: int = 0) -> SFTConfig:
     """TRL's config for the recipe, for `examples` training examples (`train_steps`). Created
     before the model: under DeepSpeed ZeRO-3 it makes `from_pretrained` load the weights
     already partitioned across the GPUs. Batches are padding-free rows unless `attention_path`
@@ -505,7 +516,7 @@ def training_args(recipe: Recipe, out_dir: Path, evaluate: bool, examples: int =
     return SFTConfig(
         output_dir=str(out_dir),
         num_train_epochs=recipe.epochs,
-        max_steps=train_steps(recipe, examples, int(os.environ.get("WORLD_SIZE", "1"))),
+        max_steps=train_steps(recipe, examples, int(os.environ.get("WORLD_SIZE", "1")), computed_tokens),
         per_device_train_batch_size=recipe.batch_size,
         per_device_eval_batch_size=recipe.batch_size,
         gradient_accumulation_steps=recipe.gradient_accumulation_steps,
@@ -635,7 +646,7 @@ def train(task: str, entry: dict[str, Any], recipe: Recipe, raw_recipe: dict[str
     valid_rows = load_split(data_dir, task, version, "validation")
     valid_set = setup_data(valid_rows, tokenizer, recipe, budget=report.seq_budget)[0] \
         if valid_rows and recipe.eval_steps else None
-    args = training_args(recipe, out_dir, valid_set is not None, len(train_set))
+    args = training_args(recipe, out_dir, valid_set is not None, len(train_set), report.computed_tokens)
     model = setup_model(recipe, base_path)
     trainer = setup_trainer(args, model, tokenizer, train_set, valid_set, recipe.shared_prefix)
 

@@ -222,6 +222,15 @@ def test_min_train_steps_leaves_large_tasks_and_explicit_max_steps_alone(tiny_mo
     assert train_steps(recipe.model_copy(update={"min_train_steps": 0}), 100) == -1
 
 
+def test_min_train_steps_repeats_long_examples_only_within_twice_the_token_budget(tiny_model_dir):
+    """70 examples of ~2.3k computed tokens (a long-policy task) fill max_train_tokens in 9 steps: 64 steps
+    would take ~7x the budget's time, so they get the steps twice the budget buys; short examples still 64."""
+    recipe, _ = _recipe(tiny_model_dir, "min_train_steps=64", "batch_size=8", "max_train_tokens=160000")
+    assert train_steps(recipe, 70, computed_tokens=160_000) == 18  # two epochs of 9 steps: 2 x 160k
+    assert train_steps(recipe, 100, computed_tokens=25_000) == 64  # 13 steps of ~250-token examples
+    assert train_steps(recipe, 70, computed_tokens=320_000) == -1  # one epoch already costs twice the budget
+
+
 _WORKER = """
 import json, sys
 from pathlib import Path
