@@ -4,6 +4,7 @@ their own answers."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -242,3 +243,15 @@ def test_single_threaded_runs_torch_on_one_thread_and_restores_the_count():
     threads = torch.get_num_threads()
     assert single_threaded(torch.get_num_threads)() == 1
     assert torch.get_num_threads() == threads
+
+
+def test_a_route_constrains_its_answers_by_kind_schema_and_the_requests_tools():
+    from factory.serve.router import Route
+    from factory.serve.specialists import route_constraint
+
+    offered = tool_requests(1)[0]["tools"]
+    route = Route(task="call", kind="tool_call", threshold=0.5, template="", tools=(), output_schema={"tools": []},
+                  base_model="", adapter_uri="", max_new_tokens=8, dataset_version="v1")
+    assert route_constraint(route, offered) is constrain.for_task("tool_call", {}, offered)
+    assert route_constraint(dataclasses.replace(route, kind="free_text"), offered) is None
+    assert route_constraint(dataclasses.replace(route, extra={"constrained_decoding": False}), offered) is None

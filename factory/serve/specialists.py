@@ -17,7 +17,8 @@ confidence; the map is monotone, so it would keep the same answers anyway.
 
 Answers of `tool_call`, `agent_turn` and `json_extraction` routes are constrained to their kind's
 grammar (`route_constraint`: the route's schema and the request's own tools), as evaluation decoded
-them when it certified the threshold (`evaluate.run.CONSTRAINED_DECODING`).
+them when it certified the threshold (a route's `constrained_decoding`, else
+`evaluate.run.CONSTRAINED_DECODING`).
 """
 
 from __future__ import annotations
@@ -155,8 +156,11 @@ class Specialists:
 
 def route_constraint(route: Route, tools: list[dict[str, Any]]) -> constrain.Constraint | None:
     """The grammar a route's answer to a request offering `tools` follows (`constrain.for_task`); None for
-    kinds without one, and when constrained decoding is off."""
-    return constrain.for_task(route.kind, route.output_schema, tools) if CONSTRAINED_DECODING else None
+    kinds without one, and when constrained decoding is off: the route's `constrained_decoding` entry in
+    routes.json where it has one (as its evaluation decoded), else `evaluate.run.CONSTRAINED_DECODING`."""
+    if not route.extra.get("constrained_decoding", CONSTRAINED_DECODING):
+        return None
+    return constrain.for_task(route.kind, route.output_schema, tools)
 
 
 def fit_request(route: Route, tokenizer, config, messages: list[dict[str, Any]], tools: list[dict[str, Any]],
