@@ -709,7 +709,10 @@ def _to_certify_cell(cal: dict) -> str:
     need = cal.get("to_certify")
     if not need:
         return ""
-    return "better model" if need["more_calls"] is None else f"+{need['more_calls']} calls"
+    if need["more_calls"] is None:
+        return "better model"
+    cap = f", max_eval_samples={need['max_eval_samples']}" if need.get("max_eval_samples") else ""
+    return f"+{need['more_calls']} calls{cap}"
 
 
 def print_results(results: list[dict]) -> None:

@@ -518,3 +518,16 @@ def test_examples_to_certify_grows_as_quality_nears_the_target():
     n = needed[1]
     assert binomial_lower_bound(n, int(0.98 * n), 0.1)[()] >= 0.95 > binomial_lower_bound(n - 20, int(0.98 * (n - 20)), 0.1)[()]
     assert examples_to_certify(0.95, 0.95, 0.1, True) is None and examples_to_certify(0.9, 0.95, 0.1, True) is None
+
+
+def test_calls_to_certify_reads_the_cheapest_operating_point():
+    """A task whose most confident half is perfect needs 45 / 0.5 = 90 validation answers: at a 15%
+    validation share, 600 calls, so 500 more than its 100; below the target at every point, none helps."""
+    from factory.evaluate.run import calls_to_certify
+
+    curve = [[0.9, 0.5, 1.0, 0.8], [0.5, 1.0, 0.9, 0.85]]
+    need = calls_to_certify(curve, 15, 0.15, 100, target=0.95, delta=0.1, binary=True)
+    assert need == {"validation_answers": 90, "more_calls": 500}
+    assert calls_to_certify([[0.9, 0.5, 0.9, 0.8]], 15, 0.15, 100, 0.95, 0.1, True) == \
+        {"validation_answers": None, "more_calls": None}
+    assert calls_to_certify(curve, 0, 0.15, 100, 0.95, 0.1, True) is None

@@ -220,8 +220,10 @@ def _to_certify_facts(cal: dict[str, Any]) -> list[tuple[str, str]]:
     if need["validation_answers"] is None:
         return [("to certify", "no operating point reaches the target: more logs of this quality cannot certify it; "
                                "a better specialist (recipe, base) is needed")]
+    cap = (f"; and max_eval_samples >= {need['max_eval_samples']} in the recipe, which caps the validation answers"
+           if need.get("max_eval_samples") else "")
     return [("to certify", f"~{need['more_calls']} more logged calls at the current error rate "
-                           f"({need['validation_answers']} validation answers)")]
+                           f"({need['validation_answers']} validation answers){cap}")]
 
 
 def _table(columns: dict[str, dict[str, Any]]) -> tuple[list[str], list[list[str]]]:

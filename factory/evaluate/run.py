@@ -340,6 +340,8 @@ def evaluate(task: str, entry: dict[str, Any], recipe: Recipe, adapter_dir: str,
     cal["to_certify"] = None if certified else calls_to_certify(
         cal["curve"], len(validation.rows), sizes["validation"] / max(1, sum(sizes.values())), sum(sizes.values()),
         cal["validation"]["target"], recipe.escalation_delta, kind.binary)
+    if cal["to_certify"] and (cal["to_certify"]["validation_answers"] or 0) > (recipe.max_eval_samples or 1 << 62):
+        cal["to_certify"]["max_eval_samples"] = cal["to_certify"]["validation_answers"]  # the recipe's cap is lower
     result = {
         "key": key, "task": task, "kind": kind.name, "dataset_version": dataset_version, "run_id": run_id,
         "n_test": len(test.rows), "n_validation": len(validation.rows), "skipped": test.skipped,
