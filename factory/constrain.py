@@ -141,7 +141,7 @@ _PRIMITIVES = {
 }
 # json.dumps' separators exactly (`chat.render_output`), or what a pretty-printer adds (JSON answers)
 _COMPACT = 'space ::= " "?'
-_LOOSE = r'space ::= | " " | "\n" [ \t]{0,20}'
+_LOOSE = r'space ::= "" | " " | "\n" [ \t]{0,20}'
 
 
 def _literal(text: str) -> str:
