@@ -195,7 +195,8 @@ class _Rules:
             if key in required:
                 rest = {True: first, False: later}
             else:
-                rest = {True: self.add("m", f"{first} | {rest[True]}"), False: self.add("m", f"{later} | {rest[False]}")}
+                rest = {True: self.add("m", f"{first} | {rest[True]}"),
+                        False: self.add("m", f"{later} | {rest[False]}")}
         return f'"{{" {"" if self.compact else "space "}{rest[True]}'
 
     def text(self, root: str) -> str:
