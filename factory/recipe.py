@@ -30,7 +30,8 @@ from factory.errors import FactoryError
 RECIPES_DIR = Path("recipes")
 DEFAULT_RECIPE = "cpu-lora"
 
-EVAL_FIELDS = {"max_eval_samples", "max_new_tokens", "eval_batch_size", "target_quality", "escalation_delta"}
+EVAL_FIELDS = {"max_eval_samples", "max_new_tokens", "eval_batch_size", "target_quality", "escalation_delta",
+               "constrained_decoding"}
 # fields that change how fast a run goes, not what it learns: left out of the digest
 _SPEED_FIELDS = {"torch_threads", "shared_prefix", "use_liger_kernel"}
 # `factory select`'s candidate bases: a list to choose from, not what one run learns
@@ -132,6 +133,9 @@ class Recipe(_Strict):
     # the escalation threshold is certified on validation: its kept quality reaches the target
     # on new traffic with probability >= 1 - escalation_delta (factory.evaluate.calibrate)
     escalation_delta: float = Field(0.1, gt=0, lt=1)
+    # tool calls, agent turns and JSON answers decode under their schema's grammar (factory.constrain), in
+    # evaluation and, through routes.json, in serving: the threshold is certified as the answers are decoded
+    constrained_decoding: bool = True
     # base models `factory select` trains briefly and compares (factory.select): embedded names,
     # local checkpoint folders, hub ids in the local Hugging Face cache
     candidates: list[str] = []

@@ -198,6 +198,7 @@ def routing_metadata(entry: dict[str, Any], trained: TrainResult, evaluation: di
         "escalation_target": escalation_target, "base_model": trained.base_model, "base_digest": base_digest,
         "max_new_tokens": recipe.max_new_tokens, "dataset_version": trained.dataset_version,
         "seq_budget": trained.seq_budget or recipe.max_seq_length, "example": example,
+        "constrained_decoding": recipe.constrained_decoding,
     }
     RoutingMetadata.model_validate(metadata)  # the router reads it through the same schema
     return metadata

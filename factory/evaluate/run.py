@@ -313,12 +313,13 @@ def evaluate(task: str, entry: dict[str, Any], recipe: Recipe, adapter_dir: str,
     model, tokenizer, budget, prompt_budget = load_for_eval(task, recipe, adapter_dir, dataset_version, data_dir,
                                                             seq_budget)
     test = judge_split(model, tokenizer, kind, schema, rows, truth, budget, prompt_budget, recipe.eval_batch_size,
-                       f"{task}: specialist")
+                       f"{task}: specialist", recipe.constrained_decoding)
     if not test.prompts:
         raise ValueError(f"task {task!r}: no test prompt of {dataset_version} can be rendered ({test.skipped})")
     validation = judge_split(model, tokenizer, kind, schema,
                              load_split(data_dir, task, dataset_version, "validation")[: recipe.max_eval_samples],
-                             truth, budget, prompt_budget, recipe.eval_batch_size, f"{task}: specialist (validation)")
+                             truth, budget, prompt_budget, recipe.eval_batch_size, f"{task}: specialist (validation)",
+                             recipe.constrained_decoding)
     with model.disable_adapter():
         base = generate(model, tokenizer, test.prompts, budget, recipe.eval_batch_size, desc=f"{task}: base")
 
