@@ -11,7 +11,8 @@ specialist sees at inference exactly the text it was trained on.
 Sequence budget (`sequence_budget`): a task's examples are as long as its logs make them
 (a policy prompt of thousands of tokens, a dialogue's history), so the budget comes from the
 task's data, the `seq_length_quantile` of its example lengths, capped by the recipe's
-`max_seq_length` plus the prefix all the task's prompts share, and the base model's context. A longer example keeps its system prompt,
+`max_seq_length` and the base model's context. A task whose shared prefix (a long policy and its
+tools) leaves no room for any example is refused before training, naming the prefix's size. A longer example keeps its system prompt,
 tools, latest turn and answer, and loses earlier turns first (`chat.fit_messages`); what was
 shortened or skipped, and why, is counted (`DataReport`) and logged to the MLflow run.
 The time budget `max_train_tokens` counts the tokens a step computes: a prompt prefix shared
@@ -342,16 +343,10 @@ class DataReport:
                 f"({self.messages_dropped} earlier messages dropped); skipped: {skipped}")
 
 
-def sequence_budget(lengths: list[int], recipe: Recipe, context: int | None, fixed: int = 0) -> int:
+def sequence_budget(lengths: list[int], recipe: Recipe, context: int | None) -> int:
     """The task's sequence budget: the `seq_length_quantile` of its example lengths, at most the
-    recipe's `max_seq_length` plus the task's `fixed` prefix, and the base model's context.
-
-    `fixed` is the prompt prefix every example of the task shares (its system prompt and tools):
-    `max_seq_length` bounds what varies, and a long policy comes on top, since `shared_prefix`
-    computes it once per batch. Trade-off: a task with a long policy trains on longer rows
-    (attention over the policy in every example) instead of failing with nothing that fits.
-    """
-    cap = min(recipe.max_seq_length + fixed, context or recipe.max_seq_length + fixed)
+    recipe's `max_seq_length` and the base model's context."""
+    cap = min(recipe.max_seq_length, context or recipe.max_seq_length)
     if not lengths:
         return cap
     return min(cap, max(64, int(np.quantile(lengths, recipe.seq_length_quantile, method="higher"))))
@@ -389,14 +384,15 @@ def setup_data(rows: list[dict], tokenizer: PreTrainedTokenizerBase, recipe: Rec
             continue
         ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in (prompt, completion)]
         tokenized.append((row, *ids))
+    report.seq_budget = budget or sequence_budget([len(p) + len(c) for _, p, c in tokenized], recipe, context)
     fixed = fixed_prefix([p for _, p, _ in tokenized])
-    report.seq_budget = budget or sequence_budget([len(p) + len(c) for _, p, c in tokenized], recipe, context, fixed)
     shortest = min((len(c) for _, _, c in tokenized), default=0)
     if budget is None and tokenized and fixed + shortest > report.seq_budget:
         raise DataError(f"the task's fixed prompt prefix (system prompt and tools) is {fixed} tokens and its "
                         f"shortest answer {shortest}: no example fits the sequence budget of {report.seq_budget} "
-                        f"tokens (the base model's context: {context}); use a base with a longer context, or "
-                        "shorten the system prompt or tool list")
+                        f"tokens (max_seq_length; the base model's context: {context}); raise it above "
+                        f"{fixed + shortest} (--set max_seq_length=N: memory and time grow with it), or shorten "
+                        "the system prompt or tool list")
     examples = []
     for row, prompt, completion in tokenized:
         if len(prompt) + len(completion) > report.seq_budget:

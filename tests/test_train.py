@@ -97,17 +97,14 @@ def test_long_dialogues_lose_earlier_turns_and_are_counted(tiny_model_dir):
         rows.append({**_rows(1)[0], "messages": [*history, {"role": "user", "content": "Where is A10000?"}]})
     capped, _ = _recipe(tiny_model_dir, "max_seq_length=300")
     data, report = setup_data(rows, tokenizer, capped)
-    fixed = fixed_prefix([tokenizer(chat.render_prompt(tokenizer, r["messages"], r["tools"]),
-                                    add_special_tokens=False)["input_ids"] for r in rows])
-    assert report.seq_budget == 300 + fixed and report.examples == 4 and report.shortened >= 2
+    assert report.seq_budget == 300 and report.examples == 4 and report.shortened >= 2
     assert report.messages_dropped >= 2 * report.shortened
     assert max(len(e["input_ids"]) for e in data) <= report.seq_budget
 
 
-def test_a_policy_longer_than_the_budget_comes_on_top_of_it_up_to_the_context(tiny_model_dir):
-    """A task whose system prompt alone outgrows max_seq_length still trains: the budget is the shared prefix
-    plus max_seq_length, earlier turns are dropped to fit it; a prefix over the base's context is refused
-    before any training, naming the prefix."""
+def test_a_policy_longer_than_the_budget_is_refused_before_training_naming_its_size(tiny_model_dir):
+    """A task whose system prompt alone outgrows max_seq_length is refused before any training, with the
+    prefix's size and the budget that would hold it; with that budget it trains, earlier turns dropped."""
     tokenizer = load_tokenizer(str(tiny_model_dir))
     policy = SYSTEM + " " + " ".join(f"Rule {i}: never promise a refund before the order is found." for i in range(40))
     rows = []
@@ -121,10 +118,11 @@ def test_a_policy_longer_than_the_budget_comes_on_top_of_it_up_to_the_context(ti
     fixed = fixed_prefix(prompts)
     assert fixed > 400
     recipe, _ = _recipe(tiny_model_dir, "max_seq_length=64")
-    data, report = setup_data(rows, tokenizer, recipe, context=2048)
+    with pytest.raises(DataError, match=f"fixed prompt prefix .* is {fixed} tokens .* raise it above"):
+        setup_data(rows, tokenizer, recipe, context=2048)
+    roomy, _ = _recipe(tiny_model_dir, f"max_seq_length={fixed + 64}")
+    data, report = setup_data(rows, tokenizer, roomy, context=2048)
     assert report.examples == 6 and report.seq_budget == fixed + 64 and report.shortened >= 1
-    with pytest.raises(DataError, match=f"fixed prompt prefix .* is {fixed} tokens"):
-        setup_data(rows, tokenizer, recipe, context=fixed)
     assert all(tokenizer.decode(e["input_ids"]).count("Where is A10000?") == 1 for e in data)
 
 
