@@ -391,8 +391,9 @@ def setup_data(rows: list[dict], tokenizer: PreTrainedTokenizerBase, recipe: Rec
         raise DataError(f"the task's fixed prompt prefix (system prompt and tools) is {fixed} tokens and its "
                         f"shortest answer {shortest}: no example fits the sequence budget of {report.seq_budget} "
                         f"tokens (max_seq_length; the base model's context: {context}); raise it above "
-                        f"{fixed + shortest} (--set max_seq_length=N: memory and time grow with it), or shorten "
-                        "the system prompt or tool list")
+                        f"{fixed + shortest} (--set max_seq_length=N: memory and time grow with it; "
+                        "gradient_checkpointing=true trades time for memory on long rows), or shorten the system "
+                        "prompt or tool list")
     examples = []
     for row, prompt, completion in tokenized:
         if len(prompt) + len(completion) > report.seq_budget:
