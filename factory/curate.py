@@ -475,7 +475,9 @@ def _scrub_record(record: Record, find: _SpanFinder) -> tuple[Record, Counter[st
 
     _map_strings(_content_parts(record), register)
     raw = placeholders.raw
-    known = regex.compile(r"(?<!\w)(?:%s)(?!\w)" % "|".join(map(regex.escape, sorted(raw, key=len, reverse=True))))
+    # most records hold no PII: no pattern to build or run for them
+    known = regex.compile(r"(?<!\w)(?:%s)(?!\w)" % "|".join(map(regex.escape, sorted(raw, key=len, reverse=True)))) \
+        if raw else None
 
     def scrub(field: str, emitted: set[tuple[str, str]], text: str, key: str | None) -> str:
         where = f"{field}.{key}" if key else field
@@ -485,7 +487,7 @@ def _scrub_record(record: Record, find: _SpanFinder) -> tuple[Record, Counter[st
             return placeholder
 
         def fill(segment: str) -> str:
-            return known.sub(lambda m: put(raw[m.group()]), segment) if raw else segment
+            return known.sub(lambda m: put(raw[m.group()]), segment) if known else segment
 
         parts, last = [], 0
         for start, end, entity in spans[text, key]:

@@ -12,9 +12,10 @@ Sequence budget (`sequence_budget`): a task's examples are as long as its logs m
 (a policy prompt of thousands of tokens, a dialogue's history), so the budget comes from the
 task's data, the `seq_length_quantile` of its example lengths, capped by the recipe's
 `max_seq_length` and the base model's context. A task whose shared prefix (a long policy and its
-tools) leaves no room for any example is refused before training, naming the prefix's size. A longer example keeps its system prompt,
-tools, latest turn and answer, and loses earlier turns first (`chat.fit_messages`); what was
-shortened or skipped, and why, is counted (`DataReport`) and logged to the MLflow run.
+tools) leaves no room for any example is refused before training, naming the prefix's size. A
+longer example keeps its system prompt, tools, latest turn and answer, and loses earlier turns
+first (`chat.fit_messages`); what was shortened or skipped, and why, is counted (`DataReport`)
+and logged to the MLflow run.
 The time budget `max_train_tokens` counts the tokens a step computes: a prompt prefix shared
 by the whole task (its system prompt, tools) counts once per batch, as `shared_prefix` runs it.
 
