@@ -17,6 +17,7 @@ import time
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
 
@@ -230,7 +231,8 @@ def test_the_nightly_trains_its_tasks_as_ray_tasks(ray_cluster, tmp_path, monkey
 
 
 def test_mining_on_ray_writes_the_same_datasets_as_local(ray_cluster, raw, tmp_path):
-    """The embeddings (anchors, centroids) run on the cluster's actors: same tasks, same bytes."""
+    """The embeddings (anchors, centroids) run on the cluster's actors: same tasks, same bytes, except the
+    centroids' last float bits (a Ray worker's BLAS threads sum in another order)."""
     import pyarrow.parquet as pq
 
     from factory.mine import mine
@@ -245,6 +247,9 @@ def test_mining_on_ray_writes_the_same_datasets_as_local(ray_cluster, raw, tmp_p
                    and not p.name.startswith("."))
     assert any(f.name == "centroid.npy" for f in files)
     for name in files:
+        if name.suffix == ".npy":
+            np.testing.assert_allclose(np.load(tmp_path / "ray" / name), np.load(tmp_path / "local" / name), atol=1e-6)
+            continue
         assert (tmp_path / "ray" / name).read_bytes() == (tmp_path / "local" / name).read_bytes(), name
 
 
