@@ -20,8 +20,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-STAGES = ["ingest", "mine", "scale", "train", "evaluate", "select", "calibration", "serve", "constrained", "real_logs",
-          "export", "quality"]
+STAGES = ["ingest", "mine", "scale", "train", "train_memory", "evaluate", "select", "calibration", "serve",
+          "constrained", "real_logs", "export", "quality"]
 RESULTS = Path(__file__).parent / "results" / "latest.json"
 
 

@@ -28,14 +28,20 @@ What a logged conversation may hold, and how each piece is rendered:
 Long conversations are budgeted, not dropped (`fit_messages`): the system prompt, the tools,
 the latest user turn and everything after it are kept, and whole earlier turns are dropped,
 oldest first, until the prompt fits.
+
+A task whose every call carries the same system prompt and tools (a long policy) can have them
+learned into the weights instead of read (`task_policy`, `without_policy`): its specialist is
+trained and asked without them, and answers only conversations whose policy fingerprint matches.
 """
 
 from __future__ import annotations
 
 import bisect
 import functools
+import hashlib
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +53,7 @@ TOOL_CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.S)
 _PROBE_TOOL = "zq_probe_tool"
 _TOOLS_HEADER = ("You can call these tools. To call one, answer with "
                  '<tool_call>{"name": <tool name>, "arguments": <JSON object>}</tool_call>:')
+POLICY_CHANGED = "policy_changed"  # the ChatError reason of a request whose policy its specialist did not learn
 _DESCRIPTION_CHARS = 200
 _PARAM_CHARS = 80
 
@@ -118,6 +125,43 @@ def normalize(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 item["name"] = str(message["name"])
         out.append(item)
     return out
+
+
+# --- a task's fixed policy ------------------------------------------------------------------------
+
+
+def policy_fingerprint(messages: list[dict[str, Any]], tools: list[dict[str, Any]]) -> str:
+    """16 hex digits naming a conversation's policy: its system (or developer) messages and its tools."""
+    system = "\n\n".join(text_of(m.get("content")) for m in messages if m.get("role") in ("system", "developer"))
+    listing = json.dumps(tools or [], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(f"{system}\0{listing}".encode()).hexdigest()[:16]
+
+
+def task_policy(rows: list[dict[str, Any]], share: float = 0.9) -> str | None:
+    """The fingerprint of the policy (system prompt and tools) that at least `share` of `rows` carry, else None.
+
+    A policy is a fixed prefix only when it is fixed: a task whose system prompt holds the date or
+    the customer's name, or whose calls offer their own tools, has none.
+    """
+    if len(rows) < 2:
+        return None
+    counts = Counter(policy_fingerprint(r["messages"], r.get("tools") or []) for r in rows)
+    fingerprint, n = counts.most_common(1)[0]
+    return fingerprint if n >= share * len(rows) else None
+
+
+def without_policy(messages: list[dict[str, Any]], tools: list[dict[str, Any]],
+                   policy: str | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(messages, tools) as a specialist that learned `policy` reads them: no system prompt, no tool list.
+
+    `policy` None returns them unchanged. Raises ChatError (reason "policy_changed") when the
+    conversation's own policy is another: its specialist never saw that one.
+    """
+    if policy is None:
+        return messages, tools
+    if policy_fingerprint(messages, tools) != policy:
+        raise ChatError(POLICY_CHANGED)
+    return [m for m in messages if m.get("role") not in ("system", "developer")], []
 
 
 # --- tools and outputs as text --------------------------------------------------------------------
@@ -372,11 +416,14 @@ def fit_messages(tokenizer, messages: list[dict[str, Any]], tools: list[dict[str
     return candidates[first], len(msgs) - len(candidates[first])
 
 
-def fit_prompt(tokenizer, messages: list[dict[str, Any]], tools: list[dict[str, Any]], budget: int) -> str:
-    """`render_prompt` of `messages`, shortened to `budget` tokens by `fit_messages` when longer.
+def fit_prompt(tokenizer, messages: list[dict[str, Any]], tools: list[dict[str, Any]], budget: int,
+               policy: str | None = None) -> str:
+    """`render_prompt` of `messages`, shortened to `budget` tokens by `fit_messages` when longer; for a
+    specialist that learned `policy`, without it (`without_policy`).
 
     A prompt within the budget (nearly every request) is rendered and tokenized once. Raises ChatError.
     """
+    messages, tools = without_policy(messages, tools, policy)
     prompt = render_prompt(tokenizer, messages, tools)
     if len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) <= budget:
         return prompt

@@ -263,6 +263,14 @@ def for_task(kind: str, schema: dict[str, Any] | None, tools: list[dict[str, Any
     return _constraint(kind, key)
 
 
+def for_routing(routing: dict[str, Any], tools: list[list[dict[str, Any]]]) -> list[Constraint | None] | None:
+    """One constraint per request (each offering its `tools`) for a registered specialist's routing metadata,
+    as its evaluation decoded: None when the metadata turns constrained decoding off."""
+    if not routing.get("constrained_decoding", True):
+        return None
+    return [for_task(routing["kind"], routing.get("output_schema"), t) for t in tools]
+
+
 @functools.lru_cache(maxsize=512)
 def _constraint(kind: str, key: str) -> Constraint | None:
     value = json.loads(key)

@@ -420,6 +420,7 @@ class Probe:
     budget: int
     answers: list[str]
     score: float
+    constraints: list[Any] | None = None  # each prompt's grammar, as the router decodes (`constrain.for_routing`)
 
 
 def probe(model, tokenizer, routing: dict[str, Any], rows: list[dict[str, Any]],
@@ -427,17 +428,19 @@ def probe(model, tokenizer, routing: dict[str, Any], rows: list[dict[str, Any]],
     """Render `rows` as evaluation does (answer and prompt budgets from the training split and the
     routing metadata) and record the specialist `model`'s greedy answers. Raises ExportError when no
     row can be rendered."""
+    from factory.constrain import for_routing
     from factory.evaluate.generate import generate
     from factory.evaluate.run import max_new_tokens, prompt_budget, prompts_within
 
     budget = max_new_tokens(train_rows, tokenizer, routing["max_new_tokens"])
     limit = prompt_budget(model.config, routing.get("seq_budget") or model.config.max_position_embeddings, budget)
-    prompts, kept, _ = prompts_within(tokenizer, rows, limit)
+    prompts, kept, _ = prompts_within(tokenizer, rows, limit, routing.get("policy"))
     if not prompts:
         raise ExportError(f"task {routing['task']!r}: no test prompt could be rendered for the fidelity check")
     refs, tools = [rows[i]["output"] for i in kept], [rows[i].get("tools") or [] for i in kept]
-    answers = [g.text for g in generate(model, tokenizer, prompts, budget, desc="specialist")]
-    return Probe(prompts, refs, tools, budget, answers, _score(answers, refs, tools, routing))
+    constraints = for_routing(routing, tools)
+    answers = [g.text for g in generate(model, tokenizer, prompts, budget, desc="specialist", constraints=constraints)]
+    return Probe(prompts, refs, tools, budget, answers, _score(answers, refs, tools, routing), constraints)
 
 
 def _score(answers: list[str], refs, tools, routing: dict[str, Any]) -> float:
@@ -454,7 +457,8 @@ def fidelity(model, tokenizer, check: Probe, routing: dict[str, Any], min_agreem
     identical answers), its task score and the specialist's, and whether the agreement passes."""
     from factory.evaluate.generate import generate
 
-    answers = [g.text for g in generate(model, tokenizer, check.prompts, check.budget, desc="export")]
+    answers = [g.text for g in generate(model, tokenizer, check.prompts, check.budget, desc="export",
+                                        constraints=check.constraints)]
     agreement = float(np.mean([a.strip() == r.strip() for a, r in zip(answers, check.answers)]))
     return {"n": len(answers), "agreement": agreement,
             "task_score": _score(answers, check.refs, check.tools, routing),

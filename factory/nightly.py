@@ -156,7 +156,7 @@ def _champion_drift(task, entry, champion, paths: Paths, config: NightlyConfig) 
     recipe, _ = load_recipe(task, config.recipe, list(config.overrides))
     adapter = mlflow.artifacts.download_artifacts(run_id=champion.run_id, artifact_path="adapter")
     fresh = evaluate(task, entry, recipe, adapter, entry["dataset_version"], paths.data,
-                     paths.reports / task / "drift", load_truth(config.truth))
+                     paths.reports / task / "drift", load_truth(config.truth), policy=champion.tags.get("policy"))
     return float(champion.tags["score"]) - fresh["columns"]["specialist"]["score"]
 
 

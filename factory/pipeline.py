@@ -56,7 +56,8 @@ def evaluate_trained(task: str, entry: dict[str, Any], recipe: Recipe, trained: 
                      truth: Path | None = None) -> dict[str, Any]:
     """Evaluate a finished training (or return its stored evaluation); logged to its MLflow run."""
     return evaluate(task, entry, recipe, trained.adapter_dir, trained.dataset_version, paths.data,
-                    paths.reports / task, load_truth(truth), run_id=trained.run_id, seq_budget=trained.seq_budget)
+                    paths.reports / task, load_truth(truth), run_id=trained.run_id, seq_budget=trained.seq_budget,
+                    policy=trained.policy)
 
 
 def misses_target(evaluation: dict[str, Any], recipe: Recipe) -> bool:
@@ -118,7 +119,8 @@ def learning_curve(task: str, entry: dict[str, Any], paths: Paths, recipe: str |
         whole = trained is full  # evaluated where (and as) `finetune` evaluates it, which then reuses it
         result = evaluate(task, entry, sized, trained.adapter_dir, trained.dataset_version, paths.data,
                           paths.reports / task if whole else out / str(trained.train_examples), load_truth(truth),
-                          run_id=trained.run_id if whole else None, seq_budget=trained.seq_budget)
+                          run_id=trained.run_id if whole else None, seq_budget=trained.seq_budget,
+                          policy=trained.policy)
         columns = result["columns"]
         points.append({"fraction": fraction, "examples": trained.train_examples,
                        **{name: columns[name]["score"] for name in ("base", "specialist", "teacher")},

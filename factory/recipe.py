@@ -93,6 +93,11 @@ class Recipe(_Strict):
     # 5% no longer set every batch's width; padding-free rows pay only for the tokens they hold)
     max_seq_length: int = Field(512, gt=8)
     seq_length_quantile: float = Field(1.0, gt=0, le=1)
+    # a task whose calls all carry one system prompt and tool list (a policy) can learn it into the
+    # weights: trained and served without it (shorter rows, room for history), answering only requests
+    # with that policy (another escalates: the policy changed). auto: when it takes over half of
+    # max_seq_length; always: whenever the task has one; never: always read (factory.train.setup_data)
+    learn_policy: Literal["auto", "always", "never"] = "auto"
     packing: bool = False
     padding_free: bool = True
     completion_only_loss: bool = True
@@ -114,6 +119,8 @@ class Recipe(_Strict):
     batch_size: int = Field(8, gt=0)
     gradient_accumulation_steps: int = Field(1, gt=0)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # recompute each layer's activations in the backward: ~1/3 more compute for a fraction of the memory;
+    # switched on by itself when a micro-batch of one longest example would not fit (factory.train.memory_plan)
     gradient_checkpointing: bool = False
     seed: int = 0
     max_train_samples: int | None = Field(None, gt=0)

@@ -101,15 +101,19 @@ class SpecialistModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> pd.DataFrame:
         from factory.evaluate.generate import generate
-        from factory.chat import parse_output, render_prompt
+        from factory.chat import parse_output, render_prompt, without_policy
+        from factory.constrain import for_routing
 
         def load(value):
             return json.loads(value) if isinstance(value, str) else (value or [])
 
         tools = model_input["tools"] if "tools" in model_input else [None] * len(model_input)
-        prompts = [render_prompt(self.tokenizer, load(m), load(t)) for m, t in zip(model_input["messages"], tools)]
+        offered = [load(t) for t in tools]
+        prompts = [render_prompt(self.tokenizer, *without_policy(load(m), t, self.routing.get("policy")))
+                   for m, t in zip(model_input["messages"], offered)]
         rows = []
-        for gen in generate(self.model, self.tokenizer, prompts, self.routing["max_new_tokens"]):
+        for gen in generate(self.model, self.tokenizer, prompts, self.routing["max_new_tokens"],
+                            constraints=for_routing(self.routing, offered)):
             output = parse_output(gen.text)
             threshold = served_threshold(self.routing, output)
             rows.append({"content": output["content"], "tool_calls": json.dumps(output["tool_calls"]),
@@ -198,7 +202,7 @@ def routing_metadata(entry: dict[str, Any], trained: TrainResult, evaluation: di
         "escalation_target": escalation_target, "base_model": trained.base_model, "base_digest": base_digest,
         "max_new_tokens": recipe.max_new_tokens, "dataset_version": trained.dataset_version,
         "seq_budget": trained.seq_budget or recipe.max_seq_length, "example": example,
-        "constrained_decoding": recipe.constrained_decoding,
+        "constrained_decoding": recipe.constrained_decoding, "policy": trained.policy,
     }
     RoutingMetadata.model_validate(metadata)  # the router reads it through the same schema
     return metadata
@@ -219,6 +223,8 @@ def _version_tags(trained: TrainResult, evaluation: dict[str, Any], routing: dic
         "n_test": str(evaluation["n_test"]), "escalation_target": routing["escalation_target"],
         "run_id": trained.run_id,
     }
+    if routing.get("policy"):
+        tags["policy"] = routing["policy"]
     summary = json.dumps({k: v for k, v in routing.items() if k != "example"})
     if len(summary) <= TAG_VALUE_LIMIT:  # a huge prompt template stays in the artifact only
         tags["routing"] = summary
@@ -396,16 +402,18 @@ def score_adapter(base_model: str, adapter_dir: str, routing: dict[str, Any], ro
     from factory.evaluate.generate import generate
     from factory import kinds
     from factory.chat import parse_output
+    from factory.constrain import for_routing
     from factory.evaluate.run import max_new_tokens, prompt_budget, prompts_within
     from factory.models import load_specialist
 
     model, tokenizer = load_specialist(resolve_base(base_model), adapter_dir)
     budget = max_new_tokens(train_rows, tokenizer, routing["max_new_tokens"])
     limit = prompt_budget(model.config, routing.get("seq_budget") or model.config.max_position_embeddings, budget)
-    prompts, kept, _ = prompts_within(tokenizer, rows, limit)
-    preds = [parse_output(g.text) for g in generate(model, tokenizer, prompts, budget)]
-    return kinds.get(routing["kind"]).metrics(preds, [refs[i] for i in kept], routing["output_schema"],
-                                              [rows[i].get("tools") or [] for i in kept])["score"]
+    prompts, kept, _ = prompts_within(tokenizer, rows, limit, routing.get("policy"))
+    tools = [rows[i].get("tools") or [] for i in kept]
+    preds = [parse_output(g.text) for g in generate(model, tokenizer, prompts, budget,
+                                                    constraints=for_routing(routing, tools))]
+    return kinds.get(routing["kind"]).metrics(preds, [refs[i] for i in kept], routing["output_schema"], tools)["score"]
 
 
 def champion_history(client: MlflowClient, name: str) -> list[str]:
@@ -459,7 +467,9 @@ def promote(name: str, gates: Gates = Gates(), force: bool = False, reason: str 
     history = champion_history(client, name)
     if champion is not None and (not history or history[-1] != str(champion.version)):
         history.append(str(champion.version))  # a champion set by hand in the UI joins the history
-    _move_champion(client, name, challenger.version, [*history, str(challenger.version)])
+    if not history or history[-1] != str(challenger.version):  # a rerun after a kill between tag and alias
+        history.append(str(challenger.version))
+    _move_champion(client, name, challenger.version, history)
     _stamp(client, name, challenger.version, "promoted", None)
     return True, problems
 
@@ -564,10 +574,11 @@ def _served_base(name: str) -> str:
 
 def _example_prompt(route: dict[str, Any], example: dict[str, Any]) -> str:
     """The example rendered exactly as training rendered prompts (the adapter folder holds the tokenizer)."""
-    from factory.chat import render_prompt
+    from factory.chat import render_prompt, without_policy
     from factory.models import load_tokenizer
 
-    return render_prompt(load_tokenizer(route["adapter_path"]), example["messages"], example["tools"])
+    return render_prompt(load_tokenizer(route["adapter_path"]),
+                         *without_policy(example["messages"], example["tools"], route.get("policy")))
 
 
 def export_vllm(routes: dict[str, Any], out_dir: Path) -> list[Path]:

@@ -289,9 +289,7 @@ def gpu_training_memory(config: dict[str, Any], recipe: Any, processes: int = 1)
     """
     model = meta_model(config)
     text = model.config.get_text_config()
-    h, i, layers = text.hidden_size, text.intermediate_size, text.num_hidden_layers
-    kv = getattr(text, "head_dim", None) or h // text.num_attention_heads
-    kv *= getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    layers = text.num_hidden_layers
     total = sum(p.numel() for p in model.parameters())
     linears = _linears(model)
     width = 2 if recipe.precision in ("bf16", "fp16") else 4
@@ -318,14 +316,43 @@ def gpu_training_memory(config: dict[str, Any], recipe: Any, processes: int = 1)
     gradients, optimizer = gradients / shards, optimizer / shards
 
     tokens = recipe.batch_size * recipe.max_seq_length
-    act_width = 2 if recipe.precision in ("bf16", "fp16") else 4
-    per_layer = 6 * h + 2 * kv + 4 * i + (6 * h + i if recipe.method != "full" and recipe.lora.dropout else 0)
-    kept = layers * h + per_layer if recipe.gradient_checkpointing else layers * per_layer
-    activations = tokens * kept * act_width + tokens * h * act_width + HEAD_TILE_BYTES
+    activations = tokens * activation_bytes_per_token(text, recipe, recipe.gradient_checkpointing) + HEAD_TILE_BYTES
     rest = weights + gradients + optimizer + activations
     return GpuMemory(weights=int(weights), parameters=total, trainable=int(trainable), gradients=int(gradients),
                      optimizer=int(optimizer), activations=int(activations),
                      overhead=int(CUDA_CONTEXT_BYTES + ALLOCATOR_SLACK * rest), tokens=tokens)
+
+
+def activation_bytes_per_token(text_config: Any, recipe: Any, checkpointing: bool) -> float:
+    """Bytes a training token's activations hold until its backward (a Llama-style decoder's `text_config`):
+    per layer the inputs it keeps (6h + 2kv + 4i values with fused attention, no score matrix; plus
+    6h + i for LoRA dropout's copies), or with gradient checkpointing each layer's input and one
+    layer's set, plus the final hidden state; 16 bits unless fp32."""
+    h, i, layers = text_config.hidden_size, text_config.intermediate_size, text_config.num_hidden_layers
+    kv = getattr(text_config, "head_dim", None) or h // text_config.num_attention_heads
+    kv *= getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
+    width = 2 if recipe.precision in ("bf16", "fp16") else 4
+    per_layer = 6 * h + 2 * kv + 4 * i + (6 * h + i if recipe.method != "full" and recipe.lora.dropout else 0)
+    kept = layers * h + per_layer if checkpointing else layers * per_layer
+    return (kept + h) * width
+
+
+# Peak bytes per token of a CPU training step over `activation_bytes_per_token`, by gradient checkpointing:
+# PyTorch's CPU kernels keep more than the inputs (the recomputed layer's temporaries, the allocator's
+# cached blocks). Fitted to SmolLM2-135M, LoRA r16, fp32, one padding-free row of 1-8k tokens on this
+# 2-core x86 machine (bench/LOG.md, 2026-12-07), and applied to other bases through the formula.
+CPU_ACTIVATION_FACTOR = {False: 1.85, True: 9.6}
+CPU_STEP_OVERHEAD = 650 * MiB  # what a step holds whatever its length (the head, the optimizer's temporaries)
+
+
+def cpu_step_bytes(config: Any, recipe: Any, tokens: int, checkpointing: bool) -> int:
+    """Estimated peak memory of one CPU training step over `tokens` tokens (a padding-free micro-batch) of the
+    model of transformers `config`, beyond its weights and optimizer state. Checkpointing never estimates more
+    than running without it (a model of few layers keeps about as much either way)."""
+    text = config.get_text_config()
+    per_token = min(activation_bytes_per_token(text, recipe, ck) * CPU_ACTIVATION_FACTOR[ck]
+                    for ck in {False, checkpointing})
+    return int(tokens * per_token + CPU_STEP_OVERHEAD)
 
 
 def check_gpu_memory(base: str | Path, recipe: Any, free: list[int], processes: int = 1) -> GpuMemory | None:

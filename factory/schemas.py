@@ -150,6 +150,9 @@ class RoutingMetadata(_OfKind):
     max_new_tokens: int = Field(gt=0)
     dataset_version: str
     seq_budget: int | None = Field(None, gt=0)
+    # the fingerprint of the policy (system prompt and tools) learned into the weights: requests are
+    # answered without it, and only those that carry it (factory.chat.without_policy)
+    policy: str | None = None
     calibration_map: dict[str, Any] | None = None
     # per-action escalation: when set, an answer is served at its action group's threshold, not `threshold`
     action_thresholds: dict[str, float | None] | None = None

@@ -137,7 +137,7 @@ def _score(task: str, entry: dict[str, Any], recipe: Recipe, trained, data_dir: 
     start = time.perf_counter()
     judged = judge_split(model, tokenizer, kinds.get(entry["kind"]), entry.get("output_schema") or {}, rows, truth,
                          budget, prompt_budget, recipe.eval_batch_size, f"{task}: {recipe.base_model} (validation)",
-                         recipe.constrained_decoding)
+                         recipe.constrained_decoding, trained.policy)
     seconds = time.perf_counter() - start
     if not judged.scores:
         raise SelectError(f"task {task!r}: no validation prompt renders for {recipe.base_model!r} "

@@ -11,11 +11,13 @@ specialist sees at inference exactly the text it was trained on.
 Sequence budget (`sequence_budget`): a task's examples are as long as its logs make them
 (a policy prompt of thousands of tokens, a dialogue's history), so the budget comes from the
 task's data, the `seq_length_quantile` of its example lengths, capped by the recipe's
-`max_seq_length` and the base model's context. A task whose shared prefix (a long policy and its
-tools) leaves no room for any example is refused before training, naming the prefix's size. A
-longer example keeps its system prompt, tools, latest turn and answer, and loses earlier turns
-first (`chat.fit_messages`); what was shortened or skipped, and why, is counted (`DataReport`)
-and logged to the MLflow run.
+`max_seq_length` and the base model's context. A task whose calls share one long policy (system
+prompt and tools) learns it into the weights and is trained and served without it
+(`choose_policy`); one whose shared prefix still leaves no room for any example is refused
+before training, naming the prefix's size. A longer example keeps its system prompt, tools,
+latest turn and answer, and loses earlier turns first (`chat.fit_messages`); what was shortened
+or skipped, and why, is counted (`DataReport`) and logged to the MLflow run. The batch is laid
+out to fit memory (`memory_plan`): split into accumulated micro-batches, then checkpointed.
 The time budget `max_train_tokens` counts the tokens a step computes: a prompt prefix shared
 by the whole task (its system prompt, tools) counts once per batch, as `shared_prefix` runs it.
 
@@ -47,8 +49,9 @@ below was kept because it measured faster; the trade-off is stated with it:
   actually run are in `computed_tokens`.
 * MKL's own fast kernels on AMD CPUs (`factory.mkl`, loaded above torch's import): PyTorch's
   MKL otherwise gives them its generic matmul kernels; +10-12% tokens/s here.
-* fp32, no gradient checkpointing: this CPU has no bf16 matmul units (a bf16 matmul
-  runs at ~0.3x the fp32 speed) and the 135M model fits in memory many times over.
+* fp32, no gradient checkpointing unless `memory_plan` needs it: this CPU has no bf16 matmul
+  units (a bf16 matmul runs at ~0.3x the fp32 speed) and the 135M model fits in memory many times
+  over; only long rows (dialogues of thousands of tokens) outgrow it.
 * no injected default system prompt (`render_prompt`): a record without a system
   message gets an empty one where the template would otherwise add its default.
 
@@ -128,6 +131,7 @@ class TrainResult:
     seconds: float
     seq_budget: int = 0
     data: dict[str, Any] = field(default_factory=dict)  # the training split's DataReport
+    policy: str | None = None  # the learned policy's fingerprint: prompts are rendered without it
 
 
 # --- speed: attention per example in padding-free batches, LM head on completion positions ---------
@@ -337,11 +341,15 @@ class DataReport:
     skipped: dict[str, int] = field(default_factory=dict)
     tokens: int = 0  # every example's tokens
     computed_tokens: int = 0  # with the task's shared prefix counted once per batch
+    policy: str | None = None  # the fingerprint of the policy learned into the weights (`choose_policy`)
+    policy_tokens: int = 0  # the task's fixed system prompt and tools, rendered
+    longest: list[int] = field(default_factory=list)  # the longest examples' tokens, longest first
 
     def summary(self) -> str:
         skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items())) or "none"
+        learned = f"; its policy ({self.policy_tokens} tokens) learned, not read" if self.policy else ""
         return (f"{self.examples} examples within {self.seq_budget} tokens; {self.shortened} shortened "
-                f"({self.messages_dropped} earlier messages dropped); skipped: {skipped}")
+                f"({self.messages_dropped} earlier messages dropped); skipped: {skipped}{learned}")
 
 
 def sequence_budget(lengths: list[int], recipe: Recipe, context: int | None) -> int:
@@ -358,8 +366,34 @@ def fixed_prefix(prompts: list[list[int]]) -> int:
     return len(os.path.commonprefix(prompts)) if len(prompts) > 1 else 0
 
 
+def choose_policy(rows: list[dict], tokenizer: PreTrainedTokenizerBase, recipe: Recipe) -> tuple[str | None, int]:
+    """(fingerprint of the policy the specialist learns into its weights, or None; that policy's tokens).
+
+    A task has a policy when nearly all its calls carry one system prompt and tool list
+    (`chat.task_policy`). `learn_policy: auto` learns it when it takes over half of `max_seq_length`:
+    read in every example, it would crowd out the dialogue history that differs between them, and
+    cost its tokens in every step and every served request. The trade-off: the specialist can no
+    longer read its instructions, only what its examples show of them, and it answers only requests
+    that carry the same policy (a reworded policy escalates, reason `policy_changed`, until the
+    task is retrained on logs of the new one).
+    """
+    fingerprint = chat.task_policy(rows) if recipe.learn_policy != "never" else None
+    if fingerprint is None:
+        return None, 0
+    row = next(r for r in rows if chat.policy_fingerprint(r["messages"], r.get("tools") or []) == fingerprint)
+    system = [m for m in row["messages"] if m.get("role") in ("system", "developer")]
+    try:
+        text = chat.render_prompt(tokenizer, system, row.get("tools") or [])
+    except chat.ChatError:  # a template that renders no system prompt alone: its text is close enough
+        text = "\n".join(chat.text_of(m.get("content")) for m in system) + chat.tools_text(row.get("tools") or [])
+    tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    learn = recipe.learn_policy == "always" or tokens > recipe.max_seq_length // 2
+    return (fingerprint if learn else None), tokens
+
+
 def setup_data(rows: list[dict], tokenizer: PreTrainedTokenizerBase, recipe: Recipe,
-               context: int | None = None, budget: int | None = None) -> tuple[Dataset, DataReport]:
+               context: int | None = None, budget: int | None = None,
+               policy: str | None = None) -> tuple[Dataset, DataReport]:
     """Tokenized examples (`input_ids`, `labels`: -100 on the prompt with completion_only_loss) and a report.
 
     Prompt and completion are tokenized separately, as at inference (the prompt is
@@ -369,22 +403,23 @@ def setup_data(rows: list[dict], tokenizer: PreTrainedTokenizerBase, recipe: Rec
     taken in a seeded random order (`recipe.seed`), up to max_train_samples rows and
     max_train_tokens computed tokens: a budget that holds a fraction of the split then
     samples the whole of it, not the first dialogues logged (turns of one dialogue are
-    logged together and alike).
+    logged together and alike). With `policy` (`choose_policy`) prompts are rendered without
+    the system prompt and tools, and rows with another policy are skipped ("policy_changed").
     Raises DataError when no example renders and fits, before any training time is spent.
     """
     rows = random.Random(recipe.seed).sample(rows, len(rows))[: recipe.max_train_samples or len(rows)]
     report, skipped = DataReport(), Counter()
     tokenized = []
     for row in rows:
-        tools = row.get("tools") or []
         try:
-            prompt = chat.render_prompt(tokenizer, row["messages"], tools)
-            completion = chat.render_completion(tokenizer, row["messages"], tools, row["output"])
+            messages, tools = chat.without_policy(row["messages"], row.get("tools") or [], policy)
+            prompt = chat.render_prompt(tokenizer, messages, tools)
+            completion = chat.render_completion(tokenizer, messages, tools, row["output"])
         except chat.ChatError as err:
             skipped[err.reason] += 1
             continue
         ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in (prompt, completion)]
-        tokenized.append((row, *ids))
+        tokenized.append(({**row, "messages": messages, "tools": tools}, *ids))
     report.seq_budget = budget or sequence_budget([len(p) + len(c) for _, p, c in tokenized], recipe, context)
     fixed = fixed_prefix([p for _, p, _ in tokenized])
     shortest = min((len(c) for _, _, c in tokenized), default=0)
@@ -392,9 +427,9 @@ def setup_data(rows: list[dict], tokenizer: PreTrainedTokenizerBase, recipe: Rec
         raise DataError(f"the task's fixed prompt prefix (system prompt and tools) is {fixed} tokens and its "
                         f"shortest answer {shortest}: no example fits the sequence budget of {report.seq_budget} "
                         f"tokens (max_seq_length; the base model's context: {context}); raise it above "
-                        f"{fixed + shortest} (--set max_seq_length=N: memory and time grow with it; "
-                        "gradient_checkpointing=true trades time for memory on long rows), or shorten the system "
-                        "prompt or tool list")
+                        f"{fixed + shortest} (--set max_seq_length=N: memory and time grow with it), learn the "
+                        "policy into the weights (--set learn_policy=always; where nearly all calls share one system "
+                        "prompt and tool list), or shorten the system prompt or tool list")
     examples = []
     for row, prompt, completion in tokenized:
         if len(prompt) + len(completion) > report.seq_budget:
@@ -420,11 +455,66 @@ def setup_data(rows: list[dict], tokenizer: PreTrainedTokenizerBase, recipe: Rec
         kept.append(example)
         report.tokens += len(example["input_ids"])
         report.computed_tokens += round(cost)
-    report.examples, report.skipped = len(kept), dict(skipped)
+    report.examples, report.skipped, report.policy = len(kept), dict(skipped), policy
+    report.longest = sorted((len(e["input_ids"]) for e in kept), reverse=True)[: recipe.batch_size]
     if not kept:
         raise DataError(f"no training example renders and fits the sequence budget ({report.summary()})")
     return Dataset.from_list(kept), report
 
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """How a recipe's batch runs on this machine: `micro_batch` examples a step, `accumulation` steps an
+    optimizer update (micro_batch x accumulation = the recipe's batch x its accumulation), and whether
+    activations are recomputed; `need` is the worst micro-batch's estimated bytes, `budget` what it may use."""
+
+    micro_batch: int
+    accumulation: int
+    checkpointing: bool
+    need: int = 0
+    budget: int | None = None
+
+
+# share of the memory available at start that one training step may take: the rest is the process's own
+# (tokenizer, datasets, MLflow) and the machine's (page cache, other work)
+STEP_MEMORY_SHARE = 0.8
+
+
+def memory_plan(recipe: Recipe, config: Any, longest: list[int], weights: int = 0,
+                available: int | None = None, device: str = "cpu") -> MemoryPlan:
+    """The batch layout that fits in memory, from the longest examples' tokens (`DataReport.longest`).
+
+    On CPU a padding-free micro-batch of b examples holds their tokens in one row; its peak is
+    `resources.cpu_step_bytes`. The recipe's batch runs whole when its longest examples fit
+    `STEP_MEMORY_SHARE` of the available memory less `weights` (the weights and optimizer state);
+    else in the largest micro-batch that divides it, with gradient accumulation (the same updates:
+    losses are summed over the accumulated tokens, and the batch's shared prompt prefix is run
+    once per micro-batch instead of once); else one example a step with gradient checkpointing
+    (~1/3 more compute). Other devices, and an unknown amount of memory, keep the recipe's layout
+    (CUDA has its own preflight: `resources.check_gpu_memory`).
+    Raises ResourceError when even one example with checkpointing cannot fit, naming its tokens.
+    """
+    from factory.resources import ResourceError, available_memory_bytes, cpu_step_bytes
+
+    whole = MemoryPlan(recipe.batch_size, recipe.gradient_accumulation_steps, recipe.gradient_checkpointing)
+    available = available_memory_bytes() if available is None else available
+    if device != "cpu" or available is None or not longest:
+        return whole
+    budget = int(available * STEP_MEMORY_SHARE) - weights
+    layouts = [(b, ck) for ck in sorted({recipe.gradient_checkpointing, True})
+               for b in range(recipe.batch_size, 0, -1) if recipe.batch_size % b == 0]
+    if cpu_step_bytes(config, recipe, longest[0], True) >= cpu_step_bytes(config, recipe, longest[0], False):
+        layouts = [(b, ck) for b, ck in layouts if ck == recipe.gradient_checkpointing]  # it would save nothing
+    for micro, checkpointing in layouts:
+        need = cpu_step_bytes(config, recipe, sum(longest[:micro]), checkpointing)
+        if need <= budget:
+            return MemoryPlan(micro, recipe.gradient_accumulation_steps * recipe.batch_size // micro,
+                              checkpointing, need, budget)
+    raise ResourceError(f"the longest training example ({longest[0]} tokens) needs about {need / 2**30:.1f} GiB "
+                        f"to train even alone with gradient checkpointing, and {max(budget, 0) / 2**30:.1f} GiB "
+                        "is free for it: lower max_seq_length (--set max_seq_length=N; longer examples lose "
+                        "earlier turns) or train on a larger machine")
 
 
 def setup_model(recipe: Recipe, base_path: str) -> torch.nn.Module:
@@ -504,20 +594,22 @@ def train_steps(recipe: Recipe, examples: int, processes: int = 1, computed_toke
 
 
 def training_args(recipe: Recipe, out_dir: Path, evaluate: bool, examples: int = 0,
-                  computed_tokens: int = 0) -> SFTConfig:
-    """TRL's config for the recipe, for `examples` training examples (`train_steps`). Created
+                  computed_tokens: int = 0, plan: MemoryPlan | None = None) -> SFTConfig:
+    """TRL's config for the recipe, for `examples` training examples (`train_steps`), its batch laid out
+    as `plan` says (`memory_plan`; the recipe's own layout without one). Created
     before the model: under DeepSpeed ZeRO-3 it makes `from_pretrained` load the weights
     already partitioned across the GPUs. Batches are padding-free rows unless `attention_path`
     says padded. Raises ValueError as `liger_kernel` does."""
+    plan = plan or MemoryPlan(recipe.batch_size, recipe.gradient_accumulation_steps, recipe.gradient_checkpointing)
     device, flash_attn = device_facts()
     padding_free = ATTENTION_PATHS[attention_path(recipe, device, flash_attn)][1]
     return SFTConfig(
         output_dir=str(out_dir),
         num_train_epochs=recipe.epochs,
         max_steps=train_steps(recipe, examples, int(os.environ.get("WORLD_SIZE", "1")), computed_tokens),
-        per_device_train_batch_size=recipe.batch_size,
-        per_device_eval_batch_size=recipe.batch_size,
-        gradient_accumulation_steps=recipe.gradient_accumulation_steps,
+        per_device_train_batch_size=plan.micro_batch,
+        per_device_eval_batch_size=plan.micro_batch,
+        gradient_accumulation_steps=plan.accumulation,
         learning_rate=recipe.learning_rate,
         lr_scheduler_type=recipe.lr_scheduler,
         warmup_steps=recipe.warmup_ratio,
@@ -525,7 +617,7 @@ def training_args(recipe: Recipe, out_dir: Path, evaluate: bool, examples: int =
         optim=recipe.optimizer,
         bf16=recipe.precision == "bf16",
         fp16=recipe.precision == "fp16",
-        activation_checkpointing=recipe.gradient_checkpointing,
+        activation_checkpointing=plan.checkpointing,
         # setup_data drops the longer examples; TRL refuses a max_length it cannot enforce padding-free
         max_length=None if padding_free and not recipe.packing else recipe.max_seq_length,
         packing=recipe.packing,
@@ -632,19 +724,30 @@ def train(task: str, entry: dict[str, Any], recipe: Recipe, raw_recipe: dict[str
         torch.set_num_threads(recipe.torch_threads)
 
     base_path = resolve_base(recipe.base_model)
-    from factory.resources import preflight_training  # memory and disk, before any weight is loaded
+    from factory.resources import check_memory, preflight_training  # memory and disk, before any weight is loaded
     preflight_training(base_path, recipe.method, recipe.precision, out_dir, recipe)  # GPU memory too, on CUDA
     try:
         tokenizer = load_tokenizer(base_path)
     except OSError as err:  # a hub id that is not in the local cache: nothing is downloaded
         raise ValueError(f"base model {recipe.base_model!r} cannot be loaded: {err}") from None
-    context = getattr(AutoConfig.from_pretrained(base_path), "max_position_embeddings", None)
-    train_set, report = setup_data(load_split(data_dir, task, version, "train"), tokenizer, recipe, context)
+    config = AutoConfig.from_pretrained(base_path)
+    context = getattr(config, "max_position_embeddings", None)
+    train_rows = load_split(data_dir, task, version, "train")
+    policy, policy_tokens = choose_policy(train_rows, tokenizer, recipe)
+    train_set, report = setup_data(train_rows, tokenizer, recipe, context, policy=policy)
+    report.policy_tokens = policy_tokens
     print(f"{task}: {report.summary()}", flush=True)
     valid_rows = load_split(data_dir, task, version, "validation")
-    valid_set = setup_data(valid_rows, tokenizer, recipe, budget=report.seq_budget)[0] \
+    valid_set = setup_data(valid_rows, tokenizer, recipe, budget=report.seq_budget, policy=policy)[0] \
         if valid_rows and recipe.eval_steps else None
-    args = training_args(recipe, out_dir, valid_set is not None, len(train_set), report.computed_tokens)
+    plan = memory_plan(recipe, config, report.longest, check_memory(base_path, recipe.method, recipe.precision) or 0,
+                       device="cuda" if torch.cuda.is_available() else "cpu")
+    if (plan.micro_batch, plan.checkpointing) != (recipe.batch_size, recipe.gradient_checkpointing):
+        print(f"{task}: a batch of its {recipe.batch_size} longest examples ({sum(report.longest)} tokens) would not "
+              f"fit the {plan.budget / 2**30:.1f} GiB free for a step: {plan.micro_batch} example(s) a step x "
+              f"{plan.accumulation} accumulated{', with gradient checkpointing' if plan.checkpointing else ''}",
+              flush=True)
+    args = training_args(recipe, out_dir, valid_set is not None, len(train_set), report.computed_tokens, plan)
     model = setup_model(recipe, base_path)
     trainer = setup_trainer(args, model, tokenizer, train_set, valid_set, recipe.shared_prefix)
 
@@ -666,7 +769,9 @@ def train(task: str, entry: dict[str, Any], recipe: Recipe, raw_recipe: dict[str
             mlflow.log_input(mlflow.data.from_pandas(train_set.to_pandas(), name=f"{task}@{version}",
                                                      source=str(data_dir / task / version)), context="training")
             mlflow.set_tags({"task": task, "dataset_version": version, "stage": "train"})
-            mlflow.log_params({"seq_budget": report.seq_budget})
+            mlflow.log_params({"seq_budget": report.seq_budget, "policy_learned": report.policy or "none",
+                               "policy_tokens": report.policy_tokens, "micro_batch": plan.micro_batch,
+                               "gradient_accumulation": plan.accumulation, "activation_checkpointing": plan.checkpointing})
             mlflow.log_metrics({"data_examples": report.examples, "data_shortened": report.shortened,
                                 "data_messages_dropped": report.messages_dropped,
                                 "data_skipped": sum(report.skipped.values())})
@@ -685,7 +790,7 @@ def train(task: str, entry: dict[str, Any], recipe: Recipe, raw_recipe: dict[str
             base_model=recipe.base_model, dataset_version=version, recipe_digest=recipe.digest(),
             train_examples=len(train_set), train_loss=float(output.training_loss), train_tokens=int(meter.tokens),
             tokens_per_s=meter.tokens / meter.seconds if meter.seconds else 0.0, seconds=meter.seconds,
-            seq_budget=report.seq_budget, data=asdict(report))
+            seq_budget=report.seq_budget, data=asdict(report), policy=report.policy)
         mlflow.log_metrics({"train_loss_final": result.train_loss, "train_tokens_per_s": result.tokens_per_s,
                             "train_computed_tokens": trainer.computed_tokens, "train_seconds": result.seconds,
                             "train_peak_rss_mb": _peak_rss_mb()})
@@ -722,11 +827,11 @@ def train_dpo(task: str, entry: dict[str, Any], recipe: Recipe, raw_recipe: dict
     tokenizer = load_tokenizer(base_path)
     rows = []
     for pair in pairs:
-        tools = pair.get("tools") or []
-        try:
-            rows.append({"prompt": chat.render_prompt(tokenizer, pair["messages"], tools),
-                         "chosen": chat.render_completion(tokenizer, pair["messages"], tools, pair["chosen"]),
-                         "rejected": chat.render_completion(tokenizer, pair["messages"], tools, pair["rejected"])})
+        try:  # rendered as the SFT adapter was trained: without the policy it learned
+            messages, tools = chat.without_policy(pair["messages"], pair.get("tools") or [], sft.policy)
+            rows.append({"prompt": chat.render_prompt(tokenizer, messages, tools),
+                         "chosen": chat.render_completion(tokenizer, messages, tools, pair["chosen"]),
+                         "rejected": chat.render_completion(tokenizer, messages, tools, pair["rejected"])})
         except chat.ChatError:
             continue
     if not rows:
@@ -767,7 +872,7 @@ def train_dpo(task: str, entry: dict[str, Any], recipe: Recipe, raw_recipe: dict
         result = TrainResult(task=task, kind=entry["kind"], run_id=run.info.run_id, adapter_dir=str(adapter_dir),
                              base_model=recipe.base_model, dataset_version=version, recipe_digest=recipe.digest(),
                              train_examples=len(rows), train_loss=float(output.training_loss), train_tokens=0,
-                             tokens_per_s=0.0, seconds=seconds, seq_budget=sft.seq_budget,
+                             tokens_per_s=0.0, seconds=seconds, seq_budget=sft.seq_budget, policy=sft.policy,
                              data={"preference_pairs": len(rows), "sft_run_id": sft.run_id, "losses": losses})
         mlflow.log_metrics({"train_loss_final": result.train_loss, "train_seconds": seconds})
         mlflow.log_artifacts(str(adapter_dir), "adapter")

@@ -195,3 +195,19 @@ def test_fit_messages_drops_old_call_steps_of_one_long_turn_but_never_orphans_a_
     kept, dropped = chat.fit_messages(tokenizer, steps, TOOLS, full * 2 // 3)
     assert dropped > 0 and kept[1]["content"] == "Check all my orders." and kept[2]["role"] == "assistant"
     assert '"A5"' in json.dumps(kept) and '"A0"' not in json.dumps(kept)
+
+
+def test_a_policy_is_named_by_its_system_prompt_and_tools_and_a_changed_one_is_refused():
+    tools = [{"type": "function", "function": {"name": "find_order", "parameters": {"type": "object"}}}]
+    conversation = [{"role": "system", "content": "Policy v1."}, {"role": "user", "content": "Where is A1?"}]
+    rows = [{"messages": conversation, "tools": tools}] * 9 + [{"messages": conversation, "tools": []}]
+    policy = chat.task_policy(rows)
+    assert policy == chat.policy_fingerprint(conversation, tools) != chat.policy_fingerprint(conversation, [])
+    assert chat.task_policy(rows, share=0.95) is None and chat.task_policy(rows[:1]) is None
+    assert chat.without_policy(conversation, tools, policy) == ([conversation[1]], [])
+    assert chat.without_policy(conversation, tools, None) == (conversation, tools)
+    reworded = [{"role": "developer", "content": "Policy v2."}, conversation[1]]
+    for messages, offered in ((reworded, tools), (conversation, tools[:0]), (conversation[1:], tools)):
+        with pytest.raises(chat.ChatError) as err:
+            chat.without_policy(messages, offered, policy)
+        assert err.value.reason == chat.POLICY_CHANGED

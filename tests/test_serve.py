@@ -19,7 +19,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from factory.ingest import ingest, read_records
 from factory.serve.app import ServeConfig, check_bind, create_app, load_api_keys, running
 from factory.serve.router import Router, load_routes, request_template
-from factory.serve.simulate import Example, Prices, examples_from_logs, examples_from_splits, simulate
+from factory.serve.simulate import Example, Prices, examples_from_logs, examples_from_splits, replay, simulate
 from factory.serve.specialists import Specialists
 
 CLIENT_KEY, UPSTREAM_KEY = "client-key-123", "upstream-secret-456"
@@ -378,6 +378,42 @@ def test_model_pins_a_task_and_any_other_name_is_the_upstream_model(tmp_path, sp
     assert (error["code"], error["param"]) == ("model_not_found", "model") and "factory/draft-reply" in error["message"]
     assert card.json() == {"id": "factory/reply", "object": "model", "created": 0, "owned_by": "slm-factory"}
     assert _error_shape(no_card, 404)["code"] == "model_not_found"
+
+
+def test_a_learned_policy_is_left_out_of_the_prompt_and_another_policy_escalates(tmp_path, tiny_model_dir, adapters,
+                                                                                  upstream):
+    from factory.chat import policy_fingerprint
+    from factory.models import load_tokenizer
+    from factory.serve.specialists import fit_request
+
+    upstream_url, seen = upstream
+    path = write_routes(tmp_path / "routes.json", tiny_model_dir, adapters, {"reply": 0.0})
+    routes = json.loads(path.read_text())
+    routes["tasks"]["reply"]["policy"] = policy_fingerprint(_messages("reply"), [])
+    path.write_text(json.dumps(routes))
+    learned = Specialists(load_routes(path))
+    route = learned.routes["reply"]
+    tokenizer = load_tokenizer(tiny_model_dir)
+    prompt, _ = fit_request(route, tokenizer, learned._models[route.base_model].config, _messages("reply"), [], None)
+    assert "My parcel is late." in prompt and SYSTEM["reply"] not in prompt
+
+    reworded = [{"role": "system", "content": SYSTEM["reply"] + " Be brief."}, {"role": "user", "content": "Hi"}]
+    app = create_app(Router(learned.routes), learned, _config(tmp_path, upstream_url, upstream_model="teacher-mini"))
+    with running(app) as url, httpx.Client() as client:
+        served = _post(client, url, _messages("reply"), model="factory/reply")
+        changed = _post(client, url, reworded, model="factory/reply")
+        metrics = client.get(f"{url}/metrics", headers=AUTH).text
+    new_tool = [{"type": "function", "function": {"name": "refund", "parameters": {"type": "object"}}}]
+    replayed = replay([Example("log:1", _messages("reply"), new_tool, {"content": TEACHER, "tool_calls": []})],
+                      Router(learned.routes), learned)  # the same prompt, a tool the policy did not offer
+    learned.close()
+    assert (replayed[0]["task"], replayed[0]["served_by"], replayed[0]["reason"]) == ("reply", "upstream",
+                                                                                      "policy_changed")
+    assert served.json()["factory"]["route"] == "specialist"
+    assert changed.status_code == 200 and changed.json()["factory"]["reason"] == "policy_changed"
+    assert changed.json()["choices"][0]["message"]["content"] == TEACHER
+    assert [s["body"]["messages"] for s in seen] == [reworded]
+    assert 'factory_requests_total{reason="policy_changed",route="upstream",task="reply"} 1.0' in metrics
 
 
 def test_errors_are_openai_shaped_and_the_api_docs_are_off_behind_keys(tmp_path, specialists):

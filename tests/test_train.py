@@ -20,7 +20,8 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from factory import chat
 from factory.recipe import Recipe, load_recipe
 from factory.models import load_tokenizer
-from factory.train import (DataError, SharedPrefixCollator, completion_loss, fixed_prefix, launch_command, setup_data,
+from factory.train import (STEP_MEMORY_SHARE, DataError, SharedPrefixCollator, choose_policy,
+                           memory_plan, completion_loss, fixed_prefix, launch_command, setup_data,
                            setup_model, train, train_steps)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,6 +125,59 @@ def test_a_policy_longer_than_the_budget_is_refused_before_training_naming_its_s
     data, report = setup_data(rows, tokenizer, roomy, context=2048)
     assert report.examples == 6 and report.seq_budget == fixed + 64 and report.shortened >= 1
     assert all(tokenizer.decode(e["input_ids"]).count("Where is A10000?") == 1 for e in data)
+
+
+def test_a_long_policy_is_learned_into_the_weights_and_rows_of_another_policy_are_skipped(tiny_model_dir):
+    """`learn_policy: auto` leaves a short system prompt in the prompts and learns a long one: its
+    examples are rendered without the policy (and tools), so they fit where they did not."""
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    policy = SYSTEM + " " + " ".join(f"Rule {i}: never promise a refund before the order is found." for i in range(40))
+    rows = [{**r, "messages": [{"role": "system", "content": policy}, *r["messages"][1:]]} for r in _rows(12)]
+    rows[0] = {**rows[0], "messages": [{"role": "system", "content": "Another agent."}, *rows[0]["messages"][1:]]}
+    short, _ = _recipe(tiny_model_dir, "max_seq_length=1024")
+    assert choose_policy(_rows(12), tokenizer, short)[0] is None  # ~100 tokens of 1024: read, not learned
+    fingerprint, tokens = choose_policy(rows, tokenizer, short)  # 11 of 12 share it: over 90%
+    assert tokens > 400 and fingerprint == chat.policy_fingerprint(rows[1]["messages"], TOOLS)
+    never, _ = _recipe(tiny_model_dir, "learn_policy=never")
+    assert choose_policy(rows, tokenizer, never) == (None, 0)
+    always, _ = _recipe(tiny_model_dir, "learn_policy=always")
+    assert choose_policy(_rows(12), tokenizer, always)[0] is not None
+    assert choose_policy([*_rows(6), *rows[1:7]], tokenizer, always)[0] is None  # two policies: none is fixed
+
+    data, report = setup_data(rows, tokenizer, _recipe(tiny_model_dir, "max_seq_length=200")[0], context=2048,
+                              policy=fingerprint)
+    assert report.examples == 11 and report.skipped == {"policy_changed": 1} and report.policy == fingerprint
+    text = tokenizer.decode(data[0]["input_ids"])
+    assert "Rule 3" not in text and "get_order_status(" not in text and "Where is my order" in text
+    assert report.longest == sorted((len(e["input_ids"]) for e in data), reverse=True)[:4]
+
+
+def test_the_memory_plan_splits_the_batch_before_it_recomputes_activations(tiny_model_dir):
+    """A batch that does not fit runs in the largest micro-batch that does, accumulated to the same batch;
+    one example that does not fit alone gets gradient checkpointing; one that never fits is refused."""
+    from transformers import LlamaConfig
+
+    from factory.resources import ResourceError, cpu_step_bytes
+
+    recipe, _ = _recipe(tiny_model_dir, "batch_size=8", "gradient_accumulation_steps=2")
+    config = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3)  # SmolLM2-135M's shape: nothing is built
+    longest = [4000] * 8
+    step = {(n, ck): cpu_step_bytes(config, recipe, n * 4000, ck) for n in (1, 2, 4, 8) for ck in (False, True)}
+    assert step[(1, True)] < step[(1, False)] < step[(2, False)] < step[(8, False)]
+    def plan(free: int) -> tuple[int, int, bool]:
+        made = memory_plan(recipe, config, longest, available=int(free / STEP_MEMORY_SHARE) + 2)
+        assert made.need <= made.budget
+        return made.micro_batch, made.accumulation, made.checkpointing
+
+    assert plan(step[(8, False)]) == (8, 2, False)
+    assert plan(step[(4, False)]) == (4, 4, False)
+    assert plan(step[(2, False)] - 8) == (1, 16, False)
+    assert plan(step[(1, False)] - 8) == (2, 8, True)  # checkpointing holds less than half per token
+    assert plan(step[(2, True)] - 8) == (1, 16, True)
+    with pytest.raises(ResourceError, match="longest training example \\(4000 tokens\\)"):
+        plan(step[(1, True)] - 8)
+    assert memory_plan(recipe, config, longest, available=1, device="cuda").micro_batch == 8  # CUDA: own preflight
 
 
 # --- the loss on padding-free batches ----------------------------------------------------------------

@@ -92,13 +92,14 @@ def max_new_tokens(rows: list[dict], tokenizer, cap: int) -> int:
     return min(cap, int(longest * 1.5) + 8)
 
 
-def prompts_within(tokenizer, rows: list[dict], budget: int) -> tuple[list[str], list[int], dict[str, int]]:
+def prompts_within(tokenizer, rows: list[dict], budget: int,
+                   policy: str | None = None) -> tuple[list[str], list[int], dict[str, int]]:
     """(prompts, indexes of the rows they belong to, rows skipped by reason): each row's prompt
-    within `budget` tokens (`chat.fit_prompt`)."""
+    within `budget` tokens (`chat.fit_prompt`), without the `policy` a specialist learned."""
     prompts, kept, skipped = [], [], Counter()
     for i, row in enumerate(rows):
         try:
-            prompts.append(chat.fit_prompt(tokenizer, row["messages"], row.get("tools") or [], budget))
+            prompts.append(chat.fit_prompt(tokenizer, row["messages"], row.get("tools") or [], budget, policy))
             kept.append(i)
         except chat.ChatError as err:
             skipped[err.reason] += 1
@@ -126,6 +127,21 @@ def prompt_budget(config, seq_budget: int, answer_budget: int) -> int:
     context less the answer's room."""
     context = getattr(config, "max_position_embeddings", None) or seq_budget + answer_budget
     return max(64, min(seq_budget, context - answer_budget))
+
+
+def base_prompts(tokenizer, config, judged: Judged, answer_budget: int, policy: str | None) -> list[str]:
+    """The prompts the base answers for the specialist's `judged` rows: the same ones, or where the specialist
+    learned a `policy`, the rows with it (the base cannot answer without it), within the base's context."""
+    if policy is None:
+        return judged.prompts
+    limit = prompt_budget(config, getattr(config, "max_position_embeddings", None) or 1 << 20, answer_budget)
+    prompts = []
+    for row, own in zip(judged.rows, judged.prompts):
+        try:
+            prompts.append(chat.fit_prompt(tokenizer, row["messages"], row.get("tools") or [], limit))
+        except chat.ChatError:  # the policy and the latest turn exceed the base's context: as the specialist
+            prompts.append(own)
+    return prompts
 
 
 @dataclass(frozen=True)
@@ -156,8 +172,9 @@ CONSTRAINED_DECODING = True
 
 def judge_split(model, tokenizer, kind: kinds.Kind, schema: dict[str, Any], rows: list[dict[str, Any]],
                 truth: dict[str, dict[str, Any]], token_budget: int, prompt_budget: int, batch_size: int,
-                desc: str, constrained: bool = CONSTRAINED_DECODING) -> Judged:
-    """Render `rows` within `prompt_budget` tokens, let `model` answer greedily, judge each answer.
+                desc: str, constrained: bool = CONSTRAINED_DECODING, policy: str | None = None) -> Judged:
+    """Render `rows` within `prompt_budget` tokens (without the `policy` the specialist learned), let
+    `model` answer greedily, judge each answer.
 
     The model answers as it is (the adapter enabled); with `constrained`, each answer follows the
     grammar of the kind, the task schema and the row's own tools (`constrain.for_task`), and its
@@ -165,7 +182,7 @@ def judge_split(model, tokenizer, kind: kinds.Kind, schema: dict[str, Any], rows
     counted in `skipped` and left out; with none left, every list is empty. Raises
     ValueError when a reference cannot be scored by the kind.
     """
-    prompts, kept, skipped = prompts_within(tokenizer, rows, prompt_budget)
+    prompts, kept, skipped = prompts_within(tokenizer, rows, prompt_budget, policy)
     rows = [rows[i] for i in kept]
     tools = [r.get("tools") or [] for r in rows]
     constraints = [constrain.for_task(kind.name, schema, t) for t in tools] if constrained else None
@@ -287,11 +304,13 @@ def calls_to_certify(curve: Sequence[Sequence[float]], n_validation: int, valida
 
 def evaluate(task: str, entry: dict[str, Any], recipe: Recipe, adapter_dir: str, dataset_version: str,
              data_dir: Path, report_dir: Path, truth: dict[str, dict[str, Any]],
-             run_id: str | None = None, seq_budget: int | None = None) -> dict[str, Any]:
+             run_id: str | None = None, seq_budget: int | None = None, policy: str | None = None) -> dict[str, Any]:
     """Score the three columns on test, certify the threshold on validation, write the report; returns the result.
 
     `seq_budget` is the training run's sequence budget (the recipe's `max_seq_length` when
-    not given); prompts keep room for the answer within it. Each split is cut to the
+    not given); prompts keep room for the answer within it. `policy` is the one the specialist
+    learned (`train.choose_policy`): its prompts leave it out, the base's keep it (within the
+    base's context), and rows with another policy are skipped as the router escalates them. Each split is cut to the
     recipe's `max_eval_samples`. A stored result for the same evaluation version, adapter,
     dataset version, evaluation settings and truth is returned as is. With `run_id`,
     metrics and report files are logged to that MLflow run. Raises ValueError when the test
@@ -313,15 +332,16 @@ def evaluate(task: str, entry: dict[str, Any], recipe: Recipe, adapter_dir: str,
     model, tokenizer, budget, prompt_budget = load_for_eval(task, recipe, adapter_dir, dataset_version, data_dir,
                                                             seq_budget)
     test = judge_split(model, tokenizer, kind, schema, rows, truth, budget, prompt_budget, recipe.eval_batch_size,
-                       f"{task}: specialist", recipe.constrained_decoding)
+                       f"{task}: specialist", recipe.constrained_decoding, policy)
     if not test.prompts:
         raise ValueError(f"task {task!r}: no test prompt of {dataset_version} can be rendered ({test.skipped})")
     validation = judge_split(model, tokenizer, kind, schema,
                              load_split(data_dir, task, dataset_version, "validation")[: recipe.max_eval_samples],
                              truth, budget, prompt_budget, recipe.eval_batch_size, f"{task}: specialist (validation)",
-                             recipe.constrained_decoding)
+                             recipe.constrained_decoding, policy)
     with model.disable_adapter():
-        base = generate(model, tokenizer, test.prompts, budget, recipe.eval_batch_size, desc=f"{task}: base")
+        base = generate(model, tokenizer, base_prompts(tokenizer, model.config, test, budget, policy), budget,
+                        recipe.eval_batch_size, desc=f"{task}: base")
 
     outputs = {"base": [chat.parse_output(g.text) for g in base], "specialist": test.outputs,
                "teacher": [r["output"] for r in test.rows]}

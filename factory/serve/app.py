@@ -36,7 +36,9 @@ pydantic's parser allows (about 200 levels) gets 400, upstream calls time out af
 `engine.Engine`, or a vLLM / llama.cpp server: `backends`) escalates the request with reason
 `backend_error` / `backend_timeout`, and one whose queue is full with reason `overloaded` (a 503
 with `Retry-After: 1` when there is no upstream): the router sheds load to the upstream LLM
-rather than queueing without bound. All three are counted in `factory_backend_errors`. Every served request is logged
+rather than queueing without bound. All three are counted in `factory_backend_errors`. A request to a
+task whose specialist learned its policy into the weights, carrying another system prompt or tool list,
+escalates with reason `policy_changed`. Every served request is logged
 (`requestlog.RequestLog`); invalid and unauthorised requests are not.
 """
 
@@ -66,6 +68,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from factory.chat import POLICY_CHANGED, ChatError
 from factory.serve.protocol import (ChatCompletionRequest, InvalidRequest, openapi_components, parse_request,
                                     plain_messages, plain_tools)
 from factory.serve.requestlog import RequestLog, log_entry
@@ -447,7 +450,11 @@ def create_app(router: Router, specialists: Specialists | RemoteSpecialists, con
             metrics.backend_errors.labels(err.reason).inc()
             logger.warning("specialist %s: %s; escalating (%s)", match.route.task, err, err.reason)
             return match, None, Decision(UPSTREAM, err.reason)
-        except Exception:  # a failing specialist must not fail the request: the upstream answers
+        except Exception as err:  # a failing specialist must not fail the request: the upstream answers
+            if isinstance(err, ChatError) and err.reason == POLICY_CHANGED:  # not the policy it learned
+                logger.info("specialist %s: the request's policy is not the one it learned; escalating",
+                            match.route.task)
+                return match, None, Decision(UPSTREAM, POLICY_CHANGED)
             logger.exception("specialist %s failed; escalating", match.route.task)
             return match, None, Decision(UPSTREAM, "specialist_error")
         metrics.confidence.labels(match.route.task).observe(answer.confidence)

@@ -88,7 +88,8 @@ class Match:
 class Decision:
     served_by: str  # SPECIALIST or UPSTREAM
     # "confident", "below_threshold", "no_threshold", "unusable", "no_match"; the server adds
-    # "unsupported" (n > 1) and "specialist_error" (generation raised, e.g. a chat template error)
+    # "unsupported" (n > 1), "policy_changed" (not the policy the specialist learned) and
+    # "specialist_error" (generation raised, e.g. a chat template error)
     reason: str
 
 

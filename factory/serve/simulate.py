@@ -41,11 +41,11 @@ from pathlib import Path
 from typing import Any
 
 from factory import kinds
-from factory.chat import render_output
+from factory.chat import POLICY_CHANGED, ChatError, render_output
 from factory.ingest import ingest, read_records
 from factory.io import load_split, write_atomic
 from factory.records import Record
-from factory.serve.router import SPECIALIST, Router, decide
+from factory.serve.router import SPECIALIST, UPSTREAM, Decision, Router, decide
 from factory.serve.specialists import Specialists
 
 UNMATCHED = "(unmatched)"
@@ -132,11 +132,14 @@ def replay(examples: list[Example], router: Router, specialists: Specialists, pr
     outcomes = []
     for example in examples:
         match = router.match(example.messages, example.tools, example.agent, example.step)
-        route, answer = match.route, None
+        route, answer, failed = match.route, None, None
         if route is not None and route.serves:
-            answer = specialists.answer(route.task, example.messages, example.tools)
-        decision = decide(match, answer and answer.confidence, bool(answer and answer.usable),
-                          answer.output if answer else None)
+            try:
+                answer = specialists.answer(route.task, example.messages, example.tools)
+            except ChatError as err:  # as the server does: the teacher answers
+                failed = POLICY_CHANGED if err.reason == POLICY_CHANGED else "specialist_error"
+        decision = Decision(UPSTREAM, failed) if failed else decide(
+            match, answer and answer.confidence, bool(answer and answer.usable), answer.output if answer else None)
         teacher_cost, teacher_ms = _teacher_cost(example, prices), example.latency_ms or prices.teacher_latency_ms
         spec_cost = 0.0 if answer is None else (answer.prompt_tokens + answer.completion_tokens) * prices.specialist / 1e6
         spec_ms = 0.0 if answer is None else answer.seconds * 1000

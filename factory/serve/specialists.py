@@ -167,10 +167,13 @@ def fit_request(route: Route, tokenizer, config, messages: list[dict[str, Any]],
                 max_new_tokens: int | None) -> tuple[str, int]:
     """(prompt, answer budget): the request's answer budget capped by the route's, and the conversation
     rendered as in training, shortened to the task's sequence budget (the base's context when the route
-    names none) less that answer budget. `config` is the base's model config. Raises ChatError."""
+    names none) less that answer budget, without the policy the route learned (`chat.without_policy`).
+    `config` is the base's model config. Raises ChatError (reason "policy_changed" for a request whose
+    system prompt or tools are not the learned policy's)."""
     budget = min(route.max_new_tokens, max_new_tokens or route.max_new_tokens)
     seq_budget = int(route.extra.get("seq_budget") or config.max_position_embeddings)
-    return chat.fit_prompt(tokenizer, messages, tools, prompt_budget(config, seq_budget, budget)), budget
+    limit = prompt_budget(config, seq_budget, budget)
+    return chat.fit_prompt(tokenizer, messages, tools, limit, route.extra.get("policy")), budget
 
 
 def make_answer(route: Route, text: str, confidence: float, new_tokens: int, prompt_tokens: int, seconds: float,
