@@ -54,6 +54,8 @@ from llguidance.gbnf_to_lark import gbnf_to_lark
 from factory.kinds.base import tool_schema
 
 CONSTRAINED_KINDS = ("tool_call", "agent_turn", "json_extraction")
+# whether a specialist decodes under its grammar where its recipe or routing metadata does not say
+CONSTRAINED_DECODING = True
 MAX_DEPTH = 8  # deeper schemas are any JSON value there
 _TYPES = ("string", "integer", "number", "boolean", "null", "array", "object")
 _SCALARS = (str, int, float, bool, type(None))
@@ -266,7 +268,7 @@ def for_task(kind: str, schema: dict[str, Any] | None, tools: list[dict[str, Any
 def for_routing(routing: dict[str, Any], tools: list[list[dict[str, Any]]]) -> list[Constraint | None] | None:
     """One constraint per request (each offering its `tools`) for a registered specialist's routing metadata,
     as its evaluation decoded: None when the metadata turns constrained decoding off."""
-    if not routing.get("constrained_decoding", True):
+    if not routing.get("constrained_decoding", CONSTRAINED_DECODING):
         return None
     return [for_task(routing["kind"], routing.get("output_schema"), t) for t in tools]
 

@@ -473,18 +473,21 @@ def training_disk_bytes(base: str | Path, method: str, precision: str) -> int:
 
 
 def preflight_training(base: str | Path, method: str, precision: str, out_dir: str | Path,
-                       recipe: Any = None) -> None:
+                       recipe: Any = None) -> int | None:
     """`check_memory` for the run (with CUDA: `check_gpu_memory` of the `recipe`, when given,
     on the GPUs `visible_gpus_free_bytes` names), then `check_disk` of `out_dir` for
-    `training_disk_bytes`.
+    `training_disk_bytes`. Returns `check_memory`'s estimate of the weights and optimizer state
+    in RAM (None on CUDA or when it was skipped).
 
     Called by `train.train` before the tokenizer or any weight is loaded; raises
     ResourceError naming what does not fit.
     """
     import torch
 
+    need = None
     if not torch.cuda.is_available():
-        check_memory(base, method, precision)
+        need = check_memory(base, method, precision)
     elif recipe is not None:
         check_gpu_memory(base, recipe, *visible_gpus_free_bytes(recipe))
     check_disk(out_dir, training_disk_bytes(base, method, precision))
+    return need

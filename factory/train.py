@@ -475,6 +475,11 @@ class MemoryPlan:
     need: int = 0
     budget: int | None = None
 
+    @classmethod
+    def of(cls, recipe: Recipe) -> MemoryPlan:
+        """The recipe's own layout."""
+        return cls(recipe.batch_size, recipe.gradient_accumulation_steps, recipe.gradient_checkpointing)
+
 
 # share of the memory available at start that one training step may take: the rest is the process's own
 # (tokenizer, datasets, MLflow) and the machine's (page cache, other work)
@@ -490,17 +495,16 @@ def memory_plan(recipe: Recipe, config: Any, longest: list[int], weights: int = 
     `STEP_MEMORY_SHARE` of the available memory less `weights` (the weights and optimizer state);
     else in the largest micro-batch that divides it, with gradient accumulation (the same updates:
     losses are summed over the accumulated tokens, and the batch's shared prompt prefix is run
-    once per micro-batch instead of once); else one example a step with gradient checkpointing
-    (~1/3 more compute). Other devices, and an unknown amount of memory, keep the recipe's layout
+    once per micro-batch instead of once); else the largest micro-batch that fits with gradient
+    checkpointing (~1/3 more compute), tried only where it holds less than running without it. Other devices, and an unknown amount of memory, keep the recipe's layout
     (CUDA has its own preflight: `resources.check_gpu_memory`).
     Raises ResourceError when even one example with checkpointing cannot fit, naming its tokens.
     """
     from factory.resources import ResourceError, available_memory_bytes, cpu_step_bytes
 
-    whole = MemoryPlan(recipe.batch_size, recipe.gradient_accumulation_steps, recipe.gradient_checkpointing)
     available = available_memory_bytes() if available is None else available
     if device != "cpu" or available is None or not longest:
-        return whole
+        return MemoryPlan.of(recipe)
     budget = int(available * STEP_MEMORY_SHARE) - weights
     layouts = [(b, ck) for ck in sorted({recipe.gradient_checkpointing, True})
                for b in range(recipe.batch_size, 0, -1) if recipe.batch_size % b == 0]
@@ -600,7 +604,7 @@ def training_args(recipe: Recipe, out_dir: Path, evaluate: bool, examples: int =
     before the model: under DeepSpeed ZeRO-3 it makes `from_pretrained` load the weights
     already partitioned across the GPUs. Batches are padding-free rows unless `attention_path`
     says padded. Raises ValueError as `liger_kernel` does."""
-    plan = plan or MemoryPlan(recipe.batch_size, recipe.gradient_accumulation_steps, recipe.gradient_checkpointing)
+    plan = plan or MemoryPlan.of(recipe)
     device, flash_attn = device_facts()
     padding_free = ATTENTION_PATHS[attention_path(recipe, device, flash_attn)][1]
     return SFTConfig(
@@ -724,8 +728,8 @@ def train(task: str, entry: dict[str, Any], recipe: Recipe, raw_recipe: dict[str
         torch.set_num_threads(recipe.torch_threads)
 
     base_path = resolve_base(recipe.base_model)
-    from factory.resources import check_memory, preflight_training  # memory and disk, before any weight is loaded
-    preflight_training(base_path, recipe.method, recipe.precision, out_dir, recipe)  # GPU memory too, on CUDA
+    from factory.resources import preflight_training  # memory and disk, before any weight is loaded
+    weights = preflight_training(base_path, recipe.method, recipe.precision, out_dir, recipe)  # GPU memory on CUDA
     try:
         tokenizer = load_tokenizer(base_path)
     except OSError as err:  # a hub id that is not in the local cache: nothing is downloaded
@@ -740,7 +744,7 @@ def train(task: str, entry: dict[str, Any], recipe: Recipe, raw_recipe: dict[str
     valid_rows = load_split(data_dir, task, version, "validation")
     valid_set = setup_data(valid_rows, tokenizer, recipe, budget=report.seq_budget, policy=policy)[0] \
         if valid_rows and recipe.eval_steps else None
-    plan = memory_plan(recipe, config, report.longest, check_memory(base_path, recipe.method, recipe.precision) or 0,
+    plan = memory_plan(recipe, config, report.longest, weights or 0,
                        device="cuda" if torch.cuda.is_available() else "cpu")
     if (plan.micro_batch, plan.checkpointing) != (recipe.batch_size, recipe.gradient_checkpointing):
         print(f"{task}: a batch of its {recipe.batch_size} longest examples ({sum(report.longest)} tokens) would not "

@@ -46,6 +46,7 @@ import numpy as np
 
 from factory import chat, constrain, kinds
 from factory.base_model import resolve_base
+from factory.constrain import CONSTRAINED_DECODING
 from factory.evaluate.calibrate import (apply_map, certify_per_action, certify_threshold, coverage_curve,
                                        evaluate_threshold, examples_to_certify, expected_calibration_error,
                                        fit_calibration_map, group_of, reliability_bins, served)
@@ -163,11 +164,6 @@ class Judged:
     scores: list[float]
     confidences: list[float]
     teacher: list[float]
-
-
-# Whether `judge_split` constrains the specialist's answers to its kind's grammar (`factory.constrain`);
-# the default until a recipe field chooses it. Serving follows it (`serve.specialists.route_constraint`).
-CONSTRAINED_DECODING = True
 
 
 def judge_split(model, tokenizer, kind: kinds.Kind, schema: dict[str, Any], rows: list[dict[str, Any]],

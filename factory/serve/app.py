@@ -68,11 +68,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from factory.chat import POLICY_CHANGED, ChatError
 from factory.serve.protocol import (ChatCompletionRequest, InvalidRequest, openapi_components, parse_request,
                                     plain_messages, plain_tools)
 from factory.serve.requestlog import RequestLog, log_entry
-from factory.serve.router import SPECIALIST, UPSTREAM, Decision, Match, Route, Router, decide
+from factory.serve.router import SPECIALIST, UPSTREAM, Decision, Match, Route, Router, decide, failure_reason
 from factory.serve.backends import RemoteSpecialists
 from factory.serve.engine import BackendError
 from factory.serve.specialists import Answer, Specialists
@@ -451,12 +450,10 @@ def create_app(router: Router, specialists: Specialists | RemoteSpecialists, con
             logger.warning("specialist %s: %s; escalating (%s)", match.route.task, err, err.reason)
             return match, None, Decision(UPSTREAM, err.reason)
         except Exception as err:  # a failing specialist must not fail the request: the upstream answers
-            if isinstance(err, ChatError) and err.reason == POLICY_CHANGED:  # not the policy it learned
-                logger.info("specialist %s: the request's policy is not the one it learned; escalating",
-                            match.route.task)
-                return match, None, Decision(UPSTREAM, POLICY_CHANGED)
-            logger.exception("specialist %s failed; escalating", match.route.task)
-            return match, None, Decision(UPSTREAM, "specialist_error")
+            reason = failure_reason(err)
+            if reason == "specialist_error":
+                logger.exception("specialist %s failed; escalating", match.route.task)
+            return match, None, Decision(UPSTREAM, reason)
         metrics.confidence.labels(match.route.task).observe(answer.confidence)
         return match, answer, decide(match, answer.confidence, answer.usable, answer.output)
 

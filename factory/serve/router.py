@@ -33,6 +33,7 @@ from typing import Any, Protocol
 from pydantic import ValidationError
 
 from factory import kinds
+from factory.chat import POLICY_CHANGED, ChatError
 from factory.evaluate.calibrate import action_threshold
 from factory.mine import template_fingerprint
 from factory.records import Record
@@ -91,6 +92,12 @@ class Decision:
     # "unsupported" (n > 1), "policy_changed" (not the policy the specialist learned) and
     # "specialist_error" (generation raised, e.g. a chat template error)
     reason: str
+
+
+def failure_reason(err: Exception) -> str:
+    """The escalation reason of a specialist that raised `err` instead of answering: `policy_changed` for a
+    request whose system prompt or tools are not the policy it learned, else `specialist_error`."""
+    return POLICY_CHANGED if isinstance(err, ChatError) and err.reason == POLICY_CHANGED else "specialist_error"
 
 
 class Fallback(Protocol):

@@ -41,11 +41,11 @@ from pathlib import Path
 from typing import Any
 
 from factory import kinds
-from factory.chat import POLICY_CHANGED, ChatError, render_output
+from factory.chat import ChatError, render_output
 from factory.ingest import ingest, read_records
 from factory.io import load_split, write_atomic
 from factory.records import Record
-from factory.serve.router import SPECIALIST, UPSTREAM, Decision, Router, decide
+from factory.serve.router import SPECIALIST, UPSTREAM, Decision, Router, decide, failure_reason
 from factory.serve.specialists import Specialists
 
 UNMATCHED = "(unmatched)"
@@ -137,7 +137,7 @@ def replay(examples: list[Example], router: Router, specialists: Specialists, pr
             try:
                 answer = specialists.answer(route.task, example.messages, example.tools)
             except ChatError as err:  # as the server does: the teacher answers
-                failed = POLICY_CHANGED if err.reason == POLICY_CHANGED else "specialist_error"
+                failed = failure_reason(err)
         decision = Decision(UPSTREAM, failed) if failed else decide(
             match, answer and answer.confidence, bool(answer and answer.usable), answer.output if answer else None)
         teacher_cost, teacher_ms = _teacher_cost(example, prices), example.latency_ms or prices.teacher_latency_ms

@@ -18,7 +18,7 @@ confidence; the map is monotone, so it would keep the same answers anyway.
 Answers of `tool_call`, `agent_turn` and `json_extraction` routes are constrained to their kind's
 grammar (`route_constraint`: the route's schema and the request's own tools), as evaluation decoded
 them when it certified the threshold (a route's `constrained_decoding`, else
-`evaluate.run.CONSTRAINED_DECODING`).
+`constrain.CONSTRAINED_DECODING`).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from typing import Any
 from factory.base_model import cache_dir, resolve_base
 from factory.evaluate.calibrate import apply_map
 from factory.evaluate.generate import generate
-from factory.evaluate.run import CONSTRAINED_DECODING, prompt_budget
+from factory.evaluate.run import prompt_budget
 from factory import chat, constrain, kinds
 from factory.serve.engine import Engine, supports
 from factory.serve.router import Route
@@ -157,8 +157,8 @@ class Specialists:
 def route_constraint(route: Route, tools: list[dict[str, Any]]) -> constrain.Constraint | None:
     """The grammar a route's answer to a request offering `tools` follows (`constrain.for_task`); None for
     kinds without one, and when constrained decoding is off: the route's `constrained_decoding` entry in
-    routes.json where it has one (as its evaluation decoded), else `evaluate.run.CONSTRAINED_DECODING`."""
-    if not route.extra.get("constrained_decoding", CONSTRAINED_DECODING):
+    routes.json where it has one (as its evaluation decoded), else `constrain.CONSTRAINED_DECODING`."""
+    if not route.extra.get("constrained_decoding", constrain.CONSTRAINED_DECODING):
         return None
     return constrain.for_task(route.kind, route.output_schema, tools)
 
